@@ -1,0 +1,1 @@
+"""Backends lower a transformed Graph into an Artifact."""

@@ -1,0 +1,44 @@
+"""Backend interface: lower a transformed Graph into artifact contents."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+from peakc.errors import PeakcError
+from peakc.ir.graph import Graph
+from peakc.ir.ops import get_lowering, peakc_op_name
+from peakc.passes.base import PassContext
+from peakc.runtime.artifact import ArtifactContents
+
+
+class Backend(Protocol):
+    name: ClassVar[str]
+
+    def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents: ...
+
+
+BACKENDS: dict[str, type] = {}
+
+
+def register_backend(cls: type) -> type:
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend(name: str) -> Backend:
+    import peakc.backends.eager  # noqa: F401
+
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise PeakcError(f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS))})") from None
+
+
+def op_lowering_report(graph: Graph, backend: str) -> dict[str, str]:
+    """For each peakc op in the graph: 'lowered' or 'reference' (no lowering for backend)."""
+    report = {}
+    for node in graph.call_nodes():
+        name = peakc_op_name(node.target)
+        if name is not None:
+            report[name] = "lowered" if get_lowering(name, backend) else "reference"
+    return report

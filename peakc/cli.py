@@ -1,0 +1,209 @@
+"""The `peakc` command line: compile, run, passes, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from peakc.errors import PeakcError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peakc", description="Ahead-of-time LLM graph compiler")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="capture a model, run a pipeline, write an artifact")
+    p.add_argument("model", help="demo:NAME | hf:PATH | gguf:FILE | py:MODULE:FUNC | artifact:DIR")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--pipeline", default="default", help="pass spec or named pipeline")
+    p.add_argument("--backend", default="eager")
+    p.add_argument("--target", default="cpu", help="hardware profile name or JSON file")
+    p.add_argument("--plugin", action="append", default=[], help="Python file registering passes")
+    p.add_argument("--dump-ir", metavar="DIR", help="write numbered IR dumps here")
+    p.add_argument("--no-parity", action="store_true", help="skip the per-pass output check")
+    p.add_argument("--explain-fusion", action="store_true", help="print fusion near-misses")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+    p = sub.add_parser("run", help="load an artifact and run it")
+    p.add_argument("artifact")
+    p.add_argument("--input", help="safetensors file of inputs (input_0, input_1, ...)")
+    p.add_argument("--output", help="write outputs to this safetensors file")
+    p.add_argument("--plugin", action="append", default=[])
+
+    p = sub.add_parser("passes", help="list registered passes and their options")
+    p.add_argument("--plugin", action="append", default=[])
+
+    p = sub.add_parser("inspect", help="show an artifact's manifest and report")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    try:
+        for plugin in getattr(args, "plugin", []):
+            from peakc.passes.base import load_plugin
+
+            load_plugin(plugin)
+        return COMMANDS[args.command](args)
+    except PeakcError as exc:
+        if args.debug:
+            raise
+        print(f"peakc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("peakc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error still gets one line without --debug
+        if args.debug:
+            raise
+        text = str(exc).strip().splitlines()
+        print(
+            f"peakc: internal error: {type(exc).__name__}: {text[0] if text else ''} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import peakc
+    from peakc.models import load_source
+    from peakc.passes.pipeline import Pipeline
+
+    console = Console(stderr=True)
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise PeakcError(f"output folder {output} already exists (use --force to replace it)")
+    pipeline = Pipeline.parse(args.pipeline)  # spec errors before any work
+    with console.status("loading model") as status:
+        source = load_source(args.model)
+        model = source.graph if source.graph is not None else source.module
+        compiled = peakc.compile(
+            model,
+            source.example_inputs,
+            pipeline=pipeline,
+            backend=args.backend,
+            target=args.target,
+            dump_ir=args.dump_ir,
+            parity=not args.no_parity,
+            reproducer_dir=Path(f"{output}.reproducer"),
+            source=args.model,
+            extra_files=source.tokenizer_files,
+            progress=lambda step: status.update(step),
+        )
+        status.update("writing artifact")
+        compiled.save(output, force=args.force)
+    for rec in compiled.records:
+        stats = ", ".join(f"{k}={v}" for k, v in rec["stats"].items())
+        console.print(f"  {rec['pass']:<40} {rec.get('seconds', 0):>8.3f} s  {stats}")
+    if args.explain_fusion:
+        misses = compiled.contents.report.get("fusion_near_misses", [])
+        console.print(f"fusion near-misses: {len(misses)}")
+        for miss in misses:
+            console.print(f"  {miss}", markup=False)
+    print(f"wrote {output}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import peakc
+
+    artifact = peakc.load(args.artifact)
+    inputs = artifact.example_inputs
+    if args.input:
+        inputs = _read_inputs(Path(args.input))
+    outputs = artifact(*inputs)
+    for i, out in enumerate(outputs):
+        flat = out.float().flatten()
+        print(
+            f"output_{i}: {str(out.dtype).removeprefix('torch.')}{list(out.shape)} "
+            f"mean={flat.mean():.6g} std={flat.std():.6g} "
+            f"first={[round(v, 5) for v in flat[:4].tolist()]}"
+        )
+    if args.output:
+        from safetensors.torch import save_file
+
+        save_file({f"output_{i}": o.contiguous() for i, o in enumerate(outputs)}, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _read_inputs(path: Path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise PeakcError(f"input file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise PeakcError(f"input file {path} is not a safetensors file: {exc}") from exc
+    names = sorted(tensors, key=lambda k: int(k.rsplit("_", 1)[-1]) if k[-1].isdigit() else 0)
+    return tuple(tensors[n] for n in names)
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from peakc.passes.base import REGISTRY, load_builtin_passes, option_type
+
+    load_builtin_passes()
+    table = Table(title="peakc passes")
+    table.add_column("pass")
+    table.add_column("options (default)")
+    table.add_column("description")
+    for name, cls in sorted(REGISTRY.items()):
+        opts = []
+        for f in dataclasses.fields(cls.Options):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp = option_type(cls, f.name)
+            tname = getattr(tp, "__name__", None) or "|".join(map(str, tp.__args__))
+            opts.append(f"{f.name}: {tname} = {default}")
+        doc = (cls.__doc__ or "").strip().splitlines()
+        table.add_row(name, "\n".join(opts) or "-", doc[0] if doc else "")
+    Console(width=140).print(table)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from peakc.runtime.artifact import load_artifact
+
+    artifact = load_artifact(args.artifact)
+    report = json.loads((artifact.directory / "report.json").read_text())
+    if args.json:
+        print(json.dumps({"manifest": artifact.manifest, "report": report}, indent=2))
+        return 0
+    m = artifact.manifest
+    print(f"artifact   {artifact.directory}")
+    print(f"source     {m['source']}")
+    print(f"peakc      {m['peakc_version']} (format {m['format_version']}, torch {m['torch_version']})")
+    print(f"backend    {m['backend']}")
+    print(f"pipeline   {m['pipeline'] or '(none)'}")
+    for name, prog in m["programs"].items():
+        ins = ", ".join(f"{i['name']}:{i['dtype']}{i['shape']}" for i in prog["inputs"])
+        outs = ", ".join(f"{o.get('dtype', '?')}{o.get('shape', '')}" for o in prog["outputs"])
+        print(f"program    {name}: ({ins}) -> ({outs}), {len(prog['weights'])} weights")
+    print(f"files      {len(m['files'])}, checksums verified")
+    print()
+    print((artifact.directory / "report.md").read_text())
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "passes": cmd_passes, "inspect": cmd_inspect}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Hardware cost model: profiles, per-node estimates, calibration."""

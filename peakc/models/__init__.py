@@ -1,0 +1,89 @@
+"""Model sources: `demo:NAME`, `hf:PATH`, `gguf:PATH`, `py:MODULE:FUNCTION`, `artifact:DIR`."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peakc.errors import PeakcError
+
+SOURCE_KINDS = ("demo", "hf", "gguf", "py", "artifact")
+
+
+@dataclass
+class ModelSource:
+    """A model ready to capture, or an already-captured graph (artifact:DIR)."""
+
+    spec: str
+    module: torch.nn.Module | None
+    example_inputs: tuple[torch.Tensor, ...]
+    graph: Any = None  # peakc.ir.Graph when the source is an artifact
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+
+
+def load_source(spec: str) -> ModelSource:
+    """Resolve a model spec into a module and example inputs; errors name the spec."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in SOURCE_KINDS:
+        raise PeakcError(
+            f"model '{spec}': expected KIND:VALUE with KIND one of {', '.join(SOURCE_KINDS)}"
+        )
+    if kind == "demo":
+        from peakc.models.demo import DEMOS
+
+        if rest not in DEMOS:
+            raise PeakcError(f"model '{spec}': unknown demo (known: {', '.join(DEMOS)})")
+        module, inputs = DEMOS[rest]()
+        return ModelSource(spec, module, inputs)
+    if kind in ("hf", "gguf"):
+        from peakc.models import hf
+
+        return hf.load_hf(spec, rest, gguf=kind == "gguf")
+    if kind == "py":
+        return _load_python(spec, rest)
+    from peakc.runtime.artifact import load_artifact
+
+    graph = load_artifact(rest).to_graph()
+    return ModelSource(spec, None, graph.example_inputs, graph=graph)
+
+
+def _load_python(spec: str, rest: str) -> ModelSource:
+    target, sep, func_name = rest.rpartition(":")
+    if not sep or not target or not func_name:
+        raise PeakcError(f"model '{spec}': expected py:MODULE:FUNCTION or py:FILE.py:FUNCTION")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise PeakcError(f"model '{spec}': file not found: {path}")
+        name = f"peakc_model_{path.stem}"
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise PeakcError(f"model '{spec}': {path} failed to import: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise PeakcError(f"model '{spec}': cannot import module '{target}': {exc}") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise PeakcError(f"model '{spec}': '{target}' has no function '{func_name}'")
+    result = func()
+    if (
+        not isinstance(result, tuple)
+        or len(result) != 2
+        or not isinstance(result[0], torch.nn.Module)
+    ):
+        raise PeakcError(f"model '{spec}': {func_name}() must return (nn.Module, example_inputs)")
+    model, inputs = result
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    return ModelSource(spec, model, inputs)

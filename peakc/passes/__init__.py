@@ -1,0 +1,1 @@
+"""Passes: the pipeline of graph rewrites between capture and lowering."""

@@ -1,0 +1,1 @@
+"""Runtime: artifacts on disk, loading them, and running them."""

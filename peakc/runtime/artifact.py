@@ -1,0 +1,399 @@
+"""Artifacts: a self-contained directory that loads and runs without the model's code.
+
+Layout (format version 1):
+    manifest.json          format, versions, pipeline, backend, programs, sha256 of every file
+    weights.safetensors    every weight by module path
+    inputs.safetensors     the example inputs (input_0, input_1, ...)
+    <program>.pt2          torch.export archive of the program with weights as leading inputs
+                           (no weights, constants or sample inputs inside, so nothing pickled)
+    report.json, report.md per-pass time and stats, backend notes
+
+Written into a temporary sibling folder and renamed into place, so a failed write leaves
+nothing behind. `load_artifact` refuses missing, changed or extra files, archives that
+carry pickled payloads, and artifacts from an incompatible format version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from safetensors.torch import load_file, save_file
+
+from peakc.errors import PeakcError
+from peakc.ir.graph import Graph
+
+FORMAT = "peakc-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+INPUTS = "inputs.safetensors"
+
+# Entries a weightless torch.export archive may hold; anything else (pickled tensors) is refused.
+_ARCHIVE_ALLOWED = (
+    "archive_format",
+    "archive_version",
+    "byteorder",
+    ".data/version",
+    ".data/serialization_id",
+    "data/weights/model_weights_config.json",
+    "data/constants/model_constants_config.json",
+)
+
+
+def peakc_version() -> str:
+    from peakc import __version__
+
+    return __version__
+
+
+@dataclass
+class ProgramFile:
+    """One exported program: its file and its calling convention."""
+
+    file: str
+    weights: list[str]
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+
+@dataclass
+class ArtifactContents:
+    """Everything an artifact directory holds, before it is written."""
+
+    backend: str
+    pipeline: str
+    source: str
+    weights: dict[str, torch.Tensor]
+    example_inputs: tuple[torch.Tensor, ...]
+    programs: dict[str, tuple[bytes, ProgramFile]]
+    report: dict[str, Any] = field(default_factory=dict)
+    report_md: str = ""
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+    extra_manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def tensor_signature(t: torch.Tensor, name: str) -> dict[str, Any]:
+    return {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+
+
+def export_program(graph: Graph) -> tuple[bytes, ProgramFile]:
+    """torch.export the graph with its weights turned into leading inputs; return the archive."""
+    weight_nodes = [n for n in graph.graph.nodes if n.op == "get_attr"]
+    program = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, node in enumerate(weight_nodes):
+        env[node] = program.placeholder(f"w{i}")
+    for node in graph.graph.nodes:
+        if node.op != "get_attr":
+            env[node] = program.node_copy(node, env.__getitem__)
+    gm = fx.GraphModule({}, program)
+    weights = [graph.get_weight(n.target) for n in weight_nodes]
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(gm, (*weights, *graph.example_inputs), strict=False)
+    except Exception as exc:
+        raise PeakcError(f"cannot export the transformed program: {_first_line(exc)}") from exc
+    exported._example_inputs = None  # would be pickled into the archive
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    out_vals = [n.meta.get("val") for n in graph.output_nodes()]
+    info = ProgramFile(
+        file="",
+        weights=[n.target for n in weight_nodes],
+        inputs=[
+            tensor_signature(t, n.name)
+            for t, n in zip(graph.example_inputs, graph.input_nodes())
+        ],
+        outputs=[
+            tensor_signature(v, f"output_{i}")
+            if isinstance(v, torch.Tensor)
+            else {"name": f"output_{i}"}
+            for i, v in enumerate(out_vals)
+        ],
+    )
+    return buffer.getvalue(), info
+
+
+def write_artifact(contents: ArtifactContents, directory: str | Path, force: bool = False) -> Path:
+    """Write atomically: a temporary sibling folder, checksummed, then renamed into place."""
+    directory = Path(directory)
+    if directory.exists() and not force:
+        raise PeakcError(f"output folder {directory} already exists (use --force to replace it)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file(_contiguous(contents.weights), str(staging / WEIGHTS))
+        save_file(
+            {f"input_{i}": t.contiguous() for i, t in enumerate(contents.example_inputs)},
+            str(staging / INPUTS),
+        )
+        programs = {}
+        for name, (data, info) in contents.programs.items():
+            info.file = f"{name}.pt2"
+            (staging / info.file).write_bytes(data)
+            programs[name] = vars(info)
+        (staging / "report.json").write_text(json.dumps(contents.report, indent=2, default=str))
+        (staging / "report.md").write_text(contents.report_md)
+        for rel, data in contents.extra_files.items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(data)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "peakc_version": peakc_version(),
+            "torch_version": torch.__version__,
+            "backend": contents.backend,
+            "pipeline": contents.pipeline,
+            "source": contents.source,
+            "programs": programs,
+            "ops": sorted(_custom_namespaces(contents)),
+            **contents.extra_manifest,
+            "files": {rel: _sha256(staging / rel) for rel in _list_files(staging)},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _make_readable(staging)
+        if directory.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.rename(directory, trash / "old")
+            os.rename(staging, directory)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_graph_artifact(
+    graph: Graph,
+    directory: str | Path,
+    pipeline: str = "none",
+    backend: str = "eager",
+    report: dict | None = None,
+    report_md: str = "",
+    force: bool = False,
+) -> Path:
+    """Save a graph as an eager artifact (used by the eager backend and by reproducers)."""
+    data, info = export_program(graph)
+    contents = ArtifactContents(
+        backend=backend,
+        pipeline=pipeline,
+        source=graph.info.get("name", "graph"),
+        weights=graph.weights(),
+        example_inputs=graph.example_inputs,
+        programs={"forward": (data, info)},
+        report=report or {},
+        report_md=report_md,
+    )
+    return write_artifact(contents, directory, force=force)
+
+
+class LoadedArtifact:
+    """A verified artifact directory: call it like the original model's forward."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.weights = load_file(str(directory / WEIGHTS))
+        self.example_inputs = tuple(
+            t for _, t in sorted(load_file(str(directory / INPUTS)).items(), key=_input_order)
+        )
+        self._programs: dict[str, Callable] = {}
+
+    @property
+    def backend(self) -> str:
+        return self.manifest["backend"]
+
+    def program(self, name: str = "forward") -> Callable:
+        if name not in self._programs:
+            info = self.manifest["programs"].get(name)
+            if info is None:
+                raise PeakcError(f"artifact {self.directory} has no program '{name}'")
+            self._programs[name] = _load_program(self.directory / info["file"])
+        return self._programs[name]
+
+    def weight_list(self, name: str = "forward") -> list[torch.Tensor]:
+        return [self.weights[w] for w in self.manifest["programs"][name]["weights"]]
+
+    def check_inputs(self, inputs: tuple[torch.Tensor, ...], name: str = "forward") -> None:
+        expected = self.manifest["programs"][name]["inputs"]
+        if len(inputs) != len(expected):
+            raise PeakcError(f"program '{name}' takes {len(expected)} inputs, got {len(inputs)}")
+        for t, spec in zip(inputs, expected):
+            got = tensor_signature(t, spec["name"])
+            if got != spec:
+                raise PeakcError(
+                    f"input '{spec['name']}': expected {spec['dtype']}{spec['shape']}, "
+                    f"got {got['dtype']}{got['shape']}"
+                )
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = inputs or self.example_inputs
+        self.check_inputs(inputs)
+        with torch.no_grad():
+            out = self.program()(*self.weight_list(), *inputs)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def to_graph(self) -> Graph:
+        """The forward program as a Graph again (weights back as get_attr nodes)."""
+        from peakc.ir.capture import from_exported
+
+        exported = _load_exported(self.directory / self.manifest["programs"]["forward"]["file"])
+        graph = from_exported(exported, tuple(self.weight_list()) + self.example_inputs)
+        weight_names = self.manifest["programs"]["forward"]["weights"]
+        inputs = graph.input_nodes()
+        for node, name in zip(inputs, weight_names):
+            with graph.graph.inserting_before(node):
+                attr = graph.graph.get_attr(name)
+            attr.meta = dict(node.meta)
+            node.replace_all_uses_with(attr)
+            graph.graph.erase_node(node)
+            graph.set_weight(name, self.weights[name])
+        graph.example_inputs = self.example_inputs
+        graph.info["name"] = self.manifest.get("source", str(self.directory))
+        graph.recompile()
+        return graph
+
+
+def load_artifact(directory: str | Path) -> LoadedArtifact:
+    """Open an artifact after checking its format version and every file's checksum."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    for ns in manifest.get("ops", []):
+        if not _namespace_registered(ns):
+            raise PeakcError(
+                f"artifact {directory} uses ops of namespace '{ns}', which is not registered "
+                "(load the plug-in that defines them)"
+            )
+    return LoadedArtifact(directory, manifest)
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise PeakcError(f"artifact folder not found: {directory}")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise PeakcError(f"{directory} is not a peakc artifact: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PeakcError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PeakcError(f"{path} is not a peakc artifact manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PeakcError(
+            f"artifact {directory} has format version {version}; this peakc "
+            f"({peakc_version()}) reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
+    """Every listed file present with its sha256, and no unlisted file."""
+    listed = manifest.get("files", {})
+    present = set(_list_files(directory)) - {MANIFEST}
+    for rel, digest in listed.items():
+        if rel not in present:
+            raise PeakcError(f"artifact {directory} is incomplete: {rel} is missing")
+        if _sha256(directory / rel) != digest:
+            raise PeakcError(f"artifact {directory}: {rel} was changed (checksum mismatch)")
+    extra = sorted(present - set(listed))
+    if extra:
+        raise PeakcError(f"artifact {directory} has an unexpected file: {extra[0]}")
+
+
+def _load_exported(path: Path) -> torch.export.ExportedProgram:
+    with zipfile.ZipFile(path) as archive:
+        for item in archive.infolist():
+            entry = item.filename
+            inner = entry.split("/", 1)[1] if "/" in entry else entry
+            if inner in _ARCHIVE_ALLOWED or (inner.startswith("models/") and inner.endswith(".json")):
+                continue
+            if inner.startswith("data/sample_inputs/") and item.file_size == 0:
+                continue
+            raise PeakcError(f"{path.name}: refusing archive entry '{entry}' (could hold pickled data)")
+    try:
+        return torch.export.load(str(path))
+    except Exception as exc:
+        raise PeakcError(f"{path.name} could not be loaded: {_first_line(exc)}") from exc
+
+
+def _load_program(path: Path) -> Callable:
+    return _load_exported(path).module()
+
+
+def _custom_namespaces(contents: ArtifactContents) -> set[str]:
+    names = set()
+    for data, _ in contents.programs.values():
+        text = data.decode("latin-1")
+        for ns in ("peakc",):
+            if f'"{ns}.' in text or f"{ns}::" in text:
+                names.add(ns)
+    return names
+
+
+def _namespace_registered(ns: str) -> bool:
+    if ns == "peakc":
+        import peakc.ir.ops  # noqa: F401
+
+        return True
+    return hasattr(torch.ops, ns) and bool(dir(getattr(torch.ops, ns)))
+
+
+def _input_order(item: tuple[str, torch.Tensor]) -> int:
+    return int(item[0].rsplit("_", 1)[1])
+
+
+def _contiguous(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, t in weights.items():
+        t = t.detach().contiguous()
+        key = t.untyped_storage().data_ptr() if t.numel() else -1
+        # safetensors refuses shared storage: tied weights are written as separate copies.
+        out[name] = t.clone() if key in seen else t
+        if key != -1:
+            seen[key] = name
+    return out
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp creates 0700 folders and safetensors 0600 files; artifacts are shared read-only."""
+    directory.chmod(0o755)
+    for path in directory.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _list_files(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+__all__ = ["ArtifactContents", "LoadedArtifact", "load_artifact", "write_artifact"]
