@@ -47,6 +47,8 @@ def load_hf(spec: str, path_text: str, gguf: bool) -> "ModelSource":  # noqa: F8
         raise PeakcError(f"model '{spec}': {path} is not a Hugging Face model folder (no config.json)")
     transformers = _require_transformers(spec)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     try:
         if gguf:
             kwargs = {"gguf_file": path.name}

@@ -32,7 +32,7 @@ import torch.fx as fx
 from safetensors.torch import load_file, save_file
 
 from peakc.errors import PeakcError
-from peakc.ir.graph import Graph
+from peakc.ir.graph import MODULE_KEY, Graph
 
 FORMAT = "peakc-artifact"
 FORMAT_VERSION = 1
@@ -97,7 +97,10 @@ def export_program(graph: Graph) -> tuple[bytes, ProgramFile]:
         env[node] = program.placeholder(f"w{i}")
     for node in graph.graph.nodes:
         if node.op != "get_attr":
-            env[node] = program.node_copy(node, env.__getitem__)
+            new = env[node] = program.node_copy(node, env.__getitem__)
+            path = node.meta.get(MODULE_KEY)
+            if path:  # export carries nn_module_stack through, so module paths survive a reload
+                new.meta["nn_module_stack"] = {f"peakc.{path}": (path, "peakc")}
     gm = fx.GraphModule({}, program)
     weights = [graph.get_weight(n.target) for n in weight_nodes]
     try:
@@ -256,12 +259,12 @@ class LoadedArtifact:
         weight_names = self.manifest["programs"]["forward"]["weights"]
         inputs = graph.input_nodes()
         for node, name in zip(inputs, weight_names):
+            graph.set_weight(name, self.weights[name])
             with graph.graph.inserting_before(node):
                 attr = graph.graph.get_attr(name)
             attr.meta = dict(node.meta)
             node.replace_all_uses_with(attr)
             graph.graph.erase_node(node)
-            graph.set_weight(name, self.weights[name])
         graph.example_inputs = self.example_inputs
         graph.info["name"] = self.manifest.get("source", str(self.directory))
         graph.recompile()
