@@ -190,7 +190,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     m = artifact.manifest
     print(f"artifact   {artifact.directory}")
     print(f"source     {m['source']}")
-    print(f"peakc      {m['peakc_version']} (format {m['format_version']}, torch {m['torch_version']})")
+    versions = f"format {m['format_version']}, torch {m['torch_version']}"
+    print(f"peakc      {m['peakc_version']} ({versions})")
     print(f"backend    {m['backend']}")
     print(f"pipeline   {m['pipeline'] or '(none)'}")
     for name, prog in m["programs"].items():

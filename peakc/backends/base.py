@@ -31,7 +31,9 @@ def get_backend(name: str) -> Backend:
     try:
         return BACKENDS[name]()
     except KeyError:
-        raise PeakcError(f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS))})") from None
+        raise PeakcError(
+            f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS))})"
+        ) from None
 
 
 def op_lowering_report(graph: Graph, backend: str) -> dict[str, str]:

@@ -136,5 +136,9 @@ def _export_failure(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     torch_dir = os.path.dirname(torch.__file__)
     user = [f for f in frames if not f.filename.startswith(torch_dir) and "peakc" not in f.filename]
-    where = f" (at {os.path.basename(user[-1].filename)}:{user[-1].lineno} in {user[-1].name})" if user else ""
+    where = (
+        f" (at {os.path.basename(user[-1].filename)}:{user[-1].lineno} in {user[-1].name})"
+        if user
+        else ""
+    )
     return f"{type(exc).__name__}: {reason}{where}"

@@ -116,8 +116,7 @@ def export_program(graph: Graph) -> tuple[bytes, ProgramFile]:
         file="",
         weights=[n.target for n in weight_nodes],
         inputs=[
-            tensor_signature(t, n.name)
-            for t, n in zip(graph.example_inputs, graph.input_nodes())
+            tensor_signature(t, n.name) for t, n in zip(graph.example_inputs, graph.input_nodes())
         ],
         outputs=[
             tensor_signature(v, f"output_{i}")
@@ -325,11 +324,15 @@ def _load_exported(path: Path) -> torch.export.ExportedProgram:
         for item in archive.infolist():
             entry = item.filename
             inner = entry.split("/", 1)[1] if "/" in entry else entry
-            if inner in _ARCHIVE_ALLOWED or (inner.startswith("models/") and inner.endswith(".json")):
+            if inner in _ARCHIVE_ALLOWED or (
+                inner.startswith("models/") and inner.endswith(".json")
+            ):
                 continue
             if inner.startswith("data/sample_inputs/") and item.file_size == 0:
                 continue
-            raise PeakcError(f"{path.name}: refusing archive entry '{entry}' (could hold pickled data)")
+            raise PeakcError(
+                f"{path.name}: refusing archive entry '{entry}' (could hold pickled data)"
+            )
     try:
         return torch.export.load(str(path))
     except Exception as exc:

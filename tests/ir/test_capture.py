@@ -9,10 +9,16 @@ aten = torch.ops.aten
 
 def test_capture_keeps_meaningful_ops_and_module_paths(llama_graph):
     targets = {n.target for n in llama_graph.call_nodes()}
-    for op in (aten.linear.default, aten.embedding.default, aten.silu.default,
-               aten.scaled_dot_product_attention.default):
+    for op in (
+        aten.linear.default,
+        aten.embedding.default,
+        aten.silu.default,
+        aten.scaled_dot_product_attention.default,
+    ):
         assert op in targets
-    paths = {n.meta["peakc_module"] for n in llama_graph.call_nodes() if n.target == aten.linear.default}
+    paths = {
+        n.meta["peakc_module"] for n in llama_graph.call_nodes() if n.target == aten.linear.default
+    }
     assert "model.layers.1.mlp.down_proj" in paths
     assert "lm_head" in paths
     assert "model.layers.0.self_attn.q_proj.weight" in llama_graph.weights()

@@ -54,7 +54,9 @@ def _ctx(*instruments):
 def test_timing_and_dump_ir(graph, tmp_path):
     _, records = Pipeline.parse("cleanup,fuse").run(graph, _ctx(DumpIR(tmp_path)))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "000_captured.txt", "001_cleanup.txt", "002_fuse.txt"
+        "000_captured.txt",
+        "001_cleanup.txt",
+        "002_fuse.txt",
     ]
     assert "peakc.rms_norm" in (tmp_path / "002_fuse.txt").read_text()
     assert "peakc.rms_norm" not in (tmp_path / "000_captured.txt").read_text()
@@ -62,8 +64,11 @@ def test_timing_and_dump_ir(graph, tmp_path):
 
 
 def test_parity_catches_numeric_change(graph):
-    with pytest.raises(PeakcError, match=r"pass 'scale_logits' \(#2\) failed after \[cleanup\]: "
-                                         r"outputs moved by relative error 0.01"):
+    with pytest.raises(
+        PeakcError,
+        match=r"pass 'scale_logits' \(#2\) failed after \[cleanup\]: "
+        r"outputs moved by relative error 0.01",
+    ):
         Pipeline.parse("cleanup,scale_logits").run(graph, _ctx(Parity()))
 
 
@@ -79,13 +84,18 @@ def test_verify_names_pass_and_node(graph):
 
 def test_failure_writes_reproducer(graph, tmp_path):
     repro = Reproducer(tmp_path / "repro")
-    with pytest.raises(PeakcError, match="pass 'explode' \\(#2\\) failed after \\[cleanup\\]: kaboom"):
+    with pytest.raises(
+        PeakcError, match="pass 'explode' \\(#2\\) failed after \\[cleanup\\]: kaboom"
+    ):
         Pipeline.parse("cleanup,explode,fuse").run(graph, _ctx(repro))
     assert (tmp_path / "repro" / "pipeline.txt").read_text().strip() == "explode,fuse"
     assert "aten.linear" in (tmp_path / "repro" / "before.txt").read_text()
     # The saved program is an artifact that compiles again with the remaining spec.
     reloaded = peakc.load(tmp_path / "repro" / "program").to_graph()
-    assert reloaded.fingerprint() == Pipeline.parse("cleanup").run(graph.copy(), _ctx())[0].fingerprint()
+    assert (
+        reloaded.fingerprint()
+        == Pipeline.parse("cleanup").run(graph.copy(), _ctx())[0].fingerprint()
+    )
 
 
 def test_cleanup_merges_and_removes(graph):

@@ -1,5 +1,6 @@
 import dataclasses
 import textwrap
+from typing import Literal
 
 import pytest
 from hypothesis import given, settings
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 import peakc
 from peakc.errors import PeakcError
 from peakc.passes.base import REGISTRY, PassContext, load_builtin_passes, load_plugin
-from peakc.passes.pipeline import Pipeline, SpecError
+from peakc.passes.pipeline import Pipeline
 
 
 @dataclasses.dataclass
@@ -17,7 +18,7 @@ class _ToyOptions:
     steps: int = 3
     enabled: bool = True
     label: str = "x"
-    mode: __import__("typing").Literal["a", "b-c", "2:4"] = "a"
+    mode: Literal["a", "b-c", "2:4"] = "a"
 
 
 @peakc.register_pass
@@ -47,7 +48,13 @@ def test_parse_and_print_round_trip():
     pipe = Pipeline.parse(spec)
     assert [p.name for p in pipe.passes] == ["cleanup", "toy", "fuse"]
     toy = pipe.passes[1].options
-    assert (toy.ratio, toy.steps, toy.enabled, toy.label, toy.mode) == (0.25, 7, False, "a b,c", "2:4")
+    assert (toy.ratio, toy.steps, toy.enabled, toy.label, toy.mode) == (
+        0.25,
+        7,
+        False,
+        "a b,c",
+        "2:4",
+    )
     assert Pipeline.parse(str(pipe)) == pipe
     assert str(Pipeline.parse("toy{ratio=0.5}")) == "toy"  # defaults are not printed
 
@@ -132,7 +139,8 @@ def test_any_valid_spec_round_trips(pipe):
 
 def test_plugin_file_registers_pass(tmp_path):
     plugin = tmp_path / "myplug.py"
-    plugin.write_text(textwrap.dedent('''
+    plugin.write_text(
+        textwrap.dedent('''
         import peakc
 
         @peakc.register_pass
@@ -142,7 +150,8 @@ def test_plugin_file_registers_pass(tmp_path):
 
             def run(self, graph, ctx):
                 return peakc.PassResult(graph, modified=False)
-    '''))
+    ''')
+    )
     assert load_plugin(plugin) == ["plugin_noop"]
     assert str(Pipeline.parse("plugin_noop")) == "plugin_noop"
 
@@ -190,7 +199,8 @@ def test_entry_point_group_is_loaded(monkeypatch):
 
     monkeypatch.setattr(base, "_entry_points_loaded", False)
     monkeypatch.setattr(
-        importlib.metadata, "entry_points",
+        importlib.metadata,
+        "entry_points",
         lambda group=None: [FakeEntryPoint()] if group == "peakc.passes" else [],
     )
     assert base.get_pass("ep_pass").name == "ep_pass"
