@@ -52,9 +52,8 @@ def main() -> None:
         reference = source.module(ids)
     err = (logits - reference).abs().max().item()
     print(f"artifact: {out}")
-    print(
-        f"passes: {[r['pass'] for r in compiled.records]}, max |artifact - transformers| = {err:.2e}"
-    )
+    passes = [r["pass"] for r in compiled.records]
+    print(f"passes: {passes}, max |artifact - transformers| = {err:.2e}")
 
 
 if __name__ == "__main__":
