@@ -88,6 +88,8 @@ def compile(
         fusion_near_misses=ctx.settings.get("fusion_near_misses", []),
         fingerprint=graph.fingerprint(),
     )
+    if "generation" in graph.info:
+        contents.extra_manifest["generation"] = graph.info["generation"]
     contents.report_md = render_report(contents.report)
     return Compiled(graph, contents, records)
 

@@ -61,7 +61,13 @@ def propagate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[fx.N
 def same_signature(a: object, b: object) -> bool:
     """True when two values have the same tensor shapes and dtypes (nested tuples allowed)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
+        if a.dtype != b.dtype or a.dim() != b.dim():
+            return False
+        # A symbolic (dynamic) dimension matches any size; static ones must be equal.
+        return all(
+            not isinstance(x, int) or not isinstance(y, int) or x == y
+            for x, y in zip(a.shape, b.shape)
+        )
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(same_signature(x, y) for x, y in zip(a, b))
     return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor)

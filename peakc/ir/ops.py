@@ -78,3 +78,46 @@ def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 RMS_NORM = define_op("rms_norm", _rms_norm_reference, _rms_norm_fake)
+
+
+# --- attention_cache: attention over a preallocated KV cache -----------------------------------
+
+
+def _attention_cache_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of new tokens over a KV cache, the cache form of peakc attention.
+
+    q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] (the new tokens' keys and values, after RoPE);
+    k_cache, v_cache: [B, Hkv, T, D]; positions: [B, S] int64, each new token's slot.
+    The new keys and values are placed at their positions (functionally: the caches are not
+    written; the runtime writes them after the step) and query i of sequence b attends to
+    slots 0..positions[b, i]. Grouped-query heads: query head h reads kv head h // (Hq/Hkv).
+    Returns [B, Hq, S, D].
+    """
+    batch, kv_heads, seq, dim = k.shape
+    slots = positions[:, None, :, None].expand(batch, kv_heads, seq, dim)
+    keys = k_cache.scatter(2, slots, k.to(k_cache.dtype))
+    values = v_cache.scatter(2, slots, v.to(v_cache.dtype))
+    groups = q.shape[1] // kv_heads
+    if groups > 1:
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+    cache_len = k_cache.shape[2]
+    visible = torch.arange(cache_len, device=q.device)[None, None, :] <= positions[:, :, None]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None], scale=scale
+    )
+
+
+def _attention_cache_fake(q, k, v, k_cache, v_cache, positions, scale):
+    return torch.empty_like(q)
+
+
+ATTENTION_CACHE = define_op("attention_cache", _attention_cache_reference, _attention_cache_fake)
