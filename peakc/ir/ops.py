@@ -94,7 +94,10 @@ RMS_NORM = define_op("rms_norm", _rms_norm_reference, _rms_norm_fake)
 def _layer_norm_reference(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
-    """LayerNorm over the last dim (ONNX LayerNormalization, axis=-1): (x-mean)/sqrt(var+eps)*w+b."""
+    """LayerNorm over the last dim (ONNX LayerNormalization, axis=-1): (x-mean)/sqrt(var+eps)*w+b.
+
+    weight and bias are [D] or None.
+    """
     return laid_out_like(x, torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps))
 
 

@@ -73,7 +73,10 @@ class GeluRule(FusionRule):
         if outer is None:
             return "result is not 0.5 * x * (1 + ...)"
         out, extra = outer
-        nodes = [*extra, *inner, plus_one, out] if extra else [*inner, plus_one, only_user(plus_one), out]
+        if extra:
+            nodes = [*extra, *inner, plus_one, out]
+        else:
+            nodes = [*inner, plus_one, only_user(plus_one), out]
         nodes = list(dict.fromkeys(n for n in nodes if isinstance(n, fx.Node)))
         return self._with_bias(x, nodes, out, approx)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from peakc.ir.graph import Graph
-from peakc.passes.fuse.aten_match import aten, dtype_of, is_op, is_scalar, shape_of
+from peakc.passes.fuse.aten_match import aten, dtype_of, is_op, shape_of
 from peakc.passes.fuse.engine import FusionRule, Match
 
 _COPIES = (aten.clone.default, aten.alias.default, aten.detach.default)

@@ -8,11 +8,21 @@ tables the op takes, computed once beside the original table (hoisted, shared by
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
 from peakc.ir.graph import MODULE_KEY, Graph
-from peakc.passes.fuse.aten_match import aten, is_op, last_dim, only_user, other_arg, shape_of
+from peakc.passes.fuse.aten_match import (
+    aten,
+    evaluate_constant,
+    is_op,
+    last_dim,
+    only_user,
+    other_arg,
+    shape_of,
+)
 from peakc.passes.fuse.engine import FusionRule, Match
 
 # Elementwise steps HF applies to the angle table before it reaches the rotation.
@@ -26,9 +36,14 @@ def _half_slices(cat: fx.Node) -> tuple[fx.Node, int] | None:
     if not is_op(cat, aten.cat.default) or len(cat.args[0]) != 2:
         return None
     neg, low = cat.args[0]
-    if not is_op(neg, aten.neg.default) or not is_op(neg.args[0], aten.slice.Tensor):
+    if not is_op(neg, aten.neg.default):
         return None
     high = neg.args[0]
+    split = _split_halves(high, low)
+    if split is not None:
+        return split
+    if not is_op(high, aten.slice.Tensor):
+        return None
     if not is_op(low, aten.slice.Tensor) or high.args[0] is not low.args[0]:
         return None
     x = low.args[0]
@@ -37,6 +52,24 @@ def _half_slices(cat: fx.Node) -> tuple[fx.Node, int] | None:
     ok_low = last_dim(low.args[1], rank) and low.args[2:4] == (0, half)
     ok_high = last_dim(high.args[1], rank) and high.args[2] == half and high.args[3] >= width
     return (x, half) if ok_low and ok_high and width % 2 == 0 else None
+
+
+def _split_halves(high: object, low: object) -> tuple[fx.Node, int] | None:
+    """(x, half) when high, low = x.chunk(2, -1)[1], [0] (split_with_sizes + getitem)."""
+    if not (is_op(high, operator.getitem) and is_op(low, operator.getitem)):
+        return None
+    split = high.args[0]
+    if low.args[0] is not split or (high.args[1], low.args[1]) != (1, 0):
+        return None
+    if not is_op(split, aten.split_with_sizes.default, aten.split.Tensor):
+        return None
+    x = split.args[0]
+    width = shape_of(x)[-1]
+    dim = split.args[2] if len(split.args) > 2 else 0
+    sizes = split.args[1]
+    halves = list(sizes) == [width // 2] * 2 if isinstance(sizes, (list, tuple)) else (
+        sizes == width // 2)
+    return (x, width // 2) if halves and last_dim(dim, len(shape_of(x))) else None
 
 
 def _table_recipe(table: fx.Node) -> tuple[fx.Node, list[fx.Node]] | str:
@@ -61,6 +94,7 @@ class RotaryRule(FusionRule):
 
     def prepare(self, graph: Graph) -> None:
         self._halves: dict[fx.Node, fx.Node] = {}
+        self._gm = graph.gm
 
     def is_anchor(self, node: fx.Node) -> bool:
         if not is_op(node, aten.add.Tensor):
@@ -80,14 +114,23 @@ class RotaryRule(FusionRule):
         if cos_b is None:
             return f"'{m1.name}' does not multiply the rotated tensor '{x.name}'"
         tables = []
+        seq, width = shape_of(x)[-2], shape_of(x)[-1]
         for t in (cos_b, sin_b):
-            if not (is_op(t, aten.unsqueeze.default) and t.args[1] == 1):
-                return f"table '{t.name}' is not a [B, S, D] table unsqueezed at the head dim"
-            recipe = _table_recipe(t.args[0])
-            if isinstance(recipe, str):
-                return recipe
-            tables.append((t.args[0], recipe))
-        nodes = [cat.args[0][0].args[0], cat.args[0][1], cat.args[0][0], cat, m1, m2, node]
+            if is_op(t, aten.unsqueeze.default) and t.args[1] == 1:
+                recipe = _table_recipe(t.args[0])
+                if isinstance(recipe, str):
+                    return recipe
+                tables.append((t.args[0], recipe))
+            elif shape_of(t) == (seq, width) and self._constant_halves_equal(t):
+                tables.append((t, None))  # a stored [S, D] table with equal halves
+            else:
+                return (f"table '{t.name}' {list(shape_of(t) or ())} is neither a [B, S, D] "
+                        "table unsqueezed at the head dim nor a constant [S, D] table whose "
+                        "halves are equal")
+        inner = [cat.args[0][0].args[0], cat.args[0][1], cat.args[0][0], cat]
+        if is_op(inner[0], operator.getitem):
+            inner.insert(0, inner[0].args[0])
+        nodes = [*inner, m1, m2, node]
         out, source = node, x
         rest = self._passthrough(x, node)
         if rest is not None:
@@ -114,8 +157,16 @@ class RotaryRule(FusionRule):
             return None
         return full, [rest, joined]
 
+    def _constant_halves_equal(self, table: fx.Node) -> bool:
+        value = evaluate_constant(self._gm, table)
+        if value is None:
+            return False
+        half = value.shape[-1] // 2
+        return bool((value[..., :half] == value[..., half:]).all())
+
     def rewrite(self, graph: Graph, match: Match) -> fx.Node:
-        halves = [self._half_table(graph, table, recipe) for table, recipe in match.values["tables"]]
+        tables = match.values["tables"]
+        halves = [self._half_table(graph, table, recipe) for table, recipe in tables]
         return graph.graph.call_function(
             torch.ops.peakc.rotary_embedding.default, (match.values["x"], *halves, False)
         )
@@ -124,6 +175,15 @@ class RotaryRule(FusionRule):
         """steps(freqs): the half-width table, built once right after the full one."""
         if table in self._halves:
             return self._halves[table]
+        if recipe is None:  # constant [S, D] table: its first half, as [1, S, D/2]
+            with graph.graph.inserting_before(table.next):
+                half = graph.graph.call_function(
+                    aten.slice.Tensor, (table, -1, 0, shape_of(table)[-1] // 2))
+                current = graph.graph.call_function(aten.unsqueeze.default, (half, 0))
+            for n in (half, current):
+                n.meta[MODULE_KEY] = table.meta.get(MODULE_KEY, "")
+            self._halves[table] = current
+            return current
         freqs, steps = recipe
         current = freqs
         with graph.graph.inserting_before(table.next):
