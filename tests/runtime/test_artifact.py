@@ -46,7 +46,10 @@ def test_layout_and_manifest(saved):
     assert prog["outputs"][0]["shape"] == [1, 16, 256]
     report = json.loads((saved / "report.json").read_text())
     assert report["passes"][1]["stats"]["fused.rms_norm"] == 5
-    assert report["ops"] == {"rms_norm": "reference"}
+    assert report["ops"] == {
+        name: "reference"
+        for name in ("attention", "glu", "rms_norm", "rotary_embedding", "skip_rms_norm")
+    }
 
 
 def test_load_runs_and_matches(saved, llama):
