@@ -22,6 +22,7 @@ import torch.fx as fx
 from peakc.errors import PeakcError
 from peakc.ir import meta as ir_meta
 from peakc.ir.graph import MODULE_KEY, Graph
+from peakc.ir.meta import symbolic_fake_mode
 from peakc.passes.cleanup import _is_pure
 
 
@@ -108,13 +109,18 @@ def cycle_through(match: Match) -> fx.Node | None:
 def infer_val(node: fx.Node) -> Any:
     """The meta value of a new call node, from its inputs' meta values (meta-device tensors)."""
 
+    mode = symbolic_fake_mode(node.graph.owning_module)
+
     def as_meta(arg: fx.Node) -> Any:
         val = arg.meta.get("val")
         if val is None:
             raise PeakcError(f"node '{arg.name}' has no recorded value")
-        return _to_meta(val)
+        return val if mode is not None else _to_meta(val)
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), as_meta)
+    if mode is not None:  # dynamic shapes: compute with the graph's own symbolic fake tensors
+        with torch.no_grad(), mode:
+            return node.target(*args, **kwargs)
     with torch.no_grad():
         return _to_meta(node.target(*args, **kwargs))
 
