@@ -389,7 +389,12 @@ def _load_exported(path: Path) -> torch.export.ExportedProgram:
 
 
 def _load_program(path: Path) -> Callable:
-    return _load_exported(path).module()
+    """The program's graph module, called with (*weights, *inputs) and returning a tuple.
+
+    The raw graph module skips ExportedProgram.module()'s per-call pytree and guard checks
+    (several ms per call); LoadedArtifact.check_inputs validates inputs against the manifest.
+    """
+    return _load_exported(path).graph_module
 
 
 def _custom_namespaces(contents: ArtifactContents) -> set[str]:
