@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from peakc.cost_model.hardware import BUILTIN_PROFILES, Curve, HardwareProfile, efficiency_at
+from peakc.cost_model.hardware import BUILTIN_PROFILES, Curve, HardwareProfile
 from peakc.errors import PeakcError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,12 +89,18 @@ def device_seconds(fn: Callable[[], object], device: str, target: float, repeats
         start = time.perf_counter()
         fn()
         once = time.perf_counter() - start
-    iters = int(min(max(target / max(once, 1e-7), 3), 400))
+    iters = int(min(max(target / max(once, 1e-7), 3), 200))
+    start = time.perf_counter()
+    for _ in range(5):
+        fn()
+    issue = (time.perf_counter() - start) / 5  # host seconds per call (device may lag)
+    if device == "cuda":
+        torch.cuda.synchronize()
     samples = []
     for _ in range(repeats if device == "cuda" else repeats + 2):
         if device == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(int(iters * 30e-6 * 1.5e9))  # backlog while the host enqueues
+            torch.cuda._sleep(int(2 * iters * issue * 2e9) + 100_000)  # backlog: host runs ahead
             begin.record()
             for _ in range(iters):
                 fn()
@@ -260,7 +266,7 @@ def fit_curve(points: list[tuple[float, float]], bins_per_decade: int = 2) -> Cu
 
 def fit_profile(name: str, device_label: str, gemms: dict[str, list], copies: list,
                 attention: list, attention_dtype: str, transfers: dict[str, float],
-                disk: tuple[float, str], launch: float, view: float,
+                disk: tuple[float, str], launch: dict[str, float], view: float,
                 capacities: dict[str, float], asynchronous: bool,
                 base: HardwareProfile | None) -> HardwareProfile:
     """Turn measurements into a profile: peaks are the best achieved, curves the fractions."""
@@ -270,11 +276,9 @@ def fit_profile(name: str, device_label: str, gemms: dict[str, list], copies: li
     peaks, by_dtype = {}, {}
     for dtype, rows in gemms.items():
         peaks[dtype] = max(f / s for f, _, s in rows)
-        compute_bound = []
-        for flops, moved, seconds in rows:
-            memory_time = moved / (bandwidth * efficiency_at(copy_curve, moved))
-            if seconds > 1.3 * memory_time:
-                compute_bound.append((flops, flops / seconds / peaks[dtype]))
+        ridge = peaks[dtype] / bandwidth  # FLOP/byte where compute starts to bind
+        compute_bound = [(flops, flops / seconds / peaks[dtype])
+                         for flops, moved, seconds in rows if flops / moved >= 0.5 * ridge]
         by_dtype[dtype] = fit_curve(compute_bound) if compute_bound else [(1.0, 1.0)]
     sources = {f"peak_flops.{d}": stamp for d in peaks}
     if base is not None:
@@ -288,7 +292,7 @@ def fit_profile(name: str, device_label: str, gemms: dict[str, list], copies: li
     main = "bf16" if "bf16" in by_dtype else next(iter(by_dtype))
     sources.update({k: stamp for k in ("memory_bandwidth", "copy_efficiency", "gemm_efficiency",
                                        "attention_efficiency", "launch_overhead", "view_overhead",
-                                       "h2d/d2h", "memory_capacity")})
+                                       "launch_overhead_by_kind", "h2d/d2h", "memory_capacity")})
     sources["disk_read_bandwidth"] = f"{stamp}, {disk[1]}"
     if not asynchronous:
         sources["h2d/d2h"] = f"{stamp}: host memory copy (no separate device)"
@@ -298,7 +302,8 @@ def fit_profile(name: str, device_label: str, gemms: dict[str, list], copies: li
         h2d_bandwidth_pageable=transfers["h2d_pageable"],
         d2h_bandwidth_pinned=transfers["d2h_pinned"],
         d2h_bandwidth_pageable=transfers["d2h_pageable"],
-        disk_read_bandwidth=disk[0], memory_capacity=capacities, launch_overhead=launch,
+        disk_read_bandwidth=disk[0], memory_capacity=capacities,
+        launch_overhead=launch["memory"], launch_overhead_by_kind=dict(launch),
         gemm_efficiency=by_dtype[main], gemm_efficiency_by_dtype=by_dtype,
         attention_efficiency=attn_curve, copy_efficiency=copy_curve, view_overhead=view,
         asynchronous_launch=asynchronous, sources=sources,
@@ -321,10 +326,7 @@ def calibrate(device: str | None = None, *, quick: bool = False, tiny: bool = Fa
     total = gemm_steps + len(sweep.copy_sizes) + len(sweep.attention) + 3
     attn_dtype = "bf16" if device == "cuda" else "fp32"
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}"
-                  "/{task.total}"), TimeElapsedColumn(), disable=not progress) as bar:
+    with _progress_bar(progress) as bar:
         task = bar.add_task("calibrate", total=total)
 
         def stage(text: str) -> Callable[[], None]:
@@ -366,14 +368,91 @@ def _measure_all(sweep: Sweep, device: str, attn_dtype: str, disk_dir: str | Non
     return copies, gemms, attention, transfers, disk, launch, view
 
 
-def measure_host_overheads(sweep: Sweep, device: str) -> tuple[float, float]:
-    """Host seconds to issue one tiny eager kernel, and one eager view."""
-    a = torch.ones(8, device=device)
-    b, c = torch.ones(8, device=device), torch.empty(8, device=device)
-    launch = host_seconds(lambda: torch.add(a, b, out=c), device, sweep.launch_iters)
+def measure_host_overheads(sweep: Sweep, device: str) -> tuple[dict[str, float], float]:
+    """Host seconds to issue one eager kernel by kind, and one eager view.
+
+    Bare calls (a tiny linear, attention, add) give each kind's relative cost. A tiny demo
+    Llama forward, timed one forward at a time like the eager peer, then scales them so
+    that its kernels (counted by kind in its captured graph) and views add up to its time:
+    module calls, dispatch and allocation are paid by the kernels they issue.
+    """
+    from peakc.cost_model.op_costs import CostContext, node_cost
+    from peakc.ir import capture
+    from peakc.models.demo import demo_llama
+
+    iters = sweep.launch_iters
     x = torch.ones(4, 8, 16, device=device)
-    view = host_seconds(lambda: x.view(4, 128), device, sweep.launch_iters)
-    return launch, view
+    view = host_seconds(lambda: x.view(4, 128), device, iters)
+    a, b = torch.ones(8, 16, device=device), torch.ones(8, 16, device=device)
+    w = torch.ones(16, 16, device=device)
+    q = torch.ones(1, 2, 4, 8, device=device)
+    bare = {
+        "memory": host_seconds(lambda: torch.add(a, b), device, iters),
+        "gemm": host_seconds(lambda: F.linear(a, w), device, iters),
+        "attention": host_seconds(
+            lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), device, iters // 4),
+    }
+    model, (ids,) = demo_llama(0, vocab_size=64, hidden_size=64, intermediate_size=128,
+                               num_layers=4, num_heads=4, num_kv_heads=2)
+    ids = ids[:, :8]
+    graph = capture(model, (ids,), name="calibration llama")
+    counts = {"memory": 0, "gemm": 0, "attention": 0, "free": 0}
+    for node in graph.call_nodes():
+        counts[node_cost(node, CostContext()).kind] += 1
+    model, ids = model.to(device), ids.to(device)
+    per_forward = forward_seconds(lambda: model(ids), device)
+    kernel_host = sum(counts[k] * bare[k] for k in bare)
+    scale = max((per_forward - counts["free"] * view) / kernel_host, 0.5)
+    return {k: v * scale for k, v in bare.items()}, view
+
+
+def forward_seconds(fn: Callable[[], object], device: str, repeats: int = 9) -> float:
+    """Median seconds of single calls from an idle device (CUDA events on a GPU)."""
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(begin.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+class _SilentBar:
+    """Stands in for rich's Progress when no bar is wanted (rich need not be installed)."""
+
+    def __enter__(self) -> _SilentBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *args: object, **kwargs: object) -> int:
+        return 0
+
+    def update(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    def advance(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def _progress_bar(show: bool):
+    if not show:
+        return _SilentBar()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<24}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
 
 
 def _builtin_for(label: str) -> HardwareProfile | None:

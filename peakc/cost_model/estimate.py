@@ -3,7 +3,8 @@
 Each kernel's device time is a roofline: the larger of FLOPs / (peak * efficiency(FLOPs))
 and bytes / (bandwidth * efficiency(bytes)), with the profile's size-dependent curves.
 Views launch nothing. Eager execution is simulated as two clocks: the host spends
-`launch_overhead` issuing each kernel (`view_overhead` per view) and the device runs
+`launch_overhead` (per kernel kind: `issue_time`) issuing each kernel, `view_overhead`
+per view, and the device runs
 kernels in order as soon as they are issued, so small kernels cost their issue time and
 large ones their device time. A node's `time` is how much it moved the device's finish
 time; node times sum to block times, and block times to the total. Fused peakc ops are
@@ -74,7 +75,14 @@ class Estimate:
     nodes: list[NodeEstimate]
     blocks: list[BlockEstimate]
     memory: MemoryEstimate
+    host_time: float = 0.0  # host seconds issuing kernels and views
+    device_busy: float = 0.0  # device seconds running kernels
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def steady_state_time(self) -> float:
+        """Seconds per run when runs are issued back to back (host and device overlapped)."""
+        return max(self.host_time, self.device_busy)
 
     @property
     def total_time(self) -> float:
@@ -100,6 +108,7 @@ class Estimate:
             "target": self.target, "phase": self.phase, "batch": self.batch, "seq": self.seq,
             "total_time_s": self.total_time, "total_flops": self.total_flops,
             "total_bytes": self.total_bytes, "kernels": self.kernels,
+            "host_time_s": self.host_time, "device_busy_s": self.device_busy,
             "memory": self.memory.to_dict(),
             "blocks": [asdict(b) for b in self.blocks],
             "top_nodes": [asdict(n) for n in self.top_nodes(top)],
@@ -139,7 +148,7 @@ def estimate(
     ctx = CostContext(kv_len=kv_len)
     block_of = {n: b.name for b in graph.blocks() for n in b.nodes}
     nodes: list[NodeEstimate] = []
-    host = device = 0.0
+    host = device = issued = busy = 0.0
     generic: list[str] = []
     for node in graph.call_nodes():
         cost = node_cost(node, ctx)
@@ -147,16 +156,19 @@ def estimate(
             generic.append(f"{node.name} ({op_name(node.target)})")
         dev, bound = kernel_time(cost, profile)
         before = device
+        issue = profile.view_overhead if cost.kind == "free" else profile.issue_time(cost.kind)
+        issued += issue
+        busy += dev
         if cost.kind == "free":
-            host += profile.view_overhead
+            host += issue
             if not profile.asynchronous_launch:
                 device = host = max(host, device)
         elif profile.asynchronous_launch:
-            host += profile.launch_overhead
+            host += issue
             device = max(host, device) + dev
         else:
-            device = host = max(host, device) + profile.launch_overhead + dev
-        if cost.kind != "free" and dev < profile.launch_overhead:
+            device = host = max(host, device) + issue + dev
+        if cost.kind != "free" and dev < issue:
             bound = "launch"
         nodes.append(NodeEstimate(
             name=node.name, op=op_name(node.target), module=node.meta.get(MODULE_KEY, ""),
@@ -183,4 +195,7 @@ def estimate(
                                            else "")
         notes.append(f"{len(generic)} node(s) had no cost rule and were costed as memory-bound "
                      f"elementwise kernels: {shown}")
-    return Estimate(profile.name, phase, batch, seq, nodes, list(blocks.values()), memory, notes)
+    if not profile.asynchronous_launch:
+        busy += issued  # one clock: the host's issue time is spent on the device's time line
+    return Estimate(profile.name, phase, batch, seq, nodes, list(blocks.values()), memory,
+                    host_time=issued, device_busy=busy, notes=notes)

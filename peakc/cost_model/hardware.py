@@ -67,6 +67,9 @@ class HardwareProfile:
     attention_efficiency: Curve = field(default_factory=lambda: [(1.0, 1.0)])
     copy_efficiency: Curve = field(default_factory=lambda: [(1.0, 1.0)])
     view_overhead: float = 1e-6  # seconds: host time of an eager view/reshape (no kernel)
+    # Host issue seconds by kernel kind ("gemm", "attention", "memory"); others use
+    # launch_overhead. Eager linear and attention calls cost the host more than an add.
+    launch_overhead_by_kind: dict[str, float] = field(default_factory=dict)
     # True on GPUs: the host issues kernels ahead of the device, so the two overlap.
     asynchronous_launch: bool = True
     sources: dict[str, str] = field(default_factory=dict)  # figure -> where it came from
@@ -80,6 +83,10 @@ class HardwareProfile:
         if "fp32" in self.peak_flops:
             return self.peak_flops["fp32"]
         raise PeakcError(f"profile {self.name}: no peak FLOP/s for '{dtype}' and no 'fp32'")
+
+    def issue_time(self, kind: str) -> float:
+        """Host seconds to issue one eager kernel of `kind`."""
+        return self.launch_overhead_by_kind.get(kind, self.launch_overhead)
 
     def gemm_efficiency_for(self, dtype: str, flops: float) -> float:
         """Fraction of peak a GEMM of `flops` reaches in `dtype`."""
@@ -102,7 +109,7 @@ class HardwareProfile:
             _positive(where, key, getattr(self, key))
         if not isinstance(self.peak_flops, dict) or not self.peak_flops:
             raise PeakcError(f"{where}: 'peak_flops' is empty")
-        for table in ("peak_flops", "memory_capacity"):
+        for table in ("peak_flops", "memory_capacity", "launch_overhead_by_kind"):
             values = getattr(self, table)
             if not isinstance(values, dict):
                 raise PeakcError(f"{where}: '{table}' must be an object of numbers")
@@ -127,8 +134,8 @@ class HardwareProfile:
         if not isinstance(data, dict):
             raise PeakcError(f"{where}: expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
         missing = [k for k in required if k not in data]
         if missing:
             raise PeakcError(f"{where}: missing figure '{missing[0]}'")
@@ -196,7 +203,8 @@ GB = 1e9
 GiB = 2**30
 TB = 1e12
 
-ESTIMATED_CURVES = "estimated from typical cuBLAS/FlashAttention results; refine with `peakc calibrate`"
+ESTIMATED_CURVES = ("estimated from typical cuBLAS/FlashAttention results; "
+                    "refine with `peakc calibrate`")
 EAGER_LAUNCH = "estimate of eager PyTorch per-op host cost; refine with `peakc calibrate`"
 
 
