@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from peakc import ir  # noqa: E402
 from peakc.api import compile, load  # noqa: E402
 from peakc.errors import PeakcError  # noqa: E402
 from peakc.passes.base import Pass, PassContext, PassResult, register_pass  # noqa: E402
@@ -15,6 +16,7 @@ __all__ = [
     "Pipeline",
     "__version__",
     "compile",
+    "ir",
     "load",
     "register_pass",
 ]

@@ -48,8 +48,14 @@ def compile(
     source: str = "model",
     extra_files: dict[str, bytes] | None = None,
     progress: Any = None,
+    dynamic: dict | None = None,
+    generation: dict | None = None,
 ) -> Compiled:
-    """Capture `model`, run the pipeline, and lower it with the backend."""
+    """Capture `model`, run the pipeline, and lower it with the backend.
+
+    `dynamic` declares dynamic input dimensions (see ir.capture); `generation` marks the model
+    as a KV-cache decoder (peakc/models/kv_cache.py) with that cache layout.
+    """
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
     profile = target if isinstance(target, HardwareProfile) else resolve_profile(target)
     lowerer = get_backend(backend)
@@ -70,7 +76,9 @@ def compile(
     else:
         if example_inputs is None:
             raise PeakcError("compile: example_inputs are required to capture a module")
-        graph = capture(model, example_inputs, name=source)
+        graph = capture(model, example_inputs, name=source, dynamic=dynamic)
+    if generation is not None:
+        graph.info["generation"] = dict(generation)
     capture_seconds = time.perf_counter() - started
     _step(progress, "passes")
     graph, records = pipe.run(graph, ctx)
@@ -88,6 +96,8 @@ def compile(
         fusion_near_misses=ctx.settings.get("fusion_near_misses", []),
         fingerprint=graph.fingerprint(),
     )
+    if "generation" in graph.info:
+        contents.extra_manifest["generation"] = graph.info["generation"]
     contents.report_md = render_report(contents.report)
     return Compiled(graph, contents, records)
 

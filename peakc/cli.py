@@ -27,6 +27,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-parity", action="store_true", help="skip the per-pass output check")
     p.add_argument("--explain-fusion", action="store_true", help="print fusion near-misses")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--task", default="forward", help="forward (default) or generate (KV cache)")
+    p.add_argument("--max-seq-len", type=int, default=512, help="KV cache length (generate)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch (generate)")
+
+    p = sub.add_parser("generate", help="generate text from an artifact compiled for generation")
+    p.add_argument("artifact")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    p = sub.add_parser("bench", help="prefill latency and decode tokens/s of an artifact or model")
+    p.add_argument("target", help="artifact directory, or a model spec (hf:, gguf:, demo:)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("run", help="load an artifact and run it")
     p.add_argument("artifact")
@@ -82,7 +104,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import peakc
-    from peakc.models import load_source
+    from peakc.models import load_source_for_task
     from peakc.passes.pipeline import Pipeline
 
     console = Console(stderr=True)
@@ -91,7 +113,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise PeakcError(f"output folder {output} already exists (use --force to replace it)")
     pipeline = Pipeline.parse(args.pipeline)  # spec errors before any work
     with console.status("loading model") as status:
-        source = load_source(args.model)
+        source = load_source_for_task(args.model, args.task, args.max_seq_len, args.max_batch)
         model = source.graph if source.graph is not None else source.module
         compiled = peakc.compile(
             model,
@@ -105,6 +127,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             source=args.model,
             extra_files=source.tokenizer_files,
             progress=lambda step: status.update(step),
+            dynamic=source.dynamic,
+            generation=source.generation,
         )
         status.update("writing artifact")
         compiled.save(output, force=args.force)
@@ -194,7 +218,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     m = artifact.manifest
     print(f"artifact   {artifact.directory}")
     print(f"source     {m['source']}")
-    print(f"peakc      {m['peakc_version']} (format {m['format_version']}, torch {m['torch_version']})")
+    versions = f"format {m['format_version']}, torch {m['torch_version']}"
+    print(f"peakc      {m['peakc_version']} ({versions})")
     print(f"backend    {m['backend']}")
     print(f"pipeline   {m['pipeline'] or '(none)'}")
     for name, prog in m["programs"].items():
@@ -207,7 +232,62 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "passes": cmd_passes, "inspect": cmd_inspect}
+def cmd_generate(args: argparse.Namespace) -> int:
+    import peakc
+    from peakc.runtime.generate import Generator, SamplingConfig
+
+    artifact = peakc.load(args.artifact)
+    generator = Generator.from_artifact(artifact, args.device)
+    config = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    config.validate()
+    single = len(args.prompt) == 1
+    if single:
+        print(args.prompt[0], end="", flush=True)
+
+    def on_text(index: int, text: str) -> None:
+        if single:
+            print(text, end="", flush=True)
+
+    texts = generator.generate_text(args.prompt, config, on_text)
+    result = generator.last_result
+    if single:
+        print()
+    else:
+        for prompt, text in zip(args.prompt, texts):
+            print(f"--- {prompt}{text}")
+    rate = result.new_tokens / max(result.prefill_seconds + result.decode_seconds, 1e-9)
+    print(
+        f"[{result.new_tokens} tokens, prefill {result.prefill_seconds * 1e3:.1f} ms, "
+        f"{rate:.1f} tokens/s on {generator.device}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from peakc.runtime.bench import bench_target, format_bench
+
+    result = bench_target(
+        args.target, args.batch, args.prompt_len, args.gen_len, args.repeats, args.device
+    )
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
+COMMANDS = {
+    "compile": cmd_compile,
+    "run": cmd_run,
+    "passes": cmd_passes,
+    "inspect": cmd_inspect,
+    "generate": cmd_generate,
+    "bench": cmd_bench,
+}
 
 from peakc.cost_model.commands import COST_MODEL_COMMANDS  # noqa: E402
 

@@ -31,7 +31,9 @@ def get_backend(name: str) -> Backend:
     try:
         return BACKENDS[name]()
     except KeyError:
-        raise PeakcError(f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS))})") from None
+        raise PeakcError(
+            f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS))})"
+        ) from None
 
 
 def op_lowering_report(graph: Graph, backend: str) -> dict[str, str]:
@@ -42,3 +44,8 @@ def op_lowering_report(graph: Graph, backend: str) -> dict[str, str]:
         if name is not None:
             report[name] = "lowered" if get_lowering(name, backend) else "reference"
     return report
+
+
+def program_name(graph: Graph) -> str:
+    """`decoder` for a generation graph (prefill and decode), `forward` otherwise."""
+    return "decoder" if "generation" in graph.info else "forward"

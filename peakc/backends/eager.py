@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from peakc.backends.base import op_lowering_report, register_backend
+from peakc.backends.base import op_lowering_report, program_name, register_backend
 from peakc.ir.graph import Graph
 from peakc.passes.base import PassContext
 from peakc.runtime.artifact import ArtifactContents, export_program
@@ -25,6 +25,6 @@ class EagerBackend:
             source=graph.info.get("name", "model"),
             weights=graph.weights(),
             example_inputs=graph.example_inputs,
-            programs={"forward": (data, info)},
+            programs={program_name(graph): (data, info)},
             report={"ops": op_lowering_report(graph, self.name)},
         )

@@ -44,8 +44,13 @@ def capture(
     example_inputs: tuple[torch.Tensor, ...],
     *,
     name: str = "model",
+    dynamic: dict | None = None,
 ) -> Graph:
-    """Export `model` on `example_inputs` (positional tensors) into a peakc Graph."""
+    """Export `model` on `example_inputs` (positional tensors) into a peakc Graph.
+
+    `dynamic` declares dynamic dimensions in a JSON-friendly form (kept in graph.info and the
+    artifact): {"dims": {"seq": [1, 512]}, "inputs": [{"1": "seq"}, ...]} (one entry per input).
+    """
     if not isinstance(model, torch.nn.Module):
         raise PeakcError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
     example_inputs = tuple(example_inputs)
@@ -55,13 +60,29 @@ def capture(
     model.eval()
     try:
         with torch.no_grad():
-            program = torch.export.export(model, example_inputs, strict=False)
+            program = torch.export.export(
+                model, example_inputs, dynamic_shapes=export_dynamic_shapes(dynamic), strict=False
+            )
             program = program.run_decompositions(decomposition_table())
     except PeakcError:
         raise
     except Exception as exc:
         raise PeakcError(f"cannot export {name}: {_export_failure(exc)}") from exc
-    return from_exported(program, example_inputs, info={"name": name})
+    info = {"name": name}
+    if dynamic:
+        info["dynamic"] = dynamic
+    return from_exported(program, example_inputs, info=info)
+
+
+def export_dynamic_shapes(dynamic: dict | None, leading: int = 0) -> tuple | None:
+    """torch.export's dynamic_shapes from the JSON form; `leading` static inputs come first."""
+    if not dynamic:
+        return None
+    dims = {
+        name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in dynamic["dims"].items()
+    }
+    per_input = [{int(i): dims[d] for i, d in spec.items()} for spec in dynamic["inputs"]]
+    return tuple([None] * leading + per_input)
 
 
 def from_exported(
@@ -136,5 +157,9 @@ def _export_failure(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     torch_dir = os.path.dirname(torch.__file__)
     user = [f for f in frames if not f.filename.startswith(torch_dir) and "peakc" not in f.filename]
-    where = f" (at {os.path.basename(user[-1].filename)}:{user[-1].lineno} in {user[-1].name})" if user else ""
+    where = (
+        f" (at {os.path.basename(user[-1].filename)}:{user[-1].lineno} in {user[-1].name})"
+        if user
+        else ""
+    )
     return f"{type(exc).__name__}: {reason}{where}"

@@ -77,7 +77,9 @@ class Graph:
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Every weight by module path, in graph order."""
-        return {n.target: self.get_weight(n.target) for n in self.gm.graph.nodes if n.op == "get_attr"}
+        return {
+            n.target: self.get_weight(n.target) for n in self.gm.graph.nodes if n.op == "get_attr"
+        }
 
     def get_weight(self, name: str) -> torch.Tensor:
         try:
@@ -106,7 +108,7 @@ class Graph:
         self.set_weight(name, value)
         with self.gm.graph.inserting_before(before):
             node = self.gm.graph.get_attr(name)
-        node.meta["val"] = ir_meta.fake_of(value)
+        node.meta["val"] = ir_meta.fake_of(value, ir_meta.symbolic_fake_mode(self.gm))
         return node
 
     # --- structure -------------------------------------------------------------------------
@@ -192,10 +194,14 @@ class Graph:
         for i, node in enumerate(self.graph.nodes):
             index[node] = i
             args = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
-            target = node.target if node.op != "get_attr" else ir_meta.describe(
-                self.get_weight(node.target)
+            target = (
+                node.target
+                if node.op != "get_attr"
+                else ir_meta.describe(self.get_weight(node.target))
             )
-            h.update(f"{node.op}|{target}|{args}|{ir_meta.describe(node.meta.get('val'))}\n".encode())
+            h.update(
+                f"{node.op}|{target}|{args}|{ir_meta.describe(node.meta.get('val'))}\n".encode()
+            )
         return h.hexdigest()[:16]
 
     def dump(self) -> str:

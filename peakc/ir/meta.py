@@ -61,12 +61,35 @@ def propagate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[fx.N
 def same_signature(a: object, b: object) -> bool:
     """True when two values have the same tensor shapes and dtypes (nested tuples allowed)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
+        if a.dtype != b.dtype or a.dim() != b.dim():
+            return False
+        # A symbolic (dynamic) dimension matches any size; static ones must be equal.
+        return all(
+            not isinstance(x, int) or not isinstance(y, int) or x == y
+            for x, y in zip(a.shape, b.shape)
+        )
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(same_signature(x, y) for x, y in zip(a, b))
     return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor)
 
 
-def fake_of(value: torch.Tensor) -> torch.Tensor:
-    """A meta-device stand-in carrying a tensor's shape and dtype (for node.meta["val"])."""
+def fake_of(value: torch.Tensor, mode: FakeTensorMode | None = None) -> torch.Tensor:
+    """A stand-in carrying a tensor's shape and dtype (for node.meta["val"]).
+
+    With the graph's fake mode (a graph with dynamic shapes), a fake tensor of that mode, so it
+    combines with the graph's symbolic values; otherwise a meta-device tensor.
+    """
+    if mode is not None:
+        return mode.from_tensor(value, static_shapes=True)
     return torch.empty(value.shape, dtype=value.dtype, device="meta")
+
+
+def symbolic_fake_mode(gm: fx.GraphModule) -> FakeTensorMode | None:
+    """The fake mode of a graph whose recorded values have symbolic (dynamic) sizes, or None."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, FakeTensor) and any(not isinstance(d, int) for d in val.shape):
+            return val.fake_mode
+    return None

@@ -63,6 +63,14 @@ def peakc_op_name(target: object) -> str | None:
     return None
 
 
+def laid_out_like(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` with x's strides: shape-preserving ops keep their input's memory layout, as ATen's
+    elementwise ops do, so views downstream of a fused op stay valid (fakes use empty_like)."""
+    if out.stride() == x.stride():
+        return out
+    return torch.empty_like(x, dtype=out.dtype).copy_(out)
+
+
 # --- rms_norm -------------------------------------------------------------------------------
 
 
@@ -70,7 +78,7 @@ def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> to
     """RMSNorm over the last dim: normalized in fp32, cast back to x's dtype, then scaled."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * y.to(x.dtype)
+    return laid_out_like(x, weight * y.to(x.dtype))
 
 
 def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -78,3 +86,237 @@ def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 RMS_NORM = define_op("rms_norm", _rms_norm_reference, _rms_norm_fake)
+
+
+# --- layer_norm -----------------------------------------------------------------------------
+
+
+def _layer_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """LayerNorm over the last dim (ONNX LayerNormalization, axis=-1): (x-mean)/sqrt(var+eps)*w+b.
+
+    weight and bias are [D] or None.
+    """
+    return laid_out_like(x, torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps))
+
+
+def _layer_norm_fake(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+LAYER_NORM = define_op("layer_norm", _layer_norm_reference, _layer_norm_fake)
+
+
+# --- skip norms: residual add + norm, both values returned ----------------------------------
+
+
+def _skip_rms_norm_reference(
+    x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm: returns (rms_norm(x + skip), x + skip) (ORT SkipSimplifiedLN)."""
+    total = laid_out_like(x, x + skip)
+    return _rms_norm_reference(total, weight, eps), total
+
+
+def _skip_rms_norm_fake(x, skip, weight, eps):
+    total = torch.empty_like(x)
+    return _rms_norm_fake(total, weight, eps), total
+
+
+SKIP_RMS_NORM = define_op("skip_rms_norm", _skip_rms_norm_reference, _skip_rms_norm_fake)
+
+
+def _skip_layer_norm_reference(
+    x: torch.Tensor,
+    skip: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then LayerNorm: returns (layer_norm(x + skip), x + skip) (ORT SkipLayerNorm)."""
+    total = laid_out_like(x, x + skip)
+    return _layer_norm_reference(total, weight, bias, eps), total
+
+
+def _skip_layer_norm_fake(x, skip, weight, bias, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+SKIP_LAYER_NORM = define_op("skip_layer_norm", _skip_layer_norm_reference, _skip_layer_norm_fake)
+
+
+# --- rotary_embedding -----------------------------------------------------------------------
+
+
+def _rotary_embedding_reference(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+) -> torch.Tensor:
+    """Rotary position embedding on x [B, H, S, D] with half-width tables cos/sin [B|1, S, R/2].
+
+    The first R = 2 * cos.shape[-1] channels rotate, the rest pass through (partial rotary,
+    ORT rotary_embedding_dim). Non-interleaved (rotate-half, Llama/NeoX) pairs channel i with
+    i + R/2; interleaved (GPT-J) pairs 2i with 2i + 1. Pair (a, b) becomes
+    (a*cos - b*sin, b*cos + a*sin). Tables are indexed by position already (ORT's
+    cos_cache[position_ids]).
+    """
+    half = cos.shape[-1]
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot, rest = x[..., : 2 * half], x[..., 2 * half :]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    else:
+        a, b = rot[..., :half], rot[..., half:]
+        out = torch.cat((a * c + (-b) * s, b * c + a * s), dim=-1)
+    return laid_out_like(x, torch.cat((out, rest), dim=-1) if rest.shape[-1] else out)
+
+
+def _rotary_embedding_fake(x, cos, sin, interleaved):
+    return torch.empty_like(x)
+
+
+ROTARY_EMBEDDING = define_op(
+    "rotary_embedding", _rotary_embedding_reference, _rotary_embedding_fake
+)
+
+
+# --- attention ------------------------------------------------------------------------------
+
+
+def _attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads: q [B,H,S,D], k/v [B,Hkv,Sk,D(v)].
+
+    H must be a multiple of Hkv; query head h reads KV head h // (H/Hkv) (ORT
+    GroupQueryAttention; Hkv == H is MultiHeadAttention). `mask` (optional) broadcasts to
+    [B, H, S, Sk]: bool True = attend, or float added to the scores (padding masks).
+    `is_causal` masks key j > query i (top-left aligned). Returns [B, H, S, Dv] stored
+    sequence-major ([B, S, H, Dv] memory, like ATen's CPU/CUDA SDPA and ORT's output), so the
+    usual transpose(1, 2).view(B, S, H*Dv) that follows stays a view.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale
+    )
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _attention_fake(q, k, v, mask, is_causal, scale):
+    b, h, s, _ = q.shape
+    return q.new_empty((b, s, h, v.shape[-1])).transpose(1, 2)
+
+
+ATTENTION = define_op("attention", _attention_reference, _attention_fake)
+
+
+# --- activations ----------------------------------------------------------------------------
+
+ACTIVATIONS = ("none", "relu", "silu", "gelu", "gelu_tanh")
+
+
+def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """One of ACTIVATIONS by name ('gelu' is the erf form, 'gelu_tanh' the tanh approximation)."""
+    if activation == "none":
+        return x
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "silu":
+        return torch.nn.functional.silu(x)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(x)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    raise ValueError(f"unknown activation '{activation}' (known: {', '.join(ACTIVATIONS)})")
+
+
+def _gelu_reference(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    """GELU of x (+ bias over the last dim): approximate 'none' = erf (ORT BiasGelu/Gelu),
+    'tanh' = tanh approximation (ORT FastGelu, which also takes the optional bias)."""
+    if bias is not None:
+        x = x + bias
+    return laid_out_like(x, torch.nn.functional.gelu(x, approximate=approximate))
+
+
+def _gelu_fake(x, bias, approximate):
+    return torch.empty_like(x)
+
+
+GELU = define_op("gelu", _gelu_reference, _gelu_fake)
+
+
+def _glu_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """Gated MLP activation: act(gate) * up (SwiGLU with 'silu', GeGLU with 'gelu'/'gelu_tanh')."""
+    return laid_out_like(gate, apply_activation(gate, activation) * up)
+
+
+def _glu_fake(gate, up, activation):
+    return torch.empty_like(gate)
+
+
+GLU = define_op("glu", _glu_reference, _glu_fake)
+
+
+def _linear_act_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> torch.Tensor:
+    """Linear with a fused epilogue: act(x @ weight.T + bias), weight [N, K], bias [N] or None."""
+    return apply_activation(torch.nn.functional.linear(x, weight, bias), activation)
+
+
+def _linear_act_fake(x, weight, bias, activation):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+LINEAR_ACT = define_op("linear_act", _linear_act_reference, _linear_act_fake)
+
+# --- attention_cache: attention over a preallocated KV cache -----------------------------------
+
+
+def _attention_cache_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of new tokens over a KV cache, the cache form of peakc attention.
+
+    q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] (the new tokens' keys and values, after RoPE);
+    k_cache, v_cache: [B, Hkv, T, D]; positions: [B, S] int64, each new token's slot.
+    The new keys and values are placed at their positions (functionally: the caches are not
+    written; the runtime writes them after the step) and query i of sequence b attends to
+    slots 0..positions[b, i]. Grouped-query heads: query head h reads kv head h // (Hq/Hkv).
+    Returns [B, Hq, S, D].
+    """
+    batch, kv_heads, seq, dim = k.shape
+    slots = positions[:, None, :, None].expand(batch, kv_heads, seq, dim)
+    keys = k_cache.scatter(2, slots, k.to(k_cache.dtype))
+    values = v_cache.scatter(2, slots, v.to(v_cache.dtype))
+    groups = q.shape[1] // kv_heads
+    if groups > 1:
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+    cache_len = k_cache.shape[2]
+    visible = torch.arange(cache_len, device=q.device)[None, None, :] <= positions[:, :, None]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None], scale=scale
+    )
+
+
+def _attention_cache_fake(q, k, v, k_cache, v_cache, positions, scale):
+    return torch.empty_like(q)
+
+
+ATTENTION_CACHE = define_op("attention_cache", _attention_cache_reference, _attention_cache_fake)

@@ -25,6 +25,35 @@ class ModelSource:
     example_inputs: tuple[torch.Tensor, ...]
     graph: Any = None  # peakc.ir.Graph when the source is an artifact
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+    dynamic: dict | None = None  # capture's dynamic-shape spec (generation)
+    generation: dict | None = None  # the KV-cache layout, for a decoder program
+
+
+TASKS = ("forward", "generate")
+
+
+def load_source_for_task(
+    spec: str, task: str = "forward", max_seq_len: int = 512, max_batch: int = 8
+) -> ModelSource:
+    """Load a source for `task`: `generate` wraps a causal LM with an explicit KV cache."""
+    if task not in TASKS:
+        raise PeakcError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
+    source = load_source(spec)
+    if task == "forward":
+        return source
+    if source.module is None:
+        raise PeakcError(f"model '{spec}': --task generate needs a model source, not an artifact")
+    from peakc.models import kv_cache
+
+    if max_seq_len < 2 or max_batch < 1:
+        raise PeakcError(f"--max-seq-len must be >= 2 and --max-batch >= 1 (got {max_seq_len}, {max_batch})")
+    causal_lm = getattr(source.module, "hf_model", source.module)
+    decoder, layout = kv_cache.wrap_for_generation(causal_lm, max_seq_len, max_batch, spec)
+    source.module = decoder
+    source.example_inputs = kv_cache.example_inputs(layout)
+    source.dynamic = kv_cache.dynamic_shapes(layout)
+    source.generation = layout.to_dict()
+    return source
 
 
 def load_source(spec: str) -> ModelSource:

@@ -30,13 +30,11 @@ def _require_transformers(spec: str):
     try:
         import transformers
     except ImportError:
-        raise PeakcError(
-            f"model '{spec}' needs transformers: pip install 'peakc[hf]'"
-        ) from None
+        raise PeakcError(f"model '{spec}' needs transformers: pip install 'peakc[hf]'") from None
     return transformers
 
 
-def load_hf(spec: str, path_text: str, gguf: bool) -> "ModelSource":  # noqa: F821
+def load_hf(spec: str, path_text: str, gguf: bool) -> ModelSource:  # noqa: F821
     from peakc.models import ModelSource
 
     path = Path(path_text)
@@ -44,9 +42,13 @@ def load_hf(spec: str, path_text: str, gguf: bool) -> "ModelSource":  # noqa: F8
         if not path.is_file():
             raise PeakcError(f"model '{spec}': GGUF file not found: {path}")
     elif not (path / "config.json").is_file():
-        raise PeakcError(f"model '{spec}': {path} is not a Hugging Face model folder (no config.json)")
+        raise PeakcError(
+            f"model '{spec}': {path} is not a Hugging Face model folder (no config.json)"
+        )
     transformers = _require_transformers(spec)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     try:
         if gguf:
             kwargs = {"gguf_file": path.name}
@@ -55,7 +57,9 @@ def load_hf(spec: str, path_text: str, gguf: bool) -> "ModelSource":  # noqa: F8
             )
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32
+            )
             tokenizer = _optional_tokenizer(transformers, path)
     except PeakcError:
         raise
@@ -84,5 +88,7 @@ def _tokenizer_files(tokenizer) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         return {
-            f"tokenizer/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()
+            f"tokenizer/{p.name}": p.read_bytes()
+            for p in sorted(Path(tmp).iterdir())
+            if p.is_file()
         }

@@ -21,8 +21,9 @@ class Instrument:
 
     def after_pass(self, p: Any, result: Any, index: int, record: dict) -> None: ...
 
-    def on_failure(self, p: Any, graph: Graph, index: int, remaining: Any, exc: Exception) -> None:
-        ...
+    def on_failure(
+        self, p: Any, graph: Graph, index: int, remaining: Any, exc: Exception
+    ) -> None: ...
 
 
 class Timing(Instrument):

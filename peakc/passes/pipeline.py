@@ -76,7 +76,9 @@ class Pipeline:
                 remaining = Pipeline(self.passes[index:])
                 for inst in ctx.instruments:
                     inst.on_failure(p, before, index, remaining, exc)
-                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                detail = (
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                )
                 raise PeakcError(
                     f"pass '{p.name}' (#{index + 1}) failed after [{', '.join(done)}]: {detail}"
                 ) from exc

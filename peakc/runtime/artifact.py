@@ -32,7 +32,8 @@ import torch.fx as fx
 from safetensors.torch import load_file, save_file
 
 from peakc.errors import PeakcError
-from peakc.ir.graph import Graph
+from peakc.ir.capture import export_dynamic_shapes
+from peakc.ir.graph import MODULE_KEY, Graph
 
 FORMAT = "peakc-artifact"
 FORMAT_VERSION = 1
@@ -66,6 +67,7 @@ class ProgramFile:
     weights: list[str]
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
+    dynamic: dict[str, Any] | None = None  # capture's dynamic-shape spec (dims and limits)
 
 
 @dataclass
@@ -84,8 +86,14 @@ class ArtifactContents:
     extra_manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def tensor_signature(t: torch.Tensor, name: str) -> dict[str, Any]:
-    return {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+def tensor_signature(
+    t: torch.Tensor, name: str, dynamic: dict | None = None
+) -> dict[str, Any]:
+    """Name, dtype and shape; dynamic dimensions are given by their name (e.g. "seq")."""
+    shape: list[int | str] = [d if isinstance(d, int) else str(d) for d in t.shape]
+    for index, dim_name in (dynamic or {}).items():
+        shape[int(index)] = dim_name
+    return {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": shape}
 
 
 def export_program(graph: Graph) -> tuple[bytes, ProgramFile]:
@@ -97,31 +105,46 @@ def export_program(graph: Graph) -> tuple[bytes, ProgramFile]:
         env[node] = program.placeholder(f"w{i}")
     for node in graph.graph.nodes:
         if node.op != "get_attr":
-            env[node] = program.node_copy(node, env.__getitem__)
+            new = env[node] = program.node_copy(node, env.__getitem__)
+            path = node.meta.get(MODULE_KEY)
+            if path:  # export carries nn_module_stack through, so module paths survive a reload
+                new.meta["nn_module_stack"] = {f"peakc.{path}": (path, "peakc")}
     gm = fx.GraphModule({}, program)
     weights = [graph.get_weight(n.target) for n in weight_nodes]
+    dynamic = graph.info.get("dynamic")
+    shapes = export_dynamic_shapes(dynamic, leading=len(weights))
     try:
         with torch.no_grad():
-            exported = torch.export.export(gm, (*weights, *graph.example_inputs), strict=False)
+            exported = torch.export.export(
+                gm, (*weights, *graph.example_inputs), dynamic_shapes=shapes, strict=False
+            )
     except Exception as exc:
         raise PeakcError(f"cannot export the transformed program: {_first_line(exc)}") from exc
     exported._example_inputs = None  # would be pickled into the archive
     buffer = io.BytesIO()
     torch.export.save(exported, buffer)
     out_vals = [n.meta.get("val") for n in graph.output_nodes()]
+    input_specs = (dynamic or {}).get("inputs") or [{}] * len(graph.example_inputs)
+    symbols: dict[str, str] = {}  # symbolic size (e.g. "s27") -> dynamic dim name ("seq")
+    for node, spec in zip(graph.input_nodes(), input_specs):
+        val = node.meta.get("val")
+        for index, dim_name in spec.items():
+            if isinstance(val, torch.Tensor):
+                symbols[str(val.shape[int(index)])] = dim_name
     info = ProgramFile(
         file="",
         weights=[n.target for n in weight_nodes],
         inputs=[
-            tensor_signature(t, n.name)
-            for t, n in zip(graph.example_inputs, graph.input_nodes())
+            tensor_signature(t, n.name, spec)
+            for t, n, spec in zip(graph.example_inputs, graph.input_nodes(), input_specs)
         ],
         outputs=[
-            tensor_signature(v, f"output_{i}")
+            _named_dims(tensor_signature(v, f"output_{i}"), symbols)
             if isinstance(v, torch.Tensor)
             else {"name": f"output_{i}"}
             for i, v in enumerate(out_vals)
         ],
+        dynamic=dynamic,
     )
     return buffer.getvalue(), info
 
@@ -217,7 +240,13 @@ class LoadedArtifact:
     def backend(self) -> str:
         return self.manifest["backend"]
 
-    def program(self, name: str = "forward") -> Callable:
+    @property
+    def default_program(self) -> str:
+        """The program `__call__` runs: the first one in the manifest (e.g. forward, decoder)."""
+        return next(iter(self.manifest["programs"]))
+
+    def program(self, name: str | None = None) -> Callable:
+        name = name or self.default_program
         if name not in self._programs:
             info = self.manifest["programs"].get(name)
             if info is None:
@@ -225,19 +254,32 @@ class LoadedArtifact:
             self._programs[name] = _load_program(self.directory / info["file"])
         return self._programs[name]
 
-    def weight_list(self, name: str = "forward") -> list[torch.Tensor]:
+    def weight_list(self, name: str | None = None) -> list[torch.Tensor]:
+        name = name or self.default_program
         return [self.weights[w] for w in self.manifest["programs"][name]["weights"]]
 
-    def check_inputs(self, inputs: tuple[torch.Tensor, ...], name: str = "forward") -> None:
-        expected = self.manifest["programs"][name]["inputs"]
+    def check_inputs(self, inputs: tuple[torch.Tensor, ...], name: str | None = None) -> None:
+        name = name or self.default_program
+        program = self.manifest["programs"][name]
+        expected = program["inputs"]
+        limits = (program.get("dynamic") or {}).get("dims", {})
         if len(inputs) != len(expected):
             raise PeakcError(f"program '{name}' takes {len(expected)} inputs, got {len(inputs)}")
         for t, spec in zip(inputs, expected):
-            got = tensor_signature(t, spec["name"])
-            if got != spec:
+            dtype = str(t.dtype).removeprefix("torch.")
+            shape = list(t.shape)
+            ok = dtype == spec["dtype"] and len(shape) == len(spec["shape"])
+            for size, want in zip(shape, spec["shape"]):
+                if isinstance(want, str):
+                    lo, hi = limits.get(want, (1, size))
+                    ok = ok and lo <= size <= hi
+                else:
+                    ok = ok and size == want
+            if not ok:
+                bounds = "".join(f", {d} in [{lo}, {hi}]" for d, (lo, hi) in limits.items())
                 raise PeakcError(
-                    f"input '{spec['name']}': expected {spec['dtype']}{spec['shape']}, "
-                    f"got {got['dtype']}{got['shape']}"
+                    f"input '{spec['name']}': expected {spec['dtype']}{spec['shape']}{bounds}, "
+                    f"got {dtype}{shape}"
                 )
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -251,19 +293,23 @@ class LoadedArtifact:
         """The forward program as a Graph again (weights back as get_attr nodes)."""
         from peakc.ir.capture import from_exported
 
-        exported = _load_exported(self.directory / self.manifest["programs"]["forward"]["file"])
-        graph = from_exported(exported, tuple(self.weight_list()) + self.example_inputs)
-        weight_names = self.manifest["programs"]["forward"]["weights"]
+        program = self.manifest["programs"][self.default_program]
+        exported = _load_exported(self.directory / program["file"])
+        weights = tuple(self.weight_list(self.default_program))
+        graph = from_exported(exported, weights + self.example_inputs)
+        weight_names = program["weights"]
         inputs = graph.input_nodes()
         for node, name in zip(inputs, weight_names):
+            graph.set_weight(name, self.weights[name])
             with graph.graph.inserting_before(node):
                 attr = graph.graph.get_attr(name)
             attr.meta = dict(node.meta)
             node.replace_all_uses_with(attr)
             graph.graph.erase_node(node)
-            graph.set_weight(name, self.weights[name])
         graph.example_inputs = self.example_inputs
         graph.info["name"] = self.manifest.get("source", str(self.directory))
+        if program.get("dynamic"):
+            graph.info["dynamic"] = program["dynamic"]
         graph.recompile()
         return graph
 
@@ -317,16 +363,25 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
         raise PeakcError(f"artifact {directory} has an unexpected file: {extra[0]}")
 
 
+def _named_dims(signature: dict[str, Any], symbols: dict[str, str]) -> dict[str, Any]:
+    signature["shape"] = [symbols.get(d, d) if isinstance(d, str) else d for d in signature["shape"]]
+    return signature
+
+
 def _load_exported(path: Path) -> torch.export.ExportedProgram:
     with zipfile.ZipFile(path) as archive:
         for item in archive.infolist():
             entry = item.filename
             inner = entry.split("/", 1)[1] if "/" in entry else entry
-            if inner in _ARCHIVE_ALLOWED or (inner.startswith("models/") and inner.endswith(".json")):
+            if inner in _ARCHIVE_ALLOWED or (
+                inner.startswith("models/") and inner.endswith(".json")
+            ):
                 continue
             if inner.startswith("data/sample_inputs/") and item.file_size == 0:
                 continue
-            raise PeakcError(f"{path.name}: refusing archive entry '{entry}' (could hold pickled data)")
+            raise PeakcError(
+                f"{path.name}: refusing archive entry '{entry}' (could hold pickled data)"
+            )
     try:
         return torch.export.load(str(path))
     except Exception as exc:

@@ -7,15 +7,53 @@ from dataclasses import dataclass
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
 from peakc.passes.base import Pass, PassContext, PassResult, register_pass
-from peakc.passes.fuse.engine import FusionRule, apply_rule
+from peakc.passes.fuse.addmm_linear import AddmmLinearRule
+from peakc.passes.fuse.attention import AttentionRule
+from peakc.passes.fuse.engine import FusionRule, Match, apply_rule
+from peakc.passes.fuse.gelu import GeluRule
+from peakc.passes.fuse.glu import GluRule
+from peakc.passes.fuse.horizontal import HorizontalLinearRule
+from peakc.passes.fuse.layer_norm import LayerNormRule
+from peakc.passes.fuse.linear_act import LinearActRule
+from peakc.passes.fuse.pattern import PatternRule
+from peakc.passes.fuse.redundant import RedundantRule
 from peakc.passes.fuse.rms_norm import RmsNormRule
+from peakc.passes.fuse.rotary import RotaryRule
+from peakc.passes.fuse.skip_norm import SkipNormRule
 
-RULES: dict[str, type[FusionRule]] = {rule.name: rule for rule in (RmsNormRule,)}
+# Application order: canonicalize first, norms before skip-norms, GLU before GELU/epilogues,
+# horizontal fusion last (it needs the plain linears that remain).
+RULES: dict[str, type[FusionRule]] = {
+    rule.name: rule
+    for rule in (
+        RedundantRule,
+        AddmmLinearRule,
+        RmsNormRule,
+        LayerNormRule,
+        SkipNormRule,
+        RotaryRule,
+        AttentionRule,
+        GluRule,
+        GeluRule,
+        LinearActRule,
+        HorizontalLinearRule,
+    )
+}
+
+__all__ = ["RULES", "Fuse", "FusionRule", "Match", "PatternRule", "register_rule"]
+
+
+def register_rule(rule: type[FusionRule]) -> type[FusionRule]:
+    """Class decorator: make a user rule selectable by name (applied after the built-ins)."""
+    if not rule.name or rule.name in RULES and RULES[rule.name] is not rule:
+        raise PeakcError(f"fusion rule '{rule.name}' has no name or is already registered")
+    RULES[rule.name] = rule
+    return rule
 
 
 @dataclass
 class FuseOptions:
-    rules: str = "all"  # "all" or rule names separated by "+", e.g. "rms_norm"
+    rules: str = "all"  # "all" or rule names joined by "+", e.g. "rms_norm+attention"
 
 
 @register_pass
@@ -24,6 +62,7 @@ class Fuse(Pass):
 
     name = "fuse"
     Options = FuseOptions
+    parity_tol = 1e-5
 
     def selected(self) -> list[type[FusionRule]]:
         if self.options.rules == "all":
@@ -35,7 +74,7 @@ class Fuse(Pass):
                     f"pass 'fuse': option 'rules' names unknown rule '{r}' "
                     f"(known: {', '.join(RULES)})"
                 )
-        return [RULES[r] for r in names]
+        return [rule for name, rule in RULES.items() if name in names]
 
     def validate(self) -> None:
         self.selected()

@@ -1,0 +1,93 @@
+"""`peakc bench`: prefill latency and decode tokens/s, for an artifact or a source model.
+
+Both paths run the same loop (prefill the batch, then greedy decode with no early stop) so
+the numbers compare: an artifact through its decoder program, a source model through eager
+PyTorch (the same KV-cache decoder, uncaptured). Medians and p90 over repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peakc.errors import PeakcError
+from peakc.runtime.generate import Generator, SamplingConfig
+
+
+def bench_target(
+    target: str,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    repeats: int = 5,
+    device: str | None = None,
+) -> dict[str, Any]:
+    if batch < 1 or prompt_len < 1 or gen_len < 1 or repeats < 1:
+        raise PeakcError("--batch, --prompt-len, --gen-len and --repeats must be positive")
+    generator, label = _generator(target, prompt_len + gen_len, batch, device)
+    vocab = generator.layout["vocab_size"]
+    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompts = prompts.tolist()
+    config = SamplingConfig(max_new_tokens=gen_len)
+    generator.generate(prompts, config)  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        result = generator.generate(prompts, config)
+        prefill.append(result.prefill_seconds)
+        decode.append(result.decode_seconds / max(result.decode_steps, 1))
+    return {
+        "target": label,
+        "device": str(generator.device),
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "repeats": repeats,
+        "prefill_ms": {"median": _ms(statistics.median(prefill)), "p90": _ms(_p90(prefill))},
+        "decode_ms_per_step": {"median": _ms(statistics.median(decode)), "p90": _ms(_p90(decode))},
+        "decode_tokens_per_s": round(batch / statistics.median(decode), 2),
+    }
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"{result['target']} on {result['device']}: batch {result['batch']}, "
+            f"prompt {result['prompt_len']}, generate {result['gen_len']} "
+            f"({result['repeats']} repeats)",
+            f"  prefill      median {result['prefill_ms']['median']:.2f} ms   "
+            f"p90 {result['prefill_ms']['p90']:.2f} ms",
+            f"  decode step  median {result['decode_ms_per_step']['median']:.3f} ms   "
+            f"p90 {result['decode_ms_per_step']['p90']:.3f} ms",
+            f"  decode       {result['decode_tokens_per_s']:.1f} tokens/s",
+        ]
+    )
+
+
+def _generator(target: str, length: int, batch: int, device: str | None) -> tuple[Generator, str]:
+    import peakc
+    from peakc.models import load_source_for_task
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if Path(target).is_dir():
+        artifact = peakc.load(target)
+        return Generator.from_artifact(artifact, dev), f"artifact {target}"
+    source = load_source_for_task(target, "generate", max_seq_len=length, max_batch=batch)
+    decoder = source.module.to(dev)
+
+    def step(ids, positions, k_cache, v_cache):
+        with torch.no_grad():
+            return decoder(ids, positions, k_cache, v_cache)
+
+    return Generator(step, source.generation, dev), f"eager {target}"
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 4)

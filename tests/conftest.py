@@ -1,0 +1,37 @@
+"""Shared fixtures: small captured models, reused across tests to keep the suite fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peakc.ir import capture
+from peakc.models.demo import demo_llama, demo_mlp
+
+
+@pytest.fixture(scope="session")
+def llama():
+    model, inputs = demo_llama()
+    return model, inputs
+
+
+@pytest.fixture(scope="session")
+def llama_graph(llama):
+    model, inputs = llama
+    return capture(model, inputs, name="demo:llama")
+
+
+@pytest.fixture()
+def graph(llama_graph):
+    """A fresh copy per test, so tests may rewrite it."""
+    return llama_graph.copy()
+
+
+@pytest.fixture(scope="session")
+def mlp():
+    return demo_mlp()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
