@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch.fx as fx
 
-from peakc.cost_model.op_costs import is_view, kv_heads_of, nbytes, op_name, val
+from peakc.cost_model.op_costs import ATTENTION_OPS, is_view, kv_heads_of, nbytes, op_name, val
 from peakc.ir.graph import Graph
 
 
@@ -89,7 +89,7 @@ def kv_cache_bytes(graph: Graph, batch: int, tokens: int) -> float:
     """K and V of `tokens` positions for every attention node, at the model's kv heads."""
     total = 0.0
     for node in graph.call_nodes():
-        if op_name(node.target) != "aten.scaled_dot_product_attention":
+        if op_name(node.target) not in ATTENTION_OPS:
             continue
         k, v = val(node.args[1]), val(node.args[2])
         per_token = kv_heads_of(node) * (k.shape[-1] + v.shape[-1]) * k.element_size()

@@ -112,6 +112,10 @@ def _require_shapes(node: fx.Node, name: str) -> None:
             f"node '{node.name}' ({name}): output shape unknown (no meta['val']); "
             "run graph.propagate_meta() before estimating"
         )
+    for o in outs:
+        if isinstance(o, torch.Tensor) and not all(isinstance(d, int) for d in o.shape):
+            raise PeakcError(f"node '{node.name}' ({name}): shape {list(o.shape)} is symbolic; "
+                             "estimate a graph captured at a fixed shape")
     for arg in node.all_input_nodes:
         if arg.op != "get_attr" and arg.meta.get("val") is None:
             raise PeakcError(f"node '{node.name}' ({name}): shape of input '{arg.name}' unknown")
@@ -191,7 +195,10 @@ def matmul(node: fx.Node, ctx: CostContext) -> OpCost:
                   dtype_name(a))
 
 
-@register_cost_rule("aten.scaled_dot_product_attention")
+ATTENTION_OPS = ("aten.scaled_dot_product_attention", "peakc.attention")
+
+
+@register_cost_rule(*ATTENTION_OPS)
 def attention(node: fx.Node, ctx: CostContext) -> OpCost:
     """Fused attention: 2*B*H*Sq*Skv*(D+Dv) FLOPs (halved under a causal mask for prefill).
 
@@ -200,7 +207,8 @@ def attention(node: fx.Node, ctx: CostContext) -> OpCost:
     """
     q, k, v = (val(a) for a in node.args[:3])
     mask = val(node.args[3]) if len(node.args) > 3 else val(node.kwargs.get("attn_mask"))
-    causal = bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("is_causal"))
+    at = 4 if op_name(node.target) == "peakc.attention" else 5  # is_causal's position
+    causal = bool(node.args[at]) if len(node.args) > at else bool(node.kwargs.get("is_causal"))
     sq, d, dv, skv = q.shape[-2], q.shape[-1], v.shape[-1], k.shape[-2]
     b = q.shape[0] if q.dim() == 4 else 1
     h = q.numel() // (b * sq * d)
@@ -253,12 +261,36 @@ def softmax(node: fx.Node, ctx: CostContext) -> OpCost:
 
 
 @register_cost_rule("aten.layer_norm", "aten.native_layer_norm", "aten.rms_norm",
-                    "peakc.rms_norm")
+                    "peakc.rms_norm", "peakc.layer_norm", "peakc.skip_rms_norm",
+                    "peakc.skip_layer_norm")
 def norm(node: fx.Node, ctx: CostContext) -> OpCost:
-    """A fused norm: read x and the affine weights once, write y; ~5 FLOPs per element."""
+    """A fused norm (with its residual add): read inputs once, write outputs; ~5 FLOPs each."""
     x = val(node.args[0])
-    moved = sum(nbytes(t) for t in _tensor_inputs(node)) + nbytes(val(node))
+    moved = sum(nbytes(t) for t in _tensor_inputs(node)) + _out_bytes(node)
     return OpCost(5.0 * x.numel(), moved, "memory", dtype_name(x))
+
+
+@register_cost_rule("peakc.linear_act")
+def linear_act(node: fx.Node, ctx: CostContext) -> OpCost:
+    """A linear with its activation fused into the epilogue: one GEMM kernel."""
+    cost = linear(node, ctx)
+    cost.flops += 4.0 * _out_numel(node)
+    return cost
+
+
+@register_cost_rule("peakc.attention_cache")
+def attention_cache(node: fx.Node, ctx: CostContext) -> OpCost:
+    """New tokens attend over a KV cache of T slots: reads q, the new k/v and the whole cache."""
+    q, k_cache, v_cache = val(node.args[0]), val(node.args[3]), val(node.args[4])
+    b, h, s, d = q.shape
+    slots, dv = k_cache.shape[-2], v_cache.shape[-1]
+    flops = 2.0 * b * h * s * slots * (d + dv)
+    moved = sum(nbytes(t) for t in _tensor_inputs(node)) + _out_bytes(node)
+    return OpCost(flops, moved, "attention", dtype_name(q))
+
+
+for _name in ("peakc.rotary_embedding", "peakc.gelu", "peakc.glu"):
+    COST_RULES[_name] = elementwise
 
 
 def shape_of(node: fx.Node) -> str:

@@ -22,6 +22,7 @@ def plot_roofline(est: Estimate, profile: HardwareProfile, path: str | Path) -> 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     lo = min([n.flops / n.bytes for n in kernels], default=0.01) / 4
     hi = max([n.flops / n.bytes for n in kernels], default=1e4) * 4
+    hi = max(hi, 4 * max(profile.peak_flops.values()) / profile.memory_bandwidth)
     xs = [lo, hi]
     for dtype, peak in sorted(profile.peak_flops.items(), key=lambda kv: kv[1]):
         ridge = peak / profile.memory_bandwidth

@@ -101,12 +101,15 @@ def test_fused_peakc_op_is_one_kernel_with_its_rule(llama_graph):
     from peakc.passes.base import PassContext
     from peakc.passes.pipeline import Pipeline
 
-    fused, _ = Pipeline.parse("fuse").run(llama_graph.copy(), PassContext(target=None))
-    est = estimate(fused, resolve_profile("h100-sxm"))
-    norms = [n for n in est.nodes if n.op == "peakc.rms_norm"]
-    assert norms and all(n.rule == "peakc.rms_norm" and n.kind == "memory" for n in norms)
+    fused, _ = Pipeline.parse("default").run(llama_graph.copy(), PassContext(target=None))
+    est = estimate(fused, resolve_profile("h100-sxm"), batch=1, kv_tokens=16)
+    peakc_ops = {n.op for n in est.nodes if n.op.startswith("peakc.")}
+    assert peakc_ops, "the default pipeline fuses the demo Llama into peakc ops"
+    assert all(op in COST_RULES for op in peakc_ops) and not est.notes
+    attn = [n for n in est.nodes if n.op == "peakc.attention"]
+    assert attn and all(n.kind == "attention" for n in attn)
+    assert est.memory.kv_cache == kv_cache_formula(2, 1, 16, 2, 16, 4)
     assert est.kernels < estimate(llama_graph, resolve_profile("h100-sxm")).kernels
-    assert "peakc.rms_norm" in COST_RULES
 
 
 def test_registered_rule_and_generic_note(llama_graph):
