@@ -55,8 +55,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         results["decode"] = estimate_decode(source.module, example, profile, batch, seq, prepare)
     else:
         if args.batch or args.seq:
-            raise PeakcError(f"model '{args.model}': --batch/--seq need a model that takes token "
-                             "ids (batch, seq); estimate it at its example shape instead")
+            why = ("is a captured graph with fixed shapes" if source.graph is not None
+                   else "does not take token ids (batch, seq)")
+            raise PeakcError(f"model '{args.model}' {why}: --batch/--seq cannot re-shape it; "
+                             "estimate it at its example shape instead")
         if source.graph is not None:
             graph = source.graph
         else:
