@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show an artifact's manifest and report")
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true")
+
+    from peakc.cost_model.commands import add_cost_model_commands
+
+    add_cost_model_commands(sub)  # estimate, calibrate
     return parser
 
 
@@ -284,6 +288,10 @@ COMMANDS = {
     "generate": cmd_generate,
     "bench": cmd_bench,
 }
+
+from peakc.cost_model.commands import COST_MODEL_COMMANDS  # noqa: E402
+
+COMMANDS.update(COST_MODEL_COMMANDS)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,21 +1,54 @@
 """HardwareProfile: the figures every placement and fusion decision reads.
 
-Built-in profiles cite where each figure came from. Profiles load and save as JSON.
+Built-in profiles cite where each figure came from (a vendor datasheet, or an estimate
+to be replaced by `peakc calibrate`). Profiles load and save as JSON.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peakc.errors import PeakcError
 
+Curve = list[tuple[float, float]]  # (size, fraction of peak), interpolated in log10(size)
+
+RATE_FIGURES = (
+    "memory_bandwidth",
+    "h2d_bandwidth_pinned",
+    "h2d_bandwidth_pageable",
+    "d2h_bandwidth_pinned",
+    "d2h_bandwidth_pageable",
+    "disk_read_bandwidth",
+    "launch_overhead",
+    "view_overhead",
+)
+CURVE_FIGURES = ("gemm_efficiency", "attention_efficiency", "copy_efficiency")
+
+
+def efficiency_at(curve: Curve, size: float) -> float:
+    """The curve's fraction of peak at `size`, piecewise linear in log10(size), clamped at ends."""
+    if size <= curve[0][0]:
+        return curve[0][1]
+    if size >= curve[-1][0]:
+        return curve[-1][1]
+    x = math.log10(size)
+    for (s0, e0), (s1, e1) in zip(curve, curve[1:]):
+        if size <= s1:
+            x0, x1 = math.log10(s0), math.log10(s1)
+            return e0 + (e1 - e0) * (x - x0) / (x1 - x0)
+    return curve[-1][1]
+
 
 @dataclass
 class HardwareProfile:
+    """Peak rates, bandwidths, capacities and efficiency curves of one device and its host."""
+
     name: str
     peak_flops: dict[str, float]  # FLOP/s by dtype: fp32, tf32, bf16, fp16, int8, fp8
     memory_bandwidth: float  # bytes/s, device memory
@@ -25,44 +58,102 @@ class HardwareProfile:
     d2h_bandwidth_pageable: float
     disk_read_bandwidth: float  # bytes/s
     memory_capacity: dict[str, float]  # bytes by tier: device, host, disk
-    launch_overhead: float  # seconds per kernel
-    # Efficiency curves: (size, fraction of peak) points, interpolated in log(size).
-    gemm_efficiency: list[tuple[float, float]] = field(default_factory=lambda: [(1.0, 1.0)])
-    copy_efficiency: list[tuple[float, float]] = field(default_factory=lambda: [(1.0, 1.0)])
-    sources: dict[str, str] = field(default_factory=dict)
+    launch_overhead: float  # seconds: host time to issue one eager kernel
+    # Efficiency curves. GEMM and attention: (FLOPs of the op, fraction of the dtype's peak);
+    # copy: (bytes moved, fraction of memory_bandwidth). A dtype without its own GEMM curve
+    # uses `gemm_efficiency`.
+    gemm_efficiency: Curve = field(default_factory=lambda: [(1.0, 1.0)])
+    gemm_efficiency_by_dtype: dict[str, Curve] = field(default_factory=dict)
+    attention_efficiency: Curve = field(default_factory=lambda: [(1.0, 1.0)])
+    copy_efficiency: Curve = field(default_factory=lambda: [(1.0, 1.0)])
+    view_overhead: float = 1e-6  # seconds: host time of an eager view/reshape (no kernel)
+    # Host issue seconds by kernel kind ("gemm", "attention", "memory"); others use
+    # launch_overhead. Eager linear and attention calls cost the host more than an add.
+    launch_overhead_by_kind: dict[str, float] = field(default_factory=dict)
+    # True on GPUs: the host issues kernels ahead of the device, so the two overlap.
+    asynchronous_launch: bool = True
+    sources: dict[str, str] = field(default_factory=dict)  # figure -> where it came from
+
+    # --- reading figures -------------------------------------------------------------------
+
+    def peak(self, dtype: str) -> float:
+        """Peak FLOP/s for `dtype` (fp32 when the chip lists no separate figure for it)."""
+        if dtype in self.peak_flops:
+            return self.peak_flops[dtype]
+        if "fp32" in self.peak_flops:
+            return self.peak_flops["fp32"]
+        raise PeakcError(f"profile {self.name}: no peak FLOP/s for '{dtype}' and no 'fp32'")
+
+    def issue_time(self, kind: str) -> float:
+        """Host seconds to issue one eager kernel of `kind`."""
+        return self.launch_overhead_by_kind.get(kind, self.launch_overhead)
+
+    def gemm_efficiency_for(self, dtype: str, flops: float) -> float:
+        """Fraction of peak a GEMM of `flops` reaches in `dtype`."""
+        return efficiency_at(self.gemm_efficiency_by_dtype.get(dtype, self.gemm_efficiency), flops)
+
+    def copy_efficiency_for(self, nbytes: float) -> float:
+        """Fraction of memory bandwidth a kernel moving `nbytes` reaches."""
+        return efficiency_at(self.copy_efficiency, nbytes)
+
+    def attention_efficiency_for(self, flops: float) -> float:
+        """Fraction of peak an attention kernel of `flops` reaches."""
+        return efficiency_at(self.attention_efficiency, flops)
+
+    # --- checking and JSON -----------------------------------------------------------------
 
     def validate(self, origin: str = "") -> None:
+        """Raise a one-line PeakcError naming the first missing or non-positive figure."""
         where = f"profile {origin or self.name}"
-        for key in ("memory_bandwidth", "h2d_bandwidth_pinned", "h2d_bandwidth_pageable",
-                    "d2h_bandwidth_pinned", "d2h_bandwidth_pageable", "disk_read_bandwidth",
-                    "launch_overhead"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise PeakcError(f"{where}: '{key}' must be a positive number, got {value!r}")
-        if not self.peak_flops:
+        for key in RATE_FIGURES:
+            _positive(where, key, getattr(self, key))
+        if not isinstance(self.peak_flops, dict) or not self.peak_flops:
             raise PeakcError(f"{where}: 'peak_flops' is empty")
-        for table in ("peak_flops", "memory_capacity"):
-            for k, v in getattr(self, table).items():
-                if not isinstance(v, (int, float)) or v <= 0:
-                    raise PeakcError(f"{where}: '{table}.{k}' must be positive, got {v!r}")
+        for table in ("peak_flops", "memory_capacity", "launch_overhead_by_kind"):
+            values = getattr(self, table)
+            if not isinstance(values, dict):
+                raise PeakcError(f"{where}: '{table}' must be an object of numbers")
+            for k, v in values.items():
+                _positive(where, f"{table}.{k}", v)
+        curves = {k: getattr(self, k) for k in CURVE_FIGURES}
+        curves.update({f"gemm_efficiency_by_dtype.{k}": v
+                       for k, v in self.gemm_efficiency_by_dtype.items()})
+        for key, curve in curves.items():
+            _check_curve(where, key, curve)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "") -> HardwareProfile:
+        """Build and validate a profile from parsed JSON; errors name the figure at fault."""
+        where = f"profile {origin}" if origin else "profile"
+        if not isinstance(data, dict):
+            raise PeakcError(f"{where}: expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        missing = sorted(required - set(data))
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in data]
         if missing:
-            raise PeakcError(f"profile {origin}: missing figure '{missing[0]}'")
+            raise PeakcError(f"{where}: missing figure '{missing[0]}'")
         unknown = sorted(set(data) - names)
         if unknown:
-            raise PeakcError(f"profile {origin}: unknown field '{unknown[0]}'")
+            raise PeakcError(f"{where}: unknown field '{unknown[0]}'")
+        data = dict(data)
+        for key in CURVE_FIGURES:
+            if key in data:
+                data[key] = _as_curve(where, key, data[key])
+        if "gemm_efficiency_by_dtype" in data:
+            by_dtype = data["gemm_efficiency_by_dtype"]
+            if not isinstance(by_dtype, dict):
+                raise PeakcError(f"{where}: 'gemm_efficiency_by_dtype' must be an object")
+            data["gemm_efficiency_by_dtype"] = {
+                k: _as_curve(where, f"gemm_efficiency_by_dtype.{k}", v) for k, v in by_dtype.items()
+            }
         profile = cls(**data)
-        profile.gemm_efficiency = [tuple(p) for p in profile.gemm_efficiency]
-        profile.copy_efficiency = [tuple(p) for p in profile.copy_efficiency]
         profile.validate(origin)
         return profile
 
@@ -78,47 +169,100 @@ class HardwareProfile:
         return cls.from_dict(data, origin=str(path))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        Path(path).write_text(self.to_json() + "\n")
+
+
+def _positive(where: str, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PeakcError(f"{where}: '{key}' must be a positive number, got {value!r}")
+    if math.isinf(value):
+        raise PeakcError(f"{where}: '{key}' must be finite, got {value!r}")
+
+
+def _as_curve(where: str, key: str, raw: Any) -> Curve:
+    if not isinstance(raw, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                                            for p in raw):
+        raise PeakcError(f"{where}: '{key}' must be a list of [size, efficiency] pairs")
+    return [(p[0], p[1]) for p in raw]
+
+
+def _check_curve(where: str, key: str, curve: Curve) -> None:
+    if not curve:
+        raise PeakcError(f"{where}: '{key}' has no points")
+    for size, eff in curve:
+        _positive(where, f"{key} size", size)
+        _positive(where, f"{key} efficiency", eff)
+        if eff > 1.5:
+            raise PeakcError(f"{where}: '{key}' efficiency {eff} is above 1.5 of peak")
+    sizes = [s for s, _ in curve]
+    if sizes != sorted(sizes) or len(set(sizes)) != len(sizes):
+        raise PeakcError(f"{where}: '{key}' sizes must be strictly increasing")
 
 
 GB = 1e9
 GiB = 2**30
 TB = 1e12
-DATASHEET_H100 = "NVIDIA H100 SXM datasheet (dense, no sparsity)"
+
+ESTIMATED_CURVES = ("estimated from typical cuBLAS/FlashAttention results; "
+                    "refine with `peakc calibrate`")
+EAGER_LAUNCH = "estimate of eager PyTorch per-op host cost; refine with `peakc calibrate`"
+
+
+def _gpu_curves() -> dict[str, Any]:
+    """Efficiency curves shared by the built-in data-centre GPU profiles (estimates)."""
+    return dict(
+        gemm_efficiency=[(1e6, 0.004), (1e7, 0.03), (1e8, 0.15), (1e9, 0.4), (1e10, 0.62),
+                         (1e11, 0.72), (1e12, 0.75)],
+        gemm_efficiency_by_dtype={
+            "fp32": [(1e6, 0.04), (1e7, 0.2), (1e8, 0.5), (1e9, 0.7), (1e10, 0.78),
+                     (1e12, 0.8)],
+        },
+        attention_efficiency=[(1e6, 0.002), (1e7, 0.015), (1e8, 0.08), (1e9, 0.2),
+                              (1e10, 0.33), (1e11, 0.4), (1e12, 0.42)],
+        copy_efficiency=[(1e4, 0.002), (1e5, 0.015), (1e6, 0.1), (1e7, 0.45), (1e8, 0.78),
+                         (1e9, 0.88), (1e10, 0.9)],
+    )
 
 
 def _builtin() -> dict[str, HardwareProfile]:
+    h100 = "NVIDIA H100 SXM5 datasheet (dense, no sparsity)"
+    h200 = "NVIDIA H200 SXM datasheet (dense, no sparsity)"
+    a100 = "NVIDIA A100 80GB SXM datasheet (dense, no sparsity)"
+    pcie5 = "PCIe Gen5 x16 nominal (64 GB/s), typical achieved; pageable assumed ~40%"
+    pcie4 = "PCIe Gen4 x16 nominal (32 GB/s), typical achieved; pageable assumed ~40%"
+    nvme = "typical datacentre NVMe sequential read (estimate)"
     return {
         "h100-sxm": HardwareProfile(
             name="h100-sxm",
             peak_flops={"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12,
                         "int8": 1979e12, "fp8": 1979e12},
             memory_bandwidth=3.35 * TB,
-            h2d_bandwidth_pinned=55 * GB, h2d_bandwidth_pageable=20 * GB,
-            d2h_bandwidth_pinned=55 * GB, d2h_bandwidth_pageable=20 * GB,
-            disk_read_bandwidth=2 * GB,
+            h2d_bandwidth_pinned=50 * GB, h2d_bandwidth_pageable=20 * GB,
+            d2h_bandwidth_pinned=50 * GB, d2h_bandwidth_pageable=20 * GB,
+            disk_read_bandwidth=3 * GB,
             memory_capacity={"device": 80 * GiB, "host": 128 * GiB, "disk": 64 * GiB},
-            launch_overhead=4e-6,
-            gemm_efficiency=[(1e6, 0.05), (1e9, 0.5), (1e11, 0.8), (1e13, 0.85)],
-            copy_efficiency=[(1e4, 0.02), (1e6, 0.3), (1e8, 0.85), (1e10, 0.9)],
-            sources={"peak_flops": DATASHEET_H100, "memory_bandwidth": DATASHEET_H100,
-                     "h2d_bandwidth_pinned": "PCIe Gen5 x16 datasheet",
-                     "efficiency curves": "estimated, refine with `peakc calibrate`"},
+            launch_overhead=5e-6,
+            **_gpu_curves(),
+            sources={"peak_flops": h100, "memory_bandwidth": h100,
+                     "memory_capacity.device": h100, "h2d/d2h": pcie5, "disk": nvme,
+                     "memory_capacity.host/disk": "the lent H100 machine's description",
+                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES},
         ),
         "h200": HardwareProfile(
             name="h200",
             peak_flops={"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12,
                         "int8": 1979e12, "fp8": 1979e12},
             memory_bandwidth=4.8 * TB,
-            h2d_bandwidth_pinned=55 * GB, h2d_bandwidth_pageable=20 * GB,
-            d2h_bandwidth_pinned=55 * GB, d2h_bandwidth_pageable=20 * GB,
-            disk_read_bandwidth=2 * GB,
+            h2d_bandwidth_pinned=50 * GB, h2d_bandwidth_pageable=20 * GB,
+            d2h_bandwidth_pinned=50 * GB, d2h_bandwidth_pageable=20 * GB,
+            disk_read_bandwidth=3 * GB,
             memory_capacity={"device": 141 * GB, "host": 128 * GiB, "disk": 64 * GiB},
-            launch_overhead=4e-6,
-            gemm_efficiency=[(1e6, 0.05), (1e9, 0.5), (1e11, 0.8), (1e13, 0.85)],
-            copy_efficiency=[(1e4, 0.02), (1e6, 0.3), (1e8, 0.85), (1e10, 0.9)],
-            sources={"peak_flops": "NVIDIA H200 SXM datasheet", "memory_bandwidth":
-                     "NVIDIA H200 SXM datasheet"},
+            launch_overhead=5e-6,
+            **_gpu_curves(),
+            sources={"peak_flops": h200, "memory_bandwidth": h200,
+                     "memory_capacity.device": h200, "h2d/d2h": pcie5, "disk": nvme,
+                     "memory_capacity.host/disk": "the lent H200 machine's description",
+                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES},
         ),
         "a100-80gb": HardwareProfile(
             name="a100-80gb",
@@ -130,10 +274,11 @@ def _builtin() -> dict[str, HardwareProfile]:
             disk_read_bandwidth=2 * GB,
             memory_capacity={"device": 80 * GiB, "host": 128 * GiB, "disk": 64 * GiB},
             launch_overhead=5e-6,
-            gemm_efficiency=[(1e6, 0.05), (1e9, 0.5), (1e11, 0.8), (1e13, 0.85)],
-            copy_efficiency=[(1e4, 0.02), (1e6, 0.3), (1e8, 0.85), (1e10, 0.9)],
-            sources={"peak_flops": "NVIDIA A100 80GB SXM datasheet",
-                     "memory_bandwidth": "NVIDIA A100 80GB SXM datasheet"},
+            **_gpu_curves(),
+            sources={"peak_flops": a100, "memory_bandwidth": a100,
+                     "memory_capacity.device": a100, "h2d/d2h": pcie4, "disk": nvme,
+                     "memory_capacity.host/disk": "assumed typical host",
+                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES},
         ),
         "cpu": HardwareProfile(
             name="cpu",
@@ -144,7 +289,11 @@ def _builtin() -> dict[str, HardwareProfile]:
             disk_read_bandwidth=1 * GB,
             memory_capacity={"device": 24 * GiB, "host": 24 * GiB, "disk": 50 * GiB},
             launch_overhead=5e-6,
-            sources={"all": "rough figures for a 2-core cloud VM; run `peakc calibrate`"},
+            asynchronous_launch=False,
+            gemm_efficiency=[(1e4, 0.05), (1e6, 0.3), (1e8, 0.7), (1e10, 0.8)],
+            attention_efficiency=[(1e4, 0.02), (1e6, 0.15), (1e8, 0.4), (1e10, 0.5)],
+            copy_efficiency=[(1e3, 0.05), (1e5, 0.4), (1e7, 0.8), (1e9, 0.8)],
+            sources={"all": "rough estimates for a 2-core cloud VM; run `peakc calibrate`"},
         ),
     }
 
@@ -155,7 +304,7 @@ BUILTIN_PROFILES = _builtin()
 def resolve_profile(name_or_path: str) -> HardwareProfile:
     """A built-in profile by name, or a JSON profile file by path."""
     if name_or_path in BUILTIN_PROFILES:
-        return BUILTIN_PROFILES[name_or_path]
+        return copy.deepcopy(BUILTIN_PROFILES[name_or_path])
     if name_or_path.endswith(".json") or Path(name_or_path).exists():
         return HardwareProfile.load(name_or_path)
     raise PeakcError(

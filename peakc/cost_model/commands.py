@@ -1,0 +1,151 @@
+"""`peakc estimate` and `peakc calibrate`: argument parsing and the commands' bodies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from peakc.cost_model.estimate import Estimate
+from peakc.errors import PeakcError
+
+
+def add_cost_model_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the cost model's subcommands on the main parser."""
+    p = sub.add_parser("estimate", help="estimate time and memory of a model on a hardware profile")
+    p.add_argument("model", help="demo:NAME | hf:PATH | gguf:FILE | py:MODULE:FUNC | artifact:DIR")
+    p.add_argument("--pipeline", default="", help="pass spec to run before estimating")
+    p.add_argument("--target", default="h100-sxm", help="hardware profile name or JSON file")
+    p.add_argument("--batch", type=int, default=None, help="sequences (default: the example's)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="prompt length for prefill, context length for decode "
+                        "(default: the example's)")
+    p.add_argument("--phase", choices=("prefill", "decode"), default="prefill",
+                   help="which phase the per-block and top-node tables show")
+    p.add_argument("--top", type=int, default=10, help="rows in the top-node table")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--plot", metavar="FILE.png", help="write a roofline chart of the nodes")
+    p.add_argument("--plugin", action="append", default=[], help="Python file registering passes")
+
+    p = sub.add_parser("calibrate", help="measure a hardware profile on this machine")
+    p.add_argument("-o", "--output", required=True, help="profile JSON file to write")
+    p.add_argument("--quick", action="store_true", help="small sweeps (under a minute)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--disk-dir", default=None, help="folder for the disk read test")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: seconds
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from peakc.cost_model.estimate import estimate
+    from peakc.cost_model.hardware import resolve_profile
+    from peakc.cost_model.phases import estimate_decode, estimate_prefill
+    from peakc.models import load_source
+
+    profile = resolve_profile(args.target)
+    prepare = _pipeline_runner(args.pipeline, profile) if args.pipeline else None
+    source = load_source(args.model)
+    results: dict[str, Estimate] = {}
+    example = source.example_inputs
+    token_model = (source.module is not None and len(example) == 1
+                   and not example[0].is_floating_point() and example[0].dim() == 2)
+    if token_model:
+        batch = args.batch or example[0].shape[0]
+        seq = args.seq or example[0].shape[1]
+        results["prefill"] = estimate_prefill(source.module, example, profile, batch, seq, prepare)
+        results["decode"] = estimate_decode(source.module, example, profile, batch, seq, prepare)
+    else:
+        if args.batch or args.seq:
+            why = ("is a captured graph with fixed shapes" if source.graph is not None
+                   else "does not take token ids (batch, seq)")
+            raise PeakcError(f"model '{args.model}' {why}: --batch/--seq cannot re-shape it; "
+                             "estimate it at its example shape instead")
+        if source.graph is not None:
+            graph = source.graph
+        else:
+            from peakc.ir import capture
+
+            graph = capture(source.module, example, name=args.model)
+        graph = prepare(graph) if prepare else graph
+        results["graph"] = estimate(graph, profile)
+    shown = results.get(args.phase) or next(iter(results.values()))
+    if args.plot:
+        from peakc.cost_model.roofline_plot import plot_roofline
+
+        plot_roofline(shown, profile, args.plot)
+    if args.json:
+        print(json.dumps({"model": args.model, "target": profile.name,
+                          **{k: v.to_dict(args.top) for k, v in results.items()}}, indent=2))
+        return 0
+    _print_tables(args.model, shown, results, args.top)
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _pipeline_runner(spec: str, profile):
+    from peakc.passes.base import PassContext
+    from peakc.passes.pipeline import Pipeline
+
+    pipeline = Pipeline.parse(spec)  # spec errors before any work
+
+    def run(graph):
+        return pipeline.run(graph, PassContext(target=profile))[0]
+
+    return run
+
+
+def _print_tables(model: str, shown: Estimate, results: dict[str, Estimate], top: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=150)
+    where = f"batch {shown.batch}, seq {shown.seq}" if shown.batch else "example shape"
+    blocks = Table(title=f"{model} on {shown.target}: {shown.phase} ({where}), per block")
+    for col in ("block", "time", "share", "GFLOP", "MB moved", "kernels"):
+        blocks.add_column(col, justify="left" if col == "block" else "right")
+    total = shown.total_time or 1.0
+    for b in shown.blocks:
+        blocks.add_row(b.name, fmt_time(b.time), f"{100 * b.time / total:.1f}%",
+                       f"{b.flops / 1e9:.3f}", f"{b.bytes / 1e6:.2f}", str(b.kernels))
+    console.print(blocks)
+    nodes = Table(title=f"top {top} nodes")
+    for col in ("node", "op", "module", "shape", "time", "device", "GFLOP", "MB", "bound"):
+        nodes.add_column(col)
+    for n in shown.top_nodes(top):
+        nodes.add_row(n.name, n.op, n.module, n.shape, fmt_time(n.time), fmt_time(n.device_time),
+                      f"{n.flops / 1e9:.3f}", f"{n.bytes / 1e6:.2f}", n.bound)
+    console.print(nodes)
+    for phase, est in results.items():
+        m = est.memory
+        console.print(
+            f"[bold]{phase}[/bold]: {fmt_time(est.total_time)}, {est.total_flops / 1e9:.2f} GFLOP,"
+            f" {est.total_bytes / 1e6:.1f} MB moved, {est.kernels} kernels; memory: weights "
+            f"{m.weights / 1e6:.1f} MB, peak activations {m.peak_activations / 1e6:.2f} MB, "
+            f"KV cache {m.kv_cache / 1e6:.2f} MB ({'fits' if m.fits_device else 'does NOT fit'}"
+            f" device memory {m.device_capacity / 2**30:.0f} GiB)", highlight=False)
+        for note in est.notes:
+            console.print(f"  note: {note}", markup=False)
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from peakc.cost_model.calibrate import calibrate, write_profile
+
+    profile = calibrate(args.device, quick=args.quick, tiny=args.tiny, disk_dir=args.disk_dir,
+                        progress=sys.stderr.isatty() or not args.tiny)
+    write_profile(profile, args.output)
+    peaks = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in profile.peak_flops.items())
+    print(f"{profile.name}: {peaks}; memory {profile.memory_bandwidth / 1e9:.1f} GB/s; "
+          f"launch {profile.launch_overhead * 1e6:.1f} us")
+    print(f"wrote {args.output}")
+    return 0
+
+
+COST_MODEL_COMMANDS = {"estimate": cmd_estimate, "calibrate": cmd_calibrate}
