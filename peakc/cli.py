@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="forward", help="forward (default) or generate (KV cache)")
     p.add_argument("--max-seq-len", type=int, default=512, help="KV cache length (generate)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch (generate)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 weights")
 
     p = sub.add_parser("generate", help="generate text from an artifact compiled for generation")
     p.add_argument("artifact")
@@ -113,7 +114,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise PeakcError(f"output folder {output} already exists (use --force to replace it)")
     pipeline = Pipeline.parse(args.pipeline)  # spec errors before any work
     with console.status("loading model") as status:
-        source = load_source_for_task(args.model, args.task, args.max_seq_len, args.max_batch)
+        source = load_source_for_task(
+            args.model, args.task, args.max_seq_len, args.max_batch, args.dtype
+        )
         model = source.graph if source.graph is not None else source.module
         compiled = peakc.compile(
             model,

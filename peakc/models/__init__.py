@@ -32,13 +32,32 @@ class ModelSource:
 TASKS = ("forward", "generate")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load_source_for_task(
-    spec: str, task: str = "forward", max_seq_len: int = 512, max_batch: int = 8
+    spec: str,
+    task: str = "forward",
+    max_seq_len: int = 512,
+    max_batch: int = 8,
+    dtype: str = "float32",
 ) -> ModelSource:
-    """Load a source for `task`: `generate` wraps a causal LM with an explicit KV cache."""
+    """Load a source for `task`: `generate` wraps a causal LM with an explicit KV cache.
+
+    `dtype` casts the model's floating-point weights (float32, bfloat16, float16).
+    """
     if task not in TASKS:
         raise PeakcError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
+    if dtype not in DTYPES:
+        raise PeakcError(f"unknown --dtype '{dtype}' (known: {', '.join(DTYPES)})")
     source = load_source(spec)
+    if dtype != "float32":
+        if source.module is None:
+            raise PeakcError(f"model '{spec}': --dtype applies to model sources, not artifacts")
+        source.module.to(DTYPES[dtype])
+        source.example_inputs = tuple(
+            t.to(DTYPES[dtype]) if t.is_floating_point() else t for t in source.example_inputs
+        )
     if task == "forward":
         return source
     if source.module is None:
