@@ -24,6 +24,11 @@ def llama():
     return model, with_sequence_length(inputs, SEQ)
 
 
+@pytest.fixture(scope="module")
+def graph(llama):
+    return capture(*llama)
+
+
 def prune(graph, **options):
     ctx = PassContext(calibration_data=WINDOWS, settings={"progress": False})
     return PrunePass(PruneOptions(nsamples=8, **options)).run(graph.copy(), ctx)
@@ -47,7 +52,7 @@ def test_bad_options_are_clear_errors(spec, message):
         Pipeline.parse(spec)
 
 
-def test_sparsegpt_without_calibration_data_says_how_to_give_it(llama):
+def test_sparsegpt_without_calibration_data_says_how_to_give_it():
     pipe = Pipeline.parse("prune")
     with pytest.raises(PeakcError, match="needs calibration_data.*--calib-data"):
         pipe.check(PassContext())
@@ -61,16 +66,14 @@ def test_pattern_that_does_not_divide_a_layer_names_it():
         prune(graph, method="magnitude", pattern="3:5", block_size=5)
 
 
-def test_seq_len_other_than_captured_is_explained(llama):
-    graph = capture(*llama)
+def test_seq_len_other_than_captured_is_explained(graph):
     with pytest.raises(PeakcError, match="captured at sequence length 16.*--seq-len 32"):
         prune(graph, seq_len=32)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_targets_pruned_exactly_head_and_embedding_untouched(llama, method, pattern):
-    graph = capture(*llama)
+def test_targets_pruned_exactly_head_and_embedding_untouched(graph, method, pattern):
     result = prune(graph, method=method, pattern=pattern)
     out = result.graph
     assert result.modified and result.stats["layers"] == 14
@@ -86,8 +89,7 @@ def test_targets_pruned_exactly_head_and_embedding_untouched(llama, method, patt
         assert 0 < result.stats["recon_error.mean"] < 1
 
 
-def test_sparsegpt_keeps_outputs_closer_than_magnitude(llama):
-    graph = capture(*llama)
+def test_sparsegpt_keeps_outputs_closer_than_magnitude(graph):
     ref = graph.run(WINDOWS[:1])[0]
     err = {}
     for method in ("magnitude", "sparsegpt"):
@@ -96,16 +98,12 @@ def test_sparsegpt_keeps_outputs_closer_than_magnitude(llama):
     assert err["sparsegpt"] < err["magnitude"]
 
 
-def test_targets_regex_limits_the_layers(llama):
-    result = prune(capture(*llama), method="magnitude", targets=r"mlp\.down_proj")
+def test_targets_regex_limits_the_layers(graph):
+    result = prune(graph, method="magnitude", targets=r"mlp\.down_proj")
     assert result.stats["layers"] == 2
 
 
-def test_owl_keeps_overall_sparsity_and_varies_layers():
-    model, inputs = demo_llama(
-        seed=2, hidden_size=32, intermediate_size=64, num_heads=2, num_layers=3
-    )
-    graph = capture(model, with_sequence_length(inputs, SEQ))
+def test_owl_keeps_overall_sparsity_and_varies_layers(graph):
     result = prune(graph, sparsity=0.6, sparsity_profile="owl", owl_lambda=0.1)
     assert abs(result.stats["sparsity"] - 0.6) < 2e-3
     assert result.stats["sparsity.max"] - result.stats["sparsity.min"] > 0.05
