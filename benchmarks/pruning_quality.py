@@ -49,6 +49,18 @@ CONFIGS = {
     "SparseGPT 4:8": dict(method="sparsegpt", pattern="4:8"),
     "SparseGPT 50% owl": dict(method="sparsegpt", sparsity=0.5, sparsity_profile="owl"),
 }
+DEFAULT = ",".join(CONFIGS)
+# OWL sweep (not in the default run): smaller λ / other outlier thresholds, and 70%.
+OWL = dict(method="sparsegpt", sparsity_profile="owl")
+CONFIGS.update(
+    {
+        "SparseGPT 50% owl l=0.02": dict(OWL, sparsity=0.5, owl_lambda=0.02),
+        "SparseGPT 50% owl l=0.04 M=7": dict(OWL, sparsity=0.5, owl_lambda=0.04, owl_threshold=7.0),
+        "SparseGPT 50% owl l=0.04 M=3": dict(OWL, sparsity=0.5, owl_lambda=0.04, owl_threshold=3.0),
+        "SparseGPT 70%": dict(method="sparsegpt", sparsity=0.7),
+        "SparseGPT 70% owl": dict(OWL, sparsity=0.7),
+    }
+)
 
 
 def find_gguf() -> Path:
@@ -98,7 +110,7 @@ def main() -> None:
     parser.add_argument("--windows", help="safetensors with 'calibration' and 'evaluation'")
     parser.add_argument("--save-windows", help="tokenize the docs, write the windows, stop")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=DEFAULT)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
