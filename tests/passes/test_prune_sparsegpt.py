@@ -9,6 +9,8 @@ from peakc.passes.prune.magnitude import magnitude_prune
 from peakc.passes.prune.pattern import Pattern, parse_pattern
 from peakc.passes.prune.sparsegpt import (
     Segment,
+    _masked_errors_batched,
+    _masked_errors_by_column,
     inverse_hessian_factor,
     reconstruction_error,
     sparsegpt_prune,
@@ -127,3 +129,15 @@ def test_dead_inputs_are_zeroed_not_nan():
     h[:, 3] = 0
     out = sparsegpt_prune(torch.randn(4, 16), h, [Segment(0, 4, 0.5)], Pattern(), 8)
     assert torch.isfinite(out).all() and (out[:, 3] == 0).all()
+
+
+def test_batched_solve_equals_column_substitution():
+    u, _ = inverse_hessian_factor(correlated_hessian(24), 0.01, "x")
+    w = torch.randn(10, 24, generator=torch.Generator().manual_seed(8))
+    mask = torch.rand(10, 24, generator=torch.Generator().manual_seed(9)) < 0.5
+    torch.testing.assert_close(
+        _masked_errors_batched(mask, w, u),
+        _masked_errors_by_column(mask, w, u),
+        atol=1e-5,
+        rtol=1e-4,
+    )

@@ -148,7 +148,29 @@ def _prune_groups(w1: torch.Tensor, u: torch.Tensor, pattern: Pattern):
 
 
 def _masked_errors(mask: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row r, E_r with E_r·A_r = (w ⊙ m)_r; A_r = U on pruned columns, identity elsewhere."""
+    """Per row r, E_r with E_r·A_r = (w ⊙ m)_r; A_r = U on pruned columns, identity elsewhere.
+
+    On a GPU one batched triangular solve; on CPU, where building rows·bs² matrices is
+    memory-bound, the same substitution column by column (rank-1 updates)."""
+    if w.device.type == "cpu":
+        return _masked_errors_by_column(mask, w, u)
+    return _masked_errors_batched(mask, w, u)
+
+
+def _masked_errors_by_column(mask: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Forward substitution: E_j = m_j·(w_j − Σ_{i<j} E_i·U_ij) / U_jj."""
+    rest = w.clone()
+    out = torch.zeros_like(w)
+    keep = mask.to(w.dtype)
+    for j in range(w.shape[1]):
+        e = rest[:, j] * keep[:, j] / u[j, j]
+        out[:, j] = e
+        rest[:, j + 1 :] -= e.unsqueeze(1) * u[j, j + 1 :].unsqueeze(0)
+    return out
+
+
+def _masked_errors_batched(mask: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """All rows at once: a batch of upper-triangular solves, _SOLVE_ROWS rows at a time."""
     out = torch.zeros_like(w)
     eye = torch.eye(u.shape[0], device=u.device, dtype=torch.bool)
     for r0 in range(0, w.shape[0], _SOLVE_ROWS):
