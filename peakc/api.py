@@ -17,6 +17,7 @@ from peakc.ir.graph import Graph
 from peakc.passes.base import PassContext
 from peakc.passes.instruments import DumpIR, Parity, Reproducer, Timing, Verify
 from peakc.passes.pipeline import Pipeline
+from peakc.passes.prune import sparsity_record
 from peakc.runtime.artifact import ArtifactContents, write_artifact
 
 
@@ -50,6 +51,7 @@ def compile(
     progress: Any = None,
     dynamic: dict | None = None,
     generation: dict | None = None,
+    calibration_data: Any = None,
 ) -> Compiled:
     """Capture `model`, run the pipeline, and lower it with the backend.
 
@@ -66,7 +68,7 @@ def compile(
         instruments.append(DumpIR(dump_ir))
     if reproducer_dir is not None:
         instruments.append(Reproducer(reproducer_dir))
-    ctx = PassContext(target=profile, instruments=instruments)
+    ctx = PassContext(target=profile, instruments=instruments, calibration_data=calibration_data)
     pipe.check(ctx)
 
     started = time.perf_counter()
@@ -98,6 +100,10 @@ def compile(
     )
     if "generation" in graph.info:
         contents.extra_manifest["generation"] = graph.info["generation"]
+    sparsity = sparsity_record(graph)
+    if sparsity:  # pruned linears, so backends can pick sparse kernels (2:4 and friends)
+        contents.extra_manifest["sparsity"] = sparsity
+        contents.report["sparsity"] = sparsity
     contents.report_md = render_report(contents.report)
     return Compiled(graph, contents, records)
 

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=512, help="KV cache length (generate)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch (generate)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 weights")
+    p.add_argument("--calib-data", metavar="PATH", help="text file or folder for calibration")
+    p.add_argument("--seq-len", type=int, help="capture at this sequence length (calibration)")
 
     p = sub.add_parser("generate", help="generate text from an artifact compiled for generation")
     p.add_argument("artifact")
@@ -67,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     from peakc.cost_model.commands import add_cost_model_commands
 
     add_cost_model_commands(sub)  # estimate, calibrate
+
+    p = sub.add_parser("eval", help="perplexity of a model or artifact on a text file or folder")
+    p.add_argument("model", help="a model spec (demo:NAME, hf:PATH, ...) or an artifact folder")
+    p.add_argument("--ppl", metavar="PATH", required=True, help="text file or folder")
+    p.add_argument("--seq-len", type=int, help="window length (default: the captured length)")
+    p.add_argument("--max-windows", type=int, default=0, help="evaluate at most this many")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--plugin", action="append", default=[])
     return parser
 
 
@@ -117,6 +127,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         source = load_source_for_task(
             args.model, args.task, args.max_seq_len, args.max_batch, args.dtype
         )
+        calibration = _calibration_text(args, source)
         model = source.graph if source.graph is not None else source.module
         compiled = peakc.compile(
             model,
@@ -132,6 +143,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             progress=lambda step: status.update(step),
             dynamic=source.dynamic,
             generation=source.generation,
+            calibration_data=calibration,
         )
         status.update("writing artifact")
         compiled.save(output, force=args.force)
@@ -273,6 +285,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_text(args: argparse.Namespace, source):
+    """Apply --seq-len to the source's example inputs; tokenize --calib-data if given."""
+    from peakc.data import source_token_text
+
+    if args.seq_len:
+        _set_sequence_length(source, args.seq_len)
+    return source_token_text(args.calib_data, source) if args.calib_data else None
+
+
+def _set_sequence_length(source, seq_len: int) -> None:
+    from peakc.data import with_sequence_length
+
+    if source.graph is not None:
+        captured = source.example_inputs[0].shape[-1]
+        if captured != seq_len:
+            raise PeakcError(
+                f"{source.spec} was captured at sequence length {captured}, not {seq_len}"
+            )
+        return
+    source.example_inputs = with_sequence_length(source.example_inputs, seq_len)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peakc.data import consecutive_windows, source_token_text
+    from peakc.ir.capture import capture
+    from peakc.models import load_source
+    from peakc.runtime.evaluate import perplexity
+
+    spec = args.model if ":" in args.model else f"artifact:{args.model}"
+    source = load_source(spec)
+    if args.seq_len:
+        _set_sequence_length(source, args.seq_len)
+    graph = source.graph or capture(source.module, source.example_inputs, name=spec)
+    text = source_token_text(args.ppl, source)
+    seq_len = source.example_inputs[0].shape[-1]
+    windows = consecutive_windows(text, seq_len, limit=args.max_windows)
+    result = perplexity(graph, windows, args.device)
+    print(
+        f"{spec}: perplexity {result.ppl:.4f} (nll {result.nll:.4f}) over {result.windows} "
+        f"windows of {seq_len} tokens from {args.ppl} ({text.tokenizer} tokenizer)"
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from peakc.runtime.bench import bench_target, format_bench
 
@@ -290,6 +346,7 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "generate": cmd_generate,
     "bench": cmd_bench,
+    "eval": cmd_eval,
 }
 
 from peakc.cost_model.commands import COST_MODEL_COMMANDS  # noqa: E402
