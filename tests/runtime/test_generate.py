@@ -132,3 +132,22 @@ def test_bench_json(gen_artifact, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["batch"] == 2 and result["decode_tokens_per_s"] > 0
     assert result["prefill_ms"]["median"] > 0
+
+
+def test_pruned_decoder_generates(tmp_path):
+    """Calibrating passes run on the decoder program (prefill windows from an empty cache)."""
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    out = tmp_path / "pruned"
+    argv = ["compile", "demo:llama", "-o", str(out), "--task", "generate", "--max-seq-len", "48",
+            "--max-batch", "2", "--calib-data", str(text),
+            "--pipeline", "prune{method=sparsegpt,sparsity=0.5,nsamples=4,seq_len=24},cleanup,fuse"]
+    assert main(argv) == 0
+    artifact = peakc.load(out)
+    assert artifact.manifest["sparsity"]["model.layers.0.mlp.down_proj"]["sparsity"] == 0.5
+    weight = artifact.weights["model.layers.1.self_attn.o_proj.weight"]
+    assert (weight == 0).float().mean().item() == 0.5
+    tokens = Generator.from_artifact(artifact, "cpu").generate(
+        [[3, 4, 5]], SamplingConfig(max_new_tokens=6)
+    ).tokens
+    assert len(tokens[0]) == 6

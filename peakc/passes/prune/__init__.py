@@ -18,7 +18,6 @@ from typing import ClassVar, Literal
 
 import torch
 
-from peakc.data import calibration_windows
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
 from peakc.passes.base import Pass, PassContext, PassResult, register_pass
@@ -26,6 +25,7 @@ from peakc.passes.calibration import (
     BlockCalibration,
     LinearSite,
     calibrate_blocks,
+    calibration_samples,
     compute_device,
     default_targets,
     linear_sites,
@@ -132,21 +132,9 @@ class PrunePass(Pass):
 
     def _samples(self, graph: Graph, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
         o = self.options
-        inputs = graph.example_inputs
-        if len(inputs) != 1 or inputs[0].dim() != 2 or inputs[0].dtype != torch.int64:
-            raise PeakcError(
-                "prune: calibration needs a graph whose one input is token ids [1, seq]"
-            )
-        captured = int(inputs[0].shape[1])
-        seq_len = o.seq_len or captured
-        if seq_len != captured:
-            raise PeakcError(
-                f"prune: seq_len={seq_len} but the graph was captured at sequence length "
-                f"{captured}; capture at the calibration length (peakc compile --seq-len {seq_len})"
-            )
-        windows = calibration_windows(ctx.calibration_data, o.nsamples, seq_len, o.seed, "prune")
-        batch = inputs[0].shape[0]
-        return [(windows[i : i + batch],) for i in range(0, len(windows) - batch + 1, batch)]
+        return calibration_samples(
+            graph, ctx.calibration_data, o.nsamples, o.seq_len, o.seed, "prune"
+        )
 
 
 def _selector(targets: str) -> Callable[[str], bool]:
