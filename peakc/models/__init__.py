@@ -65,7 +65,9 @@ def load_source_for_task(
     from peakc.models import kv_cache
 
     if max_seq_len < 2 or max_batch < 1:
-        raise PeakcError(f"--max-seq-len must be >= 2 and --max-batch >= 1 (got {max_seq_len}, {max_batch})")
+        raise PeakcError(
+            f"--max-seq-len must be >= 2 and --max-batch >= 1 (got {max_seq_len}, {max_batch})"
+        )
     causal_lm = getattr(source.module, "hf_model", source.module)
     decoder, layout = kv_cache.wrap_for_generation(causal_lm, max_seq_len, max_batch, spec)
     source.module = decoder

@@ -117,7 +117,9 @@ def wrap_for_generation(
     elif model_type in SUPPORTED_MODEL_TYPES:
         rotary = causal_lm.model.rotary_emb
         limit = config.max_position_embeddings
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
         scale = head_dim**-0.5
         vocab = config.vocab_size
         window = getattr(config, "sliding_window", None)
@@ -149,13 +151,17 @@ def wrap_for_generation(
 def example_inputs(layout: CacheLayout, prompt_len: int = 8) -> tuple[torch.Tensor, ...]:
     """Inputs for capture: a batch of 2 prompts of `prompt_len` tokens and an empty cache."""
     batch = min(2, layout.max_batch)
-    ids = torch.randint(0, layout.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, layout.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0)
+    )
     positions = torch.arange(prompt_len).expand(batch, prompt_len).contiguous()
     cache = empty_cache(layout, batch)
     return ids, positions, cache, cache.clone()
 
 
-def empty_cache(layout: CacheLayout, batch: int, device: str | torch.device = "cpu") -> torch.Tensor:
+def empty_cache(
+    layout: CacheLayout, batch: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     shape = (layout.num_layers, batch, layout.num_kv_heads, layout.max_seq_len, layout.head_dim)
     return torch.zeros(shape, dtype=getattr(torch, layout.dtype), device=device)
 

@@ -364,7 +364,9 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 def _named_dims(signature: dict[str, Any], symbols: dict[str, str]) -> dict[str, Any]:
-    signature["shape"] = [symbols.get(d, d) if isinstance(d, str) else d for d in signature["shape"]]
+    """Replace symbolic sizes ("s27") in a signature by the dynamic dims' names ("seq")."""
+    shape = signature["shape"]
+    signature["shape"] = [symbols.get(d, d) if isinstance(d, str) else d for d in shape]
     return signature
 
 

@@ -29,7 +29,9 @@ def bench_target(
         raise PeakcError("--batch, --prompt-len, --gen-len and --repeats must be positive")
     generator, label = _generator(target, prompt_len + gen_len, batch, device)
     vocab = generator.layout["vocab_size"]
-    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompts = torch.randint(
+        0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)
+    )
     prompts = prompts.tolist()
     config = SamplingConfig(max_new_tokens=gen_len)
     generator.generate(prompts, config)  # warm-up

@@ -253,7 +253,9 @@ def load_tokenizer(directory: Path) -> Any:
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise PeakcError("reading the artifact's tokenizer needs transformers: pip install 'peakc[hf]'") from None
+        raise PeakcError(
+            "reading the artifact's tokenizer needs transformers: pip install 'peakc[hf]'"
+        ) from None
     return AutoTokenizer.from_pretrained(str(folder))
 
 
