@@ -17,6 +17,7 @@ from peakc.ir.graph import Graph
 from peakc.passes.base import PassContext
 from peakc.passes.instruments import DumpIR, Parity, Reproducer, Timing, Verify
 from peakc.passes.pipeline import Pipeline
+from peakc.passes.prune import sparsity_record
 from peakc.runtime.artifact import ArtifactContents, write_artifact
 
 
@@ -48,6 +49,7 @@ def compile(
     source: str = "model",
     extra_files: dict[str, bytes] | None = None,
     progress: Any = None,
+    calibration_data: Any = None,
 ) -> Compiled:
     """Capture `model`, run the pipeline, and lower it with the backend."""
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
@@ -60,7 +62,7 @@ def compile(
         instruments.append(DumpIR(dump_ir))
     if reproducer_dir is not None:
         instruments.append(Reproducer(reproducer_dir))
-    ctx = PassContext(target=profile, instruments=instruments)
+    ctx = PassContext(target=profile, instruments=instruments, calibration_data=calibration_data)
     pipe.check(ctx)
 
     started = time.perf_counter()
@@ -88,6 +90,10 @@ def compile(
         fusion_near_misses=ctx.settings.get("fusion_near_misses", []),
         fingerprint=graph.fingerprint(),
     )
+    sparsity = sparsity_record(graph)
+    if sparsity:  # pruned linears, so backends can pick sparse kernels (2:4 and friends)
+        contents.extra_manifest["sparsity"] = sparsity
+        contents.report["sparsity"] = sparsity
     contents.report_md = render_report(contents.report)
     return Compiled(graph, contents, records)
 

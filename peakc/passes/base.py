@@ -130,6 +130,7 @@ def load_builtin_passes() -> None:
     global _entry_points_loaded
     import peakc.passes.cleanup  # noqa: F401
     import peakc.passes.fuse  # noqa: F401
+    import peakc.passes.prune  # noqa: F401
 
     if _entry_points_loaded:
         return

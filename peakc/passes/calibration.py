@@ -1,0 +1,319 @@
+"""Block-sequential calibration: run the graph one block (transformer layer) at a time.
+
+For each block: run it on every calibration sample while accumulating, per target linear,
+the Hessian H = 2·X·Xᵀ / n (fp32, one per distinct input, so q/k/v share one); hand the
+Hessians to a compression callback that may return new weights; re-run the block with the
+new weights, so the next block sees the compressed block's outputs (SparseGPT, GPTQ).
+
+Blocks are run by a small interpreter over the graph's own nodes, so they work on any
+device: weights are moved there once per block and `device=` arguments baked into the
+graph (arange, zeros, ...) are redirected. Values that cross blocks are kept on the device,
+or in host memory when all samples' values would not fit (streamed back per sample).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from peakc.errors import PeakcError
+from peakc.ir.graph import MODULE_KEY, Block, Graph
+
+aten = torch.ops.aten
+_NUMBERED_LAYER = re.compile(r"\.\d+(\.|$)")
+
+
+@dataclass
+class LinearSite:
+    """One aten.linear whose weight is a graph weight."""
+
+    node: fx.Node
+    module: str  # module path, e.g. model.layers.0.mlp.down_proj
+    weight: str  # weight name (module path of the parameter)
+    input: fx.Node  # the node whose value the linear reads
+
+
+@dataclass
+class BlockCalibration:
+    """What a compression callback sees for one block."""
+
+    graph: Graph
+    block: Block
+    index: int
+    sites: list[LinearSite]
+    hessians: dict[str, torch.Tensor]  # by module path; linears sharing an input share H
+    tokens: int  # rows of X accumulated into each Hessian
+    device: torch.device
+
+    def weight(self, site: LinearSite) -> torch.Tensor:
+        """The site's current weight on the compute device, in fp32."""
+        return self.graph.get_weight(site.weight).to(self.device, torch.float32)
+
+
+CompressFn = Callable[[BlockCalibration], dict[str, torch.Tensor] | None]
+
+
+@dataclass
+class CalibrationRun:
+    """What the engine did: blocks visited, sites seen, where activations lived."""
+
+    blocks: list[str] = field(default_factory=list)
+    sites: int = 0
+    activations_on: str = "device"
+    device: str = "cpu"
+
+
+def default_targets(module: str) -> bool:
+    """Linears inside numbered layers (`model.layers.3...`): not the embedding or output head."""
+    return bool(_NUMBERED_LAYER.search(module))
+
+
+def linear_sites(
+    graph: Graph, nodes: list[fx.Node], select: Callable[[str], bool]
+) -> list[LinearSite]:
+    """The aten.linear nodes among `nodes` whose weight is a get_attr and whose module matches."""
+    sites = []
+    for node in nodes:
+        if node.op != "call_function" or node.target is not aten.linear.default:
+            continue
+        x, w = node.args[0], node.args[1]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            continue
+        module = node.meta.get(MODULE_KEY, "") or w.target.rsplit(".", 1)[0]
+        if select(module):
+            sites.append(LinearSite(node, module, w.target, x))
+    return sites
+
+
+def compute_device(ctx_device: str | None) -> torch.device:
+    """ctx.device when it names an accelerator, else CUDA when there is one, else CPU."""
+    if ctx_device and ctx_device != "cpu":
+        return torch.device(ctx_device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def calibrate_blocks(
+    graph: Graph,
+    samples: list[tuple[torch.Tensor, ...]],
+    compress: CompressFn,
+    *,
+    select: Callable[[str], bool] = default_targets,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    description: str = "calibrating",
+) -> CalibrationRun:
+    """Run `graph` block by block over `samples` (each a tuple of graph inputs), calling
+    `compress` for every block with target linears; its returned weights replace the graph's."""
+    device = torch.device(device)
+    if not samples:
+        raise PeakcError(f"{description}: no calibration samples")
+    inputs = graph.input_nodes()
+    for s in samples:
+        if len(s) != len(inputs):
+            raise PeakcError(
+                f"{description}: a sample has {len(s)} inputs, graph takes {len(inputs)}"
+            )
+    blocks = graph.blocks()
+    block_sites = [linear_sites(graph, b.nodes, select) for b in blocks]
+    last = max((i for i, s in enumerate(block_sites) if s), default=-1)
+    run = CalibrationRun(device=str(device))
+    if last < 0:
+        return run
+    blocks = blocks[: last + 1]
+    needed_after = _last_use(graph, blocks)
+    store = ActivationStore(device, _fits_on_device(graph, blocks, len(samples), device))
+    run.activations_on = "device" if store.on_device else "host"
+    for node, sample_values in zip(inputs, zip(*samples)):
+        store.put(node, list(sample_values))
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
+        task = bar.add_task(description, total=len(blocks))
+        for index, (block, sites) in enumerate(zip(blocks, block_sites)):
+            bar.update(task, description=f"{description} {block.name}")
+            weights = _block_weights(graph, block, device)
+            if sites:
+                hessians, tokens = _accumulate_hessians(block, sites, store, weights, len(samples))
+                cal = BlockCalibration(graph, block, index, sites, hessians, tokens, device)
+                new = compress(cal) or {}
+                for name, value in new.items():
+                    old = graph.get_weight(name)
+                    graph.set_weight(name, value.detach().to("cpu", old.dtype))
+                    weights[name] = value.detach().to(device, old.dtype)
+                del hessians
+                run.sites += len(sites)
+            _run_block(block, store, weights, len(samples))
+            run.blocks.append(block.name)
+            store.drop([n for n, i in needed_after.items() if i == index])
+            bar.advance(task)
+    return run
+
+
+class ActivationStore:
+    """Per-sample values of nodes that cross blocks, on the device or in (pinned) host memory."""
+
+    def __init__(self, device: torch.device, on_device: bool) -> None:
+        self.device = device
+        self.on_device = on_device
+        self.values: dict[fx.Node, list] = {}
+
+    def put(self, node: fx.Node, values: list) -> None:
+        self.values[node] = [self._park(v) for v in values]
+
+    def get(self, node: fx.Node, i: int):
+        v = self.values[node][i]
+        return v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+
+    def __contains__(self, node: fx.Node) -> bool:
+        return node in self.values
+
+    def drop(self, nodes: list[fx.Node]) -> None:
+        for n in nodes:
+            self.values.pop(n, None)
+
+    def _park(self, v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        if self.on_device:
+            return v.to(self.device)
+        v = v.to("cpu")
+        return v.pin_memory() if self.device.type == "cuda" else v
+
+
+def run_nodes(
+    nodes: list[fx.Node],
+    env: dict[fx.Node, object],
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    on_linear: Callable[[fx.Node, torch.Tensor], None] | None = None,
+) -> None:
+    """Evaluate call_function/get_attr nodes into `env` (which holds their inputs)."""
+
+    def value(n: fx.Node):
+        return env[n]
+
+    for node in nodes:
+        if node.op == "get_attr":
+            env[node] = weights[node.target]
+            continue
+        if node.op != "call_function":
+            raise PeakcError(f"node '{node.name}': cannot run {node.op} in a block")
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        if "device" in kwargs and kwargs["device"] is not None:
+            kwargs = {**kwargs, "device": device}
+        if on_linear is not None and node.target is aten.linear.default:
+            on_linear(node, args[0])
+        env[node] = node.target(*args, **kwargs)
+
+
+def run_graph(graph: Graph, inputs: tuple[torch.Tensor, ...], device: torch.device | str):
+    """The whole graph on `device` with the block interpreter; returns the outputs tuple."""
+    device = torch.device(device)
+    env: dict[fx.Node, object] = {n: t.to(device) for n, t in zip(graph.input_nodes(), inputs)}
+    nodes = [n for n in graph.graph.nodes if n.op in ("get_attr", "call_function")]
+    weights = {n.target: graph.get_weight(n.target).to(device) for n in nodes if n.op == "get_attr"}
+    with torch.no_grad():
+        run_nodes(nodes, env, weights, device)
+    return tuple(fx.node.map_arg(graph.output_nodes(), env.__getitem__))
+
+
+def _block_weights(graph: Graph, block: Block, device: torch.device) -> dict[str, torch.Tensor]:
+    nodes = [*block.nodes, *block.inputs]
+    return {n.target: graph.get_weight(n.target).to(device) for n in nodes if n.op == "get_attr"}
+
+
+def _accumulate_hessians(
+    block: Block,
+    sites: list[LinearSite],
+    store: ActivationStore,
+    weights: dict[str, torch.Tensor],
+    nsamples: int,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Run the block on every sample, summing XᵀX per distinct linear input; H = 2·XᵀX / n."""
+    by_input: dict[fx.Node, torch.Tensor] = {}
+    rows: dict[fx.Node, int] = {}
+    watched = {s.node for s in sites}
+
+    def record(node: fx.Node, x: torch.Tensor) -> None:
+        if node not in watched:
+            return
+        src = node.args[0]
+        if src in by_input and node is not _first_reader(src, watched):
+            return  # linears reading the same value share one Hessian
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if src not in by_input:
+            by_input[src] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+            rows[src] = 0
+        by_input[src].addmm_(flat.t(), flat)
+        rows[src] += flat.shape[0]
+
+    for i in range(nsamples):
+        env = _block_env(block, store, weights, i)
+        with torch.no_grad():
+            run_nodes(block.nodes, env, weights, store.device, record)
+    for src, h in by_input.items():
+        h.mul_(2.0 / max(rows[src], 1))
+    return {s.module: by_input[s.input] for s in sites}, rows[sites[0].input]
+
+
+def _first_reader(src: fx.Node, watched: set[fx.Node]) -> fx.Node:
+    return next(u for u in src.users if u in watched)
+
+
+def _run_block(
+    block: Block, store: ActivationStore, weights: dict[str, torch.Tensor], nsamples: int
+) -> None:
+    outputs: dict[fx.Node, list] = {n: [] for n in block.outputs}
+    for i in range(nsamples):
+        env = _block_env(block, store, weights, i)
+        with torch.no_grad():
+            run_nodes(block.nodes, env, weights, store.device)
+        for n in block.outputs:
+            outputs[n].append(env[n])
+    for n, values in outputs.items():
+        store.put(n, values)
+
+
+def _block_env(
+    block: Block, store: ActivationStore, weights: dict[str, torch.Tensor], i: int
+) -> dict[fx.Node, object]:
+    """Sample i's values of the block's inputs (weights of other blocks included)."""
+    env: dict[fx.Node, object] = {}
+    for n in block.inputs:
+        if n.op == "get_attr":
+            env[n] = weights[n.target]
+        elif n in store:
+            env[n] = store.get(n, i)
+        else:
+            raise PeakcError(f"block {block.name}: input '{n.name}' was not computed earlier")
+    return env
+
+
+def _last_use(graph: Graph, blocks: list[Block]) -> dict[fx.Node, int]:
+    """For each value crossing blocks, the index of the last block that reads it."""
+    last: dict[fx.Node, int] = {}
+    for i, block in enumerate(blocks):
+        for n in block.inputs:
+            last[n] = i
+    return last
+
+
+def _fits_on_device(graph: Graph, blocks: list[Block], nsamples: int, device: torch.device) -> bool:
+    """Whether all samples' cross-block values fit in half the device's free memory."""
+    if device.type != "cuda":
+        return True
+    per_sample = 0
+    for block in blocks:
+        for n in block.outputs:
+            val = n.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                per_sample += val.numel() * val.element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return per_sample * nsamples < free // 2

@@ -1,0 +1,264 @@
+"""prune: zero weights of linear layers by magnitude or SparseGPT, unstructured or N:M.
+
+Pruned weights stay dense-with-zeros in the graph. Each pruned linear node carries
+`node.meta["peakc_sparsity"]` (achieved sparsity, pattern, method, reconstruction error);
+`sparsity_record(graph)` collects them for the artifact's manifest, so a backend can pick
+sparse kernels for 2:4 layers.
+
+Calibration runs the graph at its captured shape: windows have the captured sequence
+length (capture with `peakc compile --seq-len N` to calibrate on N-token windows).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from peakc.data import calibration_windows
+from peakc.errors import PeakcError
+from peakc.ir.graph import Graph
+from peakc.passes.base import Pass, PassContext, PassResult, register_pass
+from peakc.passes.calibration import (
+    BlockCalibration,
+    LinearSite,
+    calibrate_blocks,
+    compute_device,
+    default_targets,
+    linear_sites,
+)
+from peakc.passes.prune.magnitude import magnitude_prune
+from peakc.passes.prune.owl import outlier_ratio, owl_sparsities
+from peakc.passes.prune.pattern import Pattern, check_divides, parse_pattern
+from peakc.passes.prune.sparsegpt import Segment, reconstruction_error, sparsegpt_prune
+
+SPARSITY_KEY = "peakc_sparsity"
+
+
+@dataclass
+class PruneOptions:
+    method: Literal["magnitude", "sparsegpt"] = "sparsegpt"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    block_size: int = 128
+    damp: float = 0.01
+    targets: str = ""  # regex on module path; empty: linears inside numbered layers
+    nsamples: int = 128
+    seq_len: int = 0  # 0: the graph's captured sequence length
+    seed: int = 0
+    sparsity_profile: Literal["uniform", "owl"] = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
+
+
+@register_pass
+class PrunePass(Pass):
+    """Prune linear layers (magnitude or SparseGPT; unstructured or N:M; uniform or OWL)."""
+
+    name: ClassVar[str] = "prune"
+    Options: ClassVar[type] = PruneOptions
+    parity_tol: ClassVar[float | None] = None
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        o = self.options
+        needs = o.method == "sparsegpt" or o.sparsity_profile == "owl"
+        return ("calibration_data",) if needs else ()
+
+    def validate(self) -> None:
+        o = self.options
+        if not 0.0 <= o.sparsity < 1.0:
+            raise PeakcError(f"pass 'prune': option 'sparsity' must be in [0, 1), got {o.sparsity}")
+        pattern = parse_pattern(o.pattern)
+        if o.block_size < 1:
+            raise PeakcError(f"pass 'prune': option 'block_size' must be >= 1, got {o.block_size}")
+        if pattern.structured and o.block_size % pattern.m:
+            raise PeakcError(
+                f"pass 'prune': option 'block_size' ({o.block_size}) must be a multiple of "
+                f"M={pattern.m} for pattern {pattern}"
+            )
+        if o.damp < 0:
+            raise PeakcError(f"pass 'prune': option 'damp' must be >= 0, got {o.damp}")
+        if o.nsamples < 1 or o.seq_len < 0:
+            raise PeakcError("pass 'prune': options 'nsamples' >= 1 and 'seq_len' >= 0 required")
+        if o.sparsity_profile == "owl" and pattern.structured:
+            raise PeakcError("pass 'prune': sparsity_profile=owl applies to unstructured patterns")
+        if o.targets:
+            try:
+                re.compile(o.targets)
+            except re.error as exc:
+                raise PeakcError(f"pass 'prune': option 'targets' is not a regex: {exc}") from None
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        pattern = parse_pattern(o.pattern)
+        select = _selector(o.targets)
+        sites = linear_sites(graph, list(graph.graph.nodes), select)
+        if not sites:
+            return PassResult(graph, False, {"layers": 0})
+        for site in sites:
+            check_divides(pattern, graph.get_weight(site.weight).shape[1], site.module)
+        base = pattern.sparsity if pattern.structured else o.sparsity
+        sparsity = {s.module: base for s in sites}
+        device = compute_device(ctx.device)
+        progress = bool(ctx.settings.get("progress", True))
+        samples = None
+        if self.requires:
+            samples = self._samples(graph, ctx)
+        if o.sparsity_profile == "owl":
+            sparsity = _owl_allocation(graph, samples, select, o, device, progress)
+        records: dict[str, dict] = {}
+        if o.method == "magnitude":
+            for site in sites:
+                w = graph.get_weight(site.weight)
+                new = magnitude_prune(w, sparsity[site.module], pattern)
+                graph.set_weight(site.weight, new)
+                records[site.module] = {}
+        else:
+            compress = _sparsegpt_compressor(o, pattern, sparsity, records)
+            calibrate_blocks(
+                graph,
+                samples,
+                compress,
+                select=select,
+                device=device,
+                progress=progress,
+                description="prune",
+            )
+        return PassResult(graph, True, _annotate(graph, sites, pattern, o.method, records))
+
+    def _samples(self, graph: Graph, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
+        o = self.options
+        inputs = graph.example_inputs
+        if len(inputs) != 1 or inputs[0].dim() != 2 or inputs[0].dtype != torch.int64:
+            raise PeakcError(
+                "prune: calibration needs a graph whose one input is token ids [1, seq]"
+            )
+        captured = int(inputs[0].shape[1])
+        seq_len = o.seq_len or captured
+        if seq_len != captured:
+            raise PeakcError(
+                f"prune: seq_len={seq_len} but the graph was captured at sequence length "
+                f"{captured}; capture at the calibration length (peakc compile --seq-len {seq_len})"
+            )
+        windows = calibration_windows(ctx.calibration_data, o.nsamples, seq_len, o.seed, "prune")
+        batch = inputs[0].shape[0]
+        return [(windows[i : i + batch],) for i in range(0, len(windows) - batch + 1, batch)]
+
+
+def _selector(targets: str) -> Callable[[str], bool]:
+    if not targets:
+        return default_targets
+    pattern = re.compile(targets)
+    return lambda module: bool(pattern.search(module))
+
+
+def _sparsegpt_compressor(
+    o: PruneOptions, pattern: Pattern, sparsity: dict[str, float], records: dict[str, dict]
+) -> Callable[[BlockCalibration], dict[str, torch.Tensor]]:
+    """The per-block callback: SparseGPT once per shared Hessian (q/k/v stacked by rows)."""
+
+    def compress(cal: BlockCalibration) -> dict[str, torch.Tensor]:
+        groups: dict[int, list[LinearSite]] = {}
+        for site in cal.sites:
+            groups.setdefault(id(cal.hessians[site.module]), []).append(site)
+        new: dict[str, torch.Tensor] = {}
+        for group in groups.values():
+            h = cal.hessians[group[0].module]
+            weights = [cal.weight(s) for s in group]
+            segments, start = [], 0
+            for s, w in zip(group, weights):
+                segments.append(Segment(start, start + w.shape[0], sparsity[s.module]))
+                start += w.shape[0]
+            name = "+".join(s.module for s in group)
+            pruned = sparsegpt_prune(
+                torch.cat(weights), h, segments, pattern, o.block_size, o.damp, name
+            )
+            for s, w, seg in zip(group, weights, segments):
+                part = pruned[seg.start : seg.stop]
+                new[s.weight] = part
+                records[s.module] = {"recon_error": reconstruction_error(w, part, h)}
+        return new
+
+    return compress
+
+
+def _owl_allocation(
+    graph: Graph,
+    samples: list[tuple[torch.Tensor, ...]],
+    select: Callable[[str], bool],
+    o: PruneOptions,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, float]:
+    """Measure each block's outlier ratio on the dense model, then spread the sparsity."""
+    ratios: list[float] = []
+    params: list[int] = []
+    members: list[list[str]] = []
+
+    def measure(cal: BlockCalibration) -> None:
+        weights = [cal.weight(s) for s in cal.sites]
+        hessians = [cal.hessians[s.module] for s in cal.sites]
+        ratios.append(outlier_ratio(weights, hessians, o.owl_threshold))
+        params.append(sum(w.numel() for w in weights))
+        members.append([s.module for s in cal.sites])
+
+    calibrate_blocks(
+        graph,
+        samples,
+        measure,
+        select=select,
+        device=device,
+        progress=progress,
+        description="prune (owl)",
+    )
+    per_block = owl_sparsities(ratios, params, o.sparsity, o.owl_lambda)
+    return {m: s for block, s in zip(members, per_block) for m in block}
+
+
+def _annotate(
+    graph: Graph, sites: list[LinearSite], pattern: Pattern, method: str, records: dict
+) -> dict[str, float | int | str]:
+    """Measure what was achieved, mark each pruned linear node, and return the stats."""
+    zeros = total = 0
+    errors = []
+    for site in sites:
+        w = graph.get_weight(site.weight)
+        z = int((w == 0).sum())
+        zeros += z
+        total += w.numel()
+        rec = {
+            "weight": site.weight,
+            "sparsity": round(z / w.numel(), 6),
+            "pattern": str(pattern),
+            "method": method,
+        }
+        err = records.get(site.module, {}).get("recon_error")
+        if err is not None:
+            rec["recon_error"] = round(err, 6)
+            errors.append(err)
+        site.node.meta[SPARSITY_KEY] = rec
+    per_layer = [site.node.meta[SPARSITY_KEY]["sparsity"] for site in sites]
+    stats: dict[str, float | int | str] = {
+        "layers": len(sites),
+        "sparsity": round(zeros / total, 6),
+        "sparsity.min": min(per_layer),
+        "sparsity.max": max(per_layer),
+        "pattern": str(pattern),
+    }
+    if errors:
+        stats["recon_error.mean"] = round(sum(errors) / len(errors), 6)
+        stats["recon_error.max"] = round(max(errors), 6)
+    return stats
+
+
+def sparsity_record(graph: Graph) -> dict[str, dict]:
+    """Per pruned linear (by module path): sparsity, pattern, method, error; for the manifest."""
+    return {
+        node.meta.get("peakc_module", node.name): dict(node.meta[SPARSITY_KEY])
+        for node in graph.call_nodes()
+        if SPARSITY_KEY in node.meta
+    }
