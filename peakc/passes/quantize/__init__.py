@@ -84,9 +84,7 @@ class QuantizePass(Pass):
         if o.damp < 0:
             raise PeakcError(f"pass 'quantize': option 'damp' must be >= 0, got {o.damp}")
         if o.nsamples < 1 or o.seq_len < 0:
-            raise PeakcError(
-                "pass 'quantize': options 'nsamples' >= 1 and 'seq_len' >= 0 required"
-            )
+            raise PeakcError("pass 'quantize': options 'nsamples' >= 1 and 'seq_len' >= 0 required")
         if o.targets:
             try:
                 re.compile(o.targets)
@@ -110,7 +108,9 @@ class QuantizePass(Pass):
             for site in sites:
                 w = graph.get_weight(site.weight)
                 packed[site.module] = pack_layer(
-                    rtn_quantize(w, specs[site.module]), o.bits, specs[site.module].group_size,
+                    rtn_quantize(w, specs[site.module]),
+                    o.bits,
+                    specs[site.module].group_size,
                     w.dtype,
                 )
         else:
@@ -165,9 +165,7 @@ class QuantizePass(Pass):
                 f"quantize: seq_len={seq_len} but the graph was captured at sequence length "
                 f"{captured}; capture at the calibration length (peakc compile --seq-len {seq_len})"
             )
-        windows = calibration_windows(
-            ctx.calibration_data, o.nsamples, seq_len, o.seed, "quantize"
-        )
+        windows = calibration_windows(ctx.calibration_data, o.nsamples, seq_len, o.seed, "quantize")
         batch = inputs[0].shape[0]
         return [(windows[i : i + batch],) for i in range(0, len(windows) - batch + 1, batch)]
 

@@ -34,9 +34,7 @@ class PackedLinear:
         return sum(t.numel() * t.element_size() for t in parts)
 
 
-def pack_layer(
-    q: QuantizedWeight, bits: int, group_size: int, dtype: torch.dtype
-) -> PackedLinear:
+def pack_layer(q: QuantizedWeight, bits: int, group_size: int, dtype: torch.dtype) -> PackedLinear:
     """Pack a quantized layer on the CPU; scales are stored in the original weight's dtype."""
     ints = q.ints.to("cpu", torch.int64)
     zeros = q.zeros.to("cpu", torch.int64)

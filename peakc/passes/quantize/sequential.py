@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from peakc.errors import PeakcError
+from peakc.ir.graph import Block, Graph
 from peakc.passes.calibration import (
     ActivationStore,
     BlockCalibration,
@@ -35,7 +36,6 @@ from peakc.passes.calibration import (
     linear_sites,
     run_nodes,
 )
-from peakc.ir.graph import Block, Graph
 
 
 def block_stages(sites: list[LinearSite]) -> list[list[LinearSite]]:
