@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-parity", action="store_true", help="skip the per-pass output check")
     p.add_argument("--explain-fusion", action="store_true", help="print fusion near-misses")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--calib-data", metavar="PATH", help="text file or folder for calibration")
+    p.add_argument("--seq-len", type=int, help="capture at this sequence length (calibration)")
 
     p = sub.add_parser("run", help="load an artifact and run it")
     p.add_argument("artifact")
@@ -40,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show an artifact's manifest and report")
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("eval", help="perplexity of a model or artifact on a text file or folder")
+    p.add_argument("model", help="a model spec (demo:NAME, hf:PATH, ...) or an artifact folder")
+    p.add_argument("--ppl", metavar="PATH", required=True, help="text file or folder")
+    p.add_argument("--seq-len", type=int, help="window length (default: the captured length)")
+    p.add_argument("--max-windows", type=int, default=0, help="evaluate at most this many")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--plugin", action="append", default=[])
     return parser
 
 
@@ -88,6 +98,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     pipeline = Pipeline.parse(args.pipeline)  # spec errors before any work
     with console.status("loading model") as status:
         source = load_source(args.model)
+        calibration = _calibration_text(args, source)
         model = source.graph if source.graph is not None else source.module
         compiled = peakc.compile(
             model,
@@ -101,6 +112,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             source=args.model,
             extra_files=source.tokenizer_files,
             progress=lambda step: status.update(step),
+            calibration_data=calibration,
         )
         status.update("writing artifact")
         compiled.save(output, force=args.force)
@@ -204,7 +216,57 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "passes": cmd_passes, "inspect": cmd_inspect}
+def _calibration_text(args: argparse.Namespace, source):
+    """Apply --seq-len to the source's example inputs; tokenize --calib-data if given."""
+    from peakc.data import source_token_text
+
+    if args.seq_len:
+        _set_sequence_length(source, args.seq_len)
+    return source_token_text(args.calib_data, source) if args.calib_data else None
+
+
+def _set_sequence_length(source, seq_len: int) -> None:
+    from peakc.data import with_sequence_length
+
+    if source.graph is not None:
+        captured = source.example_inputs[0].shape[-1]
+        if captured != seq_len:
+            raise PeakcError(
+                f"{source.spec} was captured at sequence length {captured}, not {seq_len}"
+            )
+        return
+    source.example_inputs = with_sequence_length(source.example_inputs, seq_len)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peakc.data import consecutive_windows, source_token_text
+    from peakc.ir.capture import capture
+    from peakc.models import load_source
+    from peakc.runtime.evaluate import perplexity
+
+    spec = args.model if ":" in args.model else f"artifact:{args.model}"
+    source = load_source(spec)
+    if args.seq_len:
+        _set_sequence_length(source, args.seq_len)
+    graph = source.graph or capture(source.module, source.example_inputs, name=spec)
+    text = source_token_text(args.ppl, source)
+    seq_len = source.example_inputs[0].shape[-1]
+    windows = consecutive_windows(text, seq_len, limit=args.max_windows)
+    result = perplexity(graph, windows, args.device)
+    print(
+        f"{spec}: perplexity {result.ppl:.4f} (nll {result.nll:.4f}) over {result.windows} "
+        f"windows of {seq_len} tokens from {args.ppl} ({text.tokenizer} tokenizer)"
+    )
+    return 0
+
+
+COMMANDS = {
+    "compile": cmd_compile,
+    "run": cmd_run,
+    "passes": cmd_passes,
+    "inspect": cmd_inspect,
+    "eval": cmd_eval,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

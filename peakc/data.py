@@ -161,3 +161,27 @@ def with_sequence_length(
     ids = inputs[0]
     reps = -(-seq_len // ids.shape[1])
     return (ids.repeat(1, reps)[:, :seq_len].contiguous(), *inputs[1:])
+
+
+def model_vocab_size(model: object) -> int:
+    """The vocabulary size of a module (its first embedding) or a Graph (its logits' width)."""
+    if isinstance(model, torch.nn.Module):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                return module.num_embeddings
+        raise PeakcError("the model has no token embedding, so text cannot be tokenized for it")
+    outputs = model.output_nodes()
+    val = outputs[0].meta.get("val") if outputs else None
+    if not isinstance(val, torch.Tensor):
+        raise PeakcError("the graph's first output has no recorded shape (expected logits)")
+    return int(val.shape[-1])
+
+
+def source_token_text(path: str | Path, source: object) -> TokenText:
+    """Tokenize a file or folder for a peakc.models.ModelSource, with its own tokenizer (the
+    source's saved tokenizer files, or an artifact's tokenizer/ folder), bytes otherwise."""
+    model = source.graph if source.graph is not None else source.module
+    saved = source.tokenizer_files or None
+    if saved is None and source.spec.startswith("artifact:"):
+        saved = Path(source.spec.partition(":")[2]) / "tokenizer"
+    return load_token_text(path, load_tokenizer(saved, model_vocab_size(model)))

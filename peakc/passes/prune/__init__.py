@@ -114,8 +114,8 @@ class PrunePass(Pass):
         if o.method == "magnitude":
             for site in sites:
                 w = graph.get_weight(site.weight)
-                new = magnitude_prune(w, sparsity[site.module], pattern)
-                graph.set_weight(site.weight, new)
+                new = magnitude_prune(w.to(device), sparsity[site.module], pattern)
+                graph.set_weight(site.weight, new.to("cpu", w.dtype))
                 records[site.module] = {}
         else:
             compress = _sparsegpt_compressor(o, pattern, sparsity, records)
