@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from peakc.runtime.evaluate import perplexity
 from safetensors.torch import load_file, save_file
 
 from peakc.data import (
@@ -37,6 +36,8 @@ from peakc.ir.capture import capture
 from peakc.passes.base import PassContext
 from peakc.passes.prune import PruneOptions, PrunePass
 from peakc.passes.quantize import QuantizeOptions, QuantizePass
+from peakc.runtime.artifact import _contiguous
+from peakc.runtime.evaluate import perplexity
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 SEQ_LEN, NSAMPLES, SEED = 512, 32, 0
@@ -71,9 +72,11 @@ def load_model(args):
     if args.random_weights:
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        from peakc.models.hf import CausalLMLogits
+
         torch.manual_seed(SEED)
-        config = LlamaConfig(**json.loads(Path(args.random_weights).read_text()))
-        model = LlamaForCausalLM(config).eval()
+        config = LlamaConfig(**json.loads(Path(args.random_weights).read_text()), use_cache=False)
+        model = CausalLMLogits(LlamaForCausalLM(config).eval())
         return model, (torch.zeros(1, 8, dtype=torch.int64),), "random-init SmolLM2-135M config"
     from peakc.models.hf import load_hf
 
@@ -115,8 +118,7 @@ def windows(source, args) -> tuple[torch.Tensor, torch.Tensor]:
 def safetensors_bytes(graph) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "weights.safetensors")
-        weights = {k: v.contiguous() for k, v in graph.weights().items()}
-        save_file(weights, path)
+        save_file(_contiguous(graph.weights()), path)  # as the artifact writer does
         return os.path.getsize(path)
 
 
