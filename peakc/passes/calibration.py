@@ -105,9 +105,13 @@ def calibrate_blocks(
     device: torch.device | str = "cpu",
     progress: bool = True,
     description: str = "calibrating",
+    activations: str = "auto",
 ) -> CalibrationRun:
     """Run `graph` block by block over `samples` (each a tuple of graph inputs), calling
-    `compress` for every block with target linears; its returned weights replace the graph's."""
+    `compress` for every block with target linears; its returned weights replace the graph's.
+
+    `activations`: "device" keeps cross-block values on the compute device, "host" streams
+    them from host memory per sample, "auto" picks host only when they would not fit."""
     device = torch.device(device)
     if not samples:
         raise PeakcError(f"{description}: no calibration samples")
@@ -125,7 +129,12 @@ def calibrate_blocks(
         return run
     blocks = blocks[: last + 1]
     needed_after = _last_use(graph, blocks)
-    store = ActivationStore(device, _fits_on_device(graph, blocks, len(samples), device))
+    if activations not in ("auto", "device", "host"):
+        raise PeakcError(f"{description}: activations must be auto, device or host")
+    on_device = activations == "device" or (
+        activations == "auto" and _fits_on_device(blocks, len(samples), device)
+    )
+    store = ActivationStore(device, on_device)
     run.activations_on = "device" if store.on_device else "host"
     for node, sample_values in zip(inputs, zip(*samples)):
         store.put(node, list(sample_values))
@@ -305,7 +314,7 @@ def _last_use(graph: Graph, blocks: list[Block]) -> dict[fx.Node, int]:
     return last
 
 
-def _fits_on_device(graph: Graph, blocks: list[Block], nsamples: int, device: torch.device) -> bool:
+def _fits_on_device(blocks: list[Block], nsamples: int, device: torch.device) -> bool:
     """Whether all samples' cross-block values fit in half the device's free memory."""
     if device.type != "cuda":
         return True

@@ -1,6 +1,7 @@
 """The block-sequential calibration engine: Hessians, compressed outputs feed the next block."""
 
 import copy
+import functools
 
 import torch
 
@@ -10,10 +11,16 @@ from peakc.models.demo import demo_llama
 from peakc.passes.calibration import calibrate_blocks, run_graph
 
 
-def tiny():
+@functools.cache
+def _captured():
     model, inputs = demo_llama(seed=3, hidden_size=32, intermediate_size=48, num_heads=2)
-    inputs = with_sequence_length(inputs, 12)
-    return model, capture(model, inputs)
+    return model, capture(model, with_sequence_length(inputs, 12))
+
+
+def tiny():
+    """The model and a fresh copy of its graph (engines replace weights, never mutate them)."""
+    model, graph = _captured()
+    return model, graph.copy()
 
 
 def samples(n=3, seq=12):
@@ -88,3 +95,20 @@ def test_run_graph_matches_graph_run():
     _, graph = tiny()
     (ids,) = samples(1)[0]
     torch.testing.assert_close(run_graph(graph, (ids,), "cpu")[0], graph.run(ids)[0])
+
+
+def test_host_streamed_activations_give_the_same_hessians():
+    _, graph = tiny()
+    data = samples()
+    got = {}
+    for mode in ("device", "host"):
+        run = calibrate_blocks(
+            graph,
+            data,
+            lambda cal, m=mode: got.__setitem__((m, cal.block.name), cal.hessians),
+            progress=False,
+            activations=mode,
+        )
+        assert run.activations_on == mode
+    for name, h in got[("device", "model.layers.1")].items():
+        torch.testing.assert_close(got[("host", "model.layers.1")][name], h)
