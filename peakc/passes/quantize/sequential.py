@@ -75,7 +75,7 @@ def calibrate_stages(
         return run
     blocks = blocks[: last + 1]
     needed_after = _last_use(graph, blocks)
-    store = ActivationStore(device, _fits_on_device(graph, blocks, len(samples), device))
+    store = ActivationStore(device, _fits_on_device(blocks, len(samples), device))
     run.activations_on = "device" if store.on_device else "host"
     for node, sample_values in zip(inputs, zip(*samples)):
         store.put(node, list(sample_values))
