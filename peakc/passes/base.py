@@ -131,6 +131,7 @@ def load_builtin_passes() -> None:
     import peakc.passes.cleanup  # noqa: F401
     import peakc.passes.fuse  # noqa: F401
     import peakc.passes.prune  # noqa: F401
+    import peakc.passes.quantize  # noqa: F401
 
     if _entry_points_loaded:
         return
