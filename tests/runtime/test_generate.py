@@ -151,3 +151,20 @@ def test_pruned_decoder_generates(tmp_path):
         [[3, 4, 5]], SamplingConfig(max_new_tokens=6)
     ).tokens
     assert len(tokens[0]) == 6
+
+
+def test_quantized_decoder_generates(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    out = tmp_path / "q4"
+    argv = ["compile", "demo:llama", "-o", str(out), "--task", "generate", "--max-seq-len", "48",
+            "--max-batch", "2", "--calib-data", str(text),
+            "--pipeline", "quantize{method=gptq,bits=4,group_size=16,nsamples=4,seq_len=24},fuse"]
+    assert main(argv) == 0
+    artifact = peakc.load(out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["ops"]["linear_wq"] == "reference"
+    tokens = Generator.from_artifact(artifact, "cpu").generate(
+        [[3, 4, 5], [9]], SamplingConfig(max_new_tokens=6)
+    ).tokens
+    assert [len(t) for t in tokens] == [6, 6]

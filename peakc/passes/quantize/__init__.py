@@ -19,13 +19,13 @@ from typing import ClassVar, Literal
 
 import torch
 
-from peakc.data import calibration_windows
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
 from peakc.passes.base import Pass, PassContext, PassResult, register_pass
 from peakc.passes.calibration import (
     BlockCalibration,
     LinearSite,
+    calibration_samples,
     compute_device,
     default_targets,
     linear_sites,
@@ -153,21 +153,9 @@ class QuantizePass(Pass):
 
     def _samples(self, graph: Graph, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
         o = self.options
-        inputs = graph.example_inputs
-        if len(inputs) != 1 or inputs[0].dim() != 2 or inputs[0].dtype != torch.int64:
-            raise PeakcError(
-                "quantize: GPTQ calibration needs a graph whose one input is token ids [1, seq]"
-            )
-        captured = int(inputs[0].shape[1])
-        seq_len = o.seq_len or captured
-        if seq_len != captured:
-            raise PeakcError(
-                f"quantize: seq_len={seq_len} but the graph was captured at sequence length "
-                f"{captured}; capture at the calibration length (peakc compile --seq-len {seq_len})"
-            )
-        windows = calibration_windows(ctx.calibration_data, o.nsamples, seq_len, o.seed, "quantize")
-        batch = inputs[0].shape[0]
-        return [(windows[i : i + batch],) for i in range(0, len(windows) - batch + 1, batch)]
+        return calibration_samples(
+            graph, ctx.calibration_data, o.nsamples, o.seq_len, o.seed, "quantize"
+        )
 
 
 def _selector(targets: str) -> Callable[[str], bool]:
