@@ -22,7 +22,6 @@ import torch.fx as fx
 from peakc.errors import PeakcError
 from peakc.ir import meta as ir_meta
 from peakc.ir.graph import MODULE_KEY, Graph
-from peakc.ir.meta import symbolic_fake_mode
 from peakc.passes.cleanup import _is_pure
 
 
@@ -107,27 +106,39 @@ def cycle_through(match: Match) -> fx.Node | None:
 
 
 def infer_val(node: fx.Node) -> Any:
-    """The meta value of a new call node, from its inputs' meta values (meta-device tensors)."""
+    """The meta value of a new call node, from its inputs' meta values (meta-device tensors).
 
-    mode = symbolic_fake_mode(node.graph.owning_module)
+    Symbolic (dynamic) sizes are replaced by their example hints, so the result is concrete;
+    checks compare it with the replaced node's value treating symbolic sizes as wildcards.
+    """
 
     def as_meta(arg: fx.Node) -> Any:
         val = arg.meta.get("val")
         if val is None:
             raise PeakcError(f"node '{arg.name}' has no recorded value")
-        return val if mode is not None else _to_meta(val)
+        return _to_meta(val)
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), as_meta)
-    if mode is not None:  # dynamic shapes: compute with the graph's own symbolic fake tensors
-        with torch.no_grad(), mode:
-            return node.target(*args, **kwargs)
     with torch.no_grad():
         return _to_meta(node.target(*args, **kwargs))
 
 
+def _hint(size: Any) -> int:
+    if isinstance(size, int):
+        return size
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    if hint is None:
+        raise PeakcError(f"size {size} has no example value to infer shapes with")
+    return int(hint)
+
+
 def _to_meta(val: Any) -> Any:
     if isinstance(val, torch.Tensor):
-        return torch.empty_strided(tuple(val.shape), val.stride(), dtype=val.dtype, device="meta")
+        shape = tuple(_hint(d) for d in val.shape)
+        stride = tuple(_hint(d) for d in val.stride())
+        return torch.empty_strided(shape, stride, dtype=val.dtype, device="meta")
+    if isinstance(val, torch.SymInt):
+        return _hint(val)
     if isinstance(val, (tuple, list)):
         return type(val)(_to_meta(v) for v in val)
     return val
