@@ -143,12 +143,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--pipelines", default=",".join(PIPELINES))
     ap.add_argument("--tiny", action="store_true", help="demo model, short runs (CPU smoke test)")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="speed runs")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="peakc-gen-"))
     names = args.pipelines.split(",")
-    gen, prompt_len, repeats, max_seq_len = 64, 128, 5, 256
+    gen, prompt_len, repeats, max_seq_len = 64, 128, 5, 512
     if args.tiny:
         spec, gen, prompt_len, repeats, max_seq_len = "demo:llama", 8, 16, 2, 64
         windows = torch.randint(0, 256, (32, 512))[:, :32]
@@ -172,7 +173,7 @@ def main() -> None:
         ).to(device).eval()
 
     reference = None
-    for name in names:
+    for name in [n for n in names if n]:
         artifact, seconds = compile_decoder(spec, pipelines[name], "float32", windows, max_seq_len, work)
         generator = Generator.from_artifact(artifact, device)
         if generator.tokenizer is not None:
@@ -191,12 +192,17 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     speed = []
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.dtypes.split(","):
         artifact, _ = compile_decoder(spec, "cleanup,fuse", dtype, None, max_seq_len, work)
         generator = Generator.from_artifact(artifact, device)
         peer = None
-        if dense_model is not None:
-            peer = dense_model.to(getattr(torch, dtype))
+        if not args.tiny:
+            import transformers
+
+            path = Path(spec.split(":", 1)[1])
+            peer = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
+            ).to(device).eval()
         for batch in (1, 8):
             p_pre, p_step = time_peakc(generator, batch, prompt_len, gen, repeats)
             line = f"| {dtype} | {batch} | peakc eager artifact | {p_pre * 1e3:.2f} | {p_step * 1e3:.3f} | {batch / p_step:.0f} |"
@@ -209,8 +215,6 @@ def main() -> None:
                 speed.append(line)
                 print(line, flush=True)
                 results[f"speed {dtype} b{batch} transformers"] = [t_pre, t_step]
-        if dense_model is not None:
-            dense_model.float()
 
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
@@ -220,7 +224,7 @@ def main() -> None:
     print(f"\n| dtype | batch | runtime | prefill ms (prompt {prompt_len}) | decode ms/step | tokens/s |")
     print("|---|---|---|---|---|---|")
     print("\n".join(speed))
-    for name in names:
+    for name in [n for n in names if n]:
         print(f"\n[{name}] {PROMPTS[0]!r} -> {results[name]['sample']!r}")
 
 

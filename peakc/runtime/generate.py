@@ -83,7 +83,7 @@ class Generator:
                 "--task generate"
             )
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        program = artifact.program("decoder")
+        program = place_on_device(artifact.program("decoder"), device)
         weights = [w.to(device) for w in artifact.weight_list("decoder")]
 
         def step(ids, positions, k_cache, v_cache):
@@ -209,6 +209,23 @@ class Generator:
 
         self.last_result = self.generate(encoded, config, on_tokens)
         return [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.last_result.tokens]
+
+
+def place_on_device(program: Any, device: torch.device) -> Any:
+    """Point `device=` arguments baked into an exported graph (e.g. a rotary table's `.to(cpu)`
+    at capture time) at the device the program runs on."""
+    import torch.fx as fx
+
+    if not isinstance(program, fx.GraphModule) or device.type == "cpu":
+        return program
+    changed = False
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.kwargs.get("device") is not None:
+            node.kwargs = {**node.kwargs, "device": device}
+            changed = True
+    if changed:
+        program.recompile()
+    return program
 
 
 def write_cache(
