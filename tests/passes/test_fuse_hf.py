@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from peakc.ir import capture  # noqa: E402
+from peakc.ir.ops import peakc_op_name  # noqa: E402
 from peakc.models.hf import CausalLMLogits  # noqa: E402
 from peakc.passes.base import PassContext  # noqa: E402
 from peakc.passes.instruments import Parity, Verify  # noqa: E402
@@ -148,6 +149,55 @@ def test_gqa_attention_reads_unrepeated_kv(fused_arch):
             assert causal is True and mask is None  # the constant causal mask was recognised
     assert not any(n.target is torch.ops.aten.expand.default and len(n.meta["val"].shape) == 5
                    for n in fused.call_nodes())
+
+
+# --- bf16: HF computes norms (and the rotary tables) in fp32 between casts -----------------
+
+
+@pytest.fixture(scope="module", params=["gemma", "llama", "qwen2"])
+def bf16_arch(request):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = T.AutoModelForCausalLM.from_config(
+            CONFIGS[request.param](), attn_implementation="sdpa", dtype=torch.bfloat16
+        )
+    with torch.no_grad():  # norm weights start at 1 (Gemma: 0): randomize so scaling shows
+        for pname, param in model.named_parameters():
+            if "norm" in pname:
+                param.copy_(1 + 0.5 * torch.randn(param.shape))
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    graph = capture(CausalLMLogits(model), (ids,), name=f"{request.param}-bf16")
+    ctx = PassContext(instruments=[Verify()])  # parity checked below, in bf16 terms
+    fused, records = Pipeline.parse("cleanup,fuse").run(graph, ctx)
+    stats = {k.removeprefix("fused."): v for k, v in records[-1]["stats"].items()}
+    return request.param, graph, fused, stats, ids
+
+
+def test_bf16_fusion_counts_and_exact_parity(bf16_arch):
+    """Same counts as fp32; the reference ops compute in HF's order, so outputs are equal.
+
+    Gemma scales in fp32 by (1 + w.float()): its rms_norm gets the folded fp32 weight, so the op
+    scales in fp32 too (an op that rounded first would differ from the graph in ~25% of values).
+    """
+    name, graph, fused, stats, ids = bf16_arch
+    fp32_casts = [n for n in graph.call_nodes() if n.target is torch.ops.aten._to_copy.default
+                  and n.kwargs.get("dtype") is torch.float32]
+    assert len(fp32_casts) >= 5  # HF upcasts every norm's input (the graph really has casts)
+    for rule, count in stats.items():
+        if rule != "redundant":
+            assert count == EXPECTED[name].get(rule, 0), (name, rule, stats)
+    for node in fused.call_nodes():
+        if peakc_op_name(node.target) in ("rms_norm", "skip_rms_norm", "rotary_embedding",
+                                          "attention"):
+            assert node.args[0].meta["val"].dtype is torch.bfloat16, node.name
+    if name == "gemma":
+        norms = [n for n in fused.call_nodes() if peakc_op_name(n.target) == "skip_rms_norm"]
+        assert all(n.args[2].meta["val"].dtype is torch.float32 for n in norms)
+    out, ref = fused.run(ids)[0], graph.run(ids)[0]
+    assert out.dtype is torch.bfloat16
+    # Tolerance we would accept for bf16: 1e-2 relative; measured: bit-identical.
+    assert torch.equal(out, ref)
 
 
 # --- encoders: BERT (random tiny) and the real all-MiniLM-L6-v2 --------------------------
