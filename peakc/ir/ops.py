@@ -75,10 +75,11 @@ def laid_out_like(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim: normalized in fp32, cast back to x's dtype, then scaled."""
+    """RMSNorm over the last dim: normalized in fp32, cast to the wider of x's and weight's
+    dtypes, then scaled (bf16 x, bf16 w: Llama's order; bf16 x, fp32 w: Gemma's fp32 scaling)."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return laid_out_like(x, weight * y.to(x.dtype))
+    return laid_out_like(x, weight * y.to(torch.promote_types(x.dtype, weight.dtype)))
 
 
 def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from peakc.ir import capture  # noqa: E402
+from peakc.ir.ops import peakc_op_name  # noqa: E402
 from peakc.models.hf import CausalLMLogits  # noqa: E402
 from peakc.passes.base import PassContext  # noqa: E402
 from peakc.passes.instruments import Parity, Verify  # noqa: E402
@@ -35,7 +36,11 @@ CONFIGS = {
     "opt": lambda: T.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
                                num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
                                max_position_embeddings=64),
+    "gptj": lambda: T.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                 rotary_dim=8, bos_token_id=1, eos_token_id=1),
 }
+# transformers 5.x has no SDPA path for GPT-J: its eager attention (matmul/softmax) exports.
+ATTN_IMPL = {"gptj": "eager"}
 
 _LLAMA_LIKE = {"rms_norm": 5, "skip_norm": 4, "rotary": 4, "attention": 2, "glu": 2,
                "horizontal_linear": 4}
@@ -53,6 +58,10 @@ EXPECTED = {
                  "linear_act": 2},
     "opt": {"layer_norm": 5, "skip_norm": 1, "attention": 2, "linear_act": 2,
             "horizontal_linear": 2},
+    # parallel residual (one ln_1 per layer + ln_f); interleaved partial rotary (8 of 16
+    # channels) on q and k; gelu_new; q/k/v horizontal; eager attention is not fused.
+    "gptj": {"layer_norm": 3, "skip_norm": 2, "rotary": 4, "attention": 0, "gelu": 2,
+             "linear_act": 2, "horizontal_linear": 2},
 }
 # Where an architecture's graph defeats a rule, the reason it gives.
 NEAR_MISSES = {
@@ -60,6 +69,7 @@ NEAR_MISSES = {
     "gpt_neox": "skip_norm: node 'layer_norm_default_2': norm input 'getitem_7' is not a "
     "residual add",
     "llama": "skip_norm: node 'rms_norm_default': norm input 'embedding' is not a residual add",
+    "gptj": "skip_norm: node 'layer_norm_default': norm input 'embedding' is not a residual add",
 }
 
 
@@ -78,7 +88,8 @@ def fused_arch(request):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = T.AutoModelForCausalLM.from_config(
-            CONFIGS[request.param](), attn_implementation="sdpa", dtype=torch.float32
+            CONFIGS[request.param](), attn_implementation=ATTN_IMPL.get(request.param, "sdpa"),
+            dtype=torch.float32,
         )
         ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
         graph = capture(CausalLMLogits(model), (ids,), name=request.param)
@@ -102,11 +113,29 @@ def test_fusion_counts_and_parity(fused_arch):
         if rule != "redundant":
             assert count == expected.get(rule, 0), (name, rule, stats)
     ops = peakc_ops(fused)
-    assert ops["attention"] == 2
+    assert ops.get("attention", 0) == expected.get("attention", 0)
+    assert ops.get("rotary_embedding", 0) == expected.get("rotary", 0)
     assert not any(n.target is torch.ops.aten.scaled_dot_product_attention.default
                    for n in fused.call_nodes())
     if name in NEAR_MISSES:
         assert NEAR_MISSES[name] in misses
+
+
+def test_rotary_form_and_tables(fused_arch):
+    """Rotate-half archs use half-width tables; GPT-J the interleaved form on its own tables."""
+    name, _, fused, _, _ = fused_arch
+    rotary = [n for n in fused.call_nodes()
+              if n.target is torch.ops.peakc.rotary_embedding.default]
+    for node in rotary:
+        x, cos, sin, interleaved = node.args
+        assert interleaved is (name == "gptj")
+        rotated = 8 if name == "gptj" else {"gpt_neox": 4}.get(name, 16)  # R of head_dim 16
+        assert x.meta["val"].shape[-1] == 16 and cos.meta["val"].shape[-1] == rotated // 2
+        assert node.meta["val"].shape == x.meta["val"].shape
+    if name == "gptj":  # no rotate_every_two left: no stride-2 slices, no pairwise tables
+        assert not any(n.target is torch.ops.aten.slice.Tensor and len(n.args) > 4
+                       and n.args[4] == 2 for n in fused.call_nodes())
+        assert not any(n.target is torch.ops.aten.expand.default for n in fused.call_nodes())
 
 
 def test_gqa_attention_reads_unrepeated_kv(fused_arch):
@@ -120,6 +149,55 @@ def test_gqa_attention_reads_unrepeated_kv(fused_arch):
             assert causal is True and mask is None  # the constant causal mask was recognised
     assert not any(n.target is torch.ops.aten.expand.default and len(n.meta["val"].shape) == 5
                    for n in fused.call_nodes())
+
+
+# --- bf16: HF computes norms (and the rotary tables) in fp32 between casts -----------------
+
+
+@pytest.fixture(scope="module", params=["gemma", "llama", "qwen2"])
+def bf16_arch(request):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = T.AutoModelForCausalLM.from_config(
+            CONFIGS[request.param](), attn_implementation="sdpa", dtype=torch.bfloat16
+        )
+    with torch.no_grad():  # norm weights start at 1 (Gemma: 0): randomize so scaling shows
+        for pname, param in model.named_parameters():
+            if "norm" in pname:
+                param.copy_(1 + 0.5 * torch.randn(param.shape))
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    graph = capture(CausalLMLogits(model), (ids,), name=f"{request.param}-bf16")
+    ctx = PassContext(instruments=[Verify()])  # parity checked below, in bf16 terms
+    fused, records = Pipeline.parse("cleanup,fuse").run(graph, ctx)
+    stats = {k.removeprefix("fused."): v for k, v in records[-1]["stats"].items()}
+    return request.param, graph, fused, stats, ids
+
+
+def test_bf16_fusion_counts_and_exact_parity(bf16_arch):
+    """Same counts as fp32; the reference ops compute in HF's order, so outputs are equal.
+
+    Gemma scales in fp32 by (1 + w.float()): its rms_norm gets the folded fp32 weight, so the op
+    scales in fp32 too (an op that rounded first would differ from the graph in ~25% of values).
+    """
+    name, graph, fused, stats, ids = bf16_arch
+    fp32_casts = [n for n in graph.call_nodes() if n.target is torch.ops.aten._to_copy.default
+                  and n.kwargs.get("dtype") is torch.float32]
+    assert len(fp32_casts) >= 5  # HF upcasts every norm's input (the graph really has casts)
+    for rule, count in stats.items():
+        if rule != "redundant":
+            assert count == EXPECTED[name].get(rule, 0), (name, rule, stats)
+    for node in fused.call_nodes():
+        if peakc_op_name(node.target) in ("rms_norm", "skip_rms_norm", "rotary_embedding",
+                                          "attention"):
+            assert node.args[0].meta["val"].dtype is torch.bfloat16, node.name
+    if name == "gemma":
+        norms = [n for n in fused.call_nodes() if peakc_op_name(n.target) == "skip_rms_norm"]
+        assert all(n.args[2].meta["val"].dtype is torch.float32 for n in norms)
+    out, ref = fused.run(ids)[0], graph.run(ids)[0]
+    assert out.dtype is torch.bfloat16
+    # Tolerance we would accept for bf16: 1e-2 relative; measured: bit-identical.
+    assert torch.equal(out, ref)
 
 
 # --- encoders: BERT (random tiny) and the real all-MiniLM-L6-v2 --------------------------

@@ -217,10 +217,16 @@ def erase_orphans(graph: fx.Graph, candidates: list[fx.Node]) -> None:
         node = stack.pop()
         if node.users or node.graph is not graph or node.op not in ("call_function", "get_attr"):
             continue
-        if node.op == "call_function" and not _is_pure(node):
+        if node.op == "call_function" and not _is_pure(node) and not _is_dead_view(node):
             continue
         stack.extend(node.all_input_nodes)
         graph.erase_node(node)
+
+
+def _is_dead_view(node: fx.Node) -> bool:
+    """An unused view (unsqueeze, slice, permute...): aliasing but not mutating, so erasable."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and not schema.is_mutable and not node.users
 
 
 def _check_replacements(rule: FusionRule, match: Match, replacements: list[Any]) -> None:

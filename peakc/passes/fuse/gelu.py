@@ -23,6 +23,13 @@ def _scalar_mul_of(node: object, value: float) -> fx.Node | None:
     return found[0] if found and is_scalar(found[1], value, 1e-4) else None
 
 
+def _scaled_by_inv_sqrt2(node: object) -> fx.Node | None:
+    """x when node is x * (1 / sqrt(2)) or x / sqrt(2), else None."""
+    if is_op(node, aten.div.Tensor) and isinstance(node.args[0], fx.Node):
+        return node.args[0] if is_scalar(node.args[1], math.sqrt(2.0), 1e-4) else None
+    return _scalar_mul_of(node, 1.0 / math.sqrt(2.0))
+
+
 def _outer_half_product(inner_plus_one: fx.Node, x: fx.Node) -> tuple[fx.Node, list] | None:
     """The final 0.5 * x * (1 + inner) node (both associations), and its helper nodes."""
     out = only_user(inner_plus_one)
@@ -52,9 +59,9 @@ class GeluRule(FusionRule):
                 and is_scalar(scalar_operand(plus_one)[1], 1.0)):
             return f"{node.target.__name__.split('.')[0]} is not followed by + 1"
         if is_op(node, aten.erf.default):
-            x = _scalar_mul_of(node.args[0], 1.0 / math.sqrt(2.0))
+            x = _scaled_by_inv_sqrt2(node.args[0])
             if x is None:
-                return "erf input is not x / sqrt(2)"
+                return "erf input is not x / sqrt(2) or x * (1 / sqrt(2))"
             inner = [node.args[0], node]
             approx = "none"
         else:

@@ -1,7 +1,12 @@
-"""Redundant casts, views, transposes, copies and identity arithmetic: replaced by their input."""
+"""Redundant casts, views, transposes, copies and identity arithmetic: replaced by their input.
+
+Also pairs that undo each other: a view back to the original shape, a permutation followed by
+its inverse, and a widening cast followed by the cast back (bf16 → fp32 → bf16 is exact).
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from peakc.ir.graph import Graph
@@ -9,6 +14,7 @@ from peakc.passes.fuse.aten_match import aten, dtype_of, is_op, shape_of
 from peakc.passes.fuse.engine import FusionRule, Match
 
 _COPIES = (aten.clone.default, aten.alias.default, aten.detach.default)
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
 _IDENTITY_ARITH = {aten.mul.Tensor: 1.0, aten.div.Tensor: 1.0, aten.add.Tensor: 0.0,
                    aten.sub.Tensor: 0.0}
@@ -38,6 +44,9 @@ class RedundantRule(FusionRule):
         x = node.args[0]
         if node.target is aten.cat.default:
             return self._cat_source(node)
+        undone = undone_pair(node)
+        if undone is not None:
+            return undone
         if not isinstance(x, fx.Node) or shape_of(x) != shape_of(node):
             return "changes the shape"
         if dtype_of(x) != dtype_of(node):
@@ -70,6 +79,31 @@ class RedundantRule(FusionRule):
 
     def rewrite(self, graph: Graph, match: Match) -> fx.Node:
         return match.values["source"]
+
+
+def undone_pair(node: fx.Node) -> fx.Node | None:
+    """y when node undoes its input, which is a view, permute or widening cast of y."""
+    inner = node.args[0]
+    if not isinstance(inner, fx.Node) or not isinstance(inner.args[0] if inner.args else None,
+                                                          fx.Node):
+        return None
+    y = inner.args[0]
+    if dtype_of(y) != dtype_of(node):
+        return None
+    if is_op(node, *_RESHAPES) and is_op(inner, *_RESHAPES):
+        return y if shape_of(y) == shape_of(node) else None
+    if is_op(node, aten.permute.default) and is_op(inner, aten.permute.default):
+        first, then = list(inner.args[1]), list(node.args[1])
+        rank = len(first)
+        return y if [first[then[i]] % rank for i in range(rank)] == list(range(rank)) else None
+    if is_op(node, aten._to_copy.default) and is_op(inner, aten._to_copy.default):
+        if not set(node.kwargs) | set(inner.kwargs) <= {"dtype"}:
+            return None
+        narrow, wide = dtype_of(y), dtype_of(inner)
+        exact = (narrow.is_floating_point and wide.is_floating_point and narrow != wide
+                 and torch.promote_types(narrow, wide) == wide)
+        return y if exact else None
+    return None
 
 
 def strip_copies(node: object) -> object:

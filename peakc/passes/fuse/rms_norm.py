@@ -10,7 +10,14 @@ import torch.fx as fx
 
 from peakc.ir import ops  # noqa: F401  (registers peakc::rms_norm)
 from peakc.ir.graph import Graph
-from peakc.passes.fuse.aten_match import aten, is_op, is_scalar, only_user, shape_of
+from peakc.passes.fuse.aten_match import (
+    aten,
+    dtype_of,
+    is_op,
+    is_scalar,
+    only_user,
+    shape_of,
+)
 from peakc.passes.fuse.engine import FusionRule, Match, new_weight
 
 
@@ -62,7 +69,8 @@ class RmsNormRule(FusionRule):
         if isinstance(core, str):
             return core
         xf, eps, nodes, out = core
-        if len(out.users) == 1 and is_op(only_user(out), aten._to_copy.default):
+        rounded = len(out.users) == 1 and is_op(only_user(out), aten._to_copy.default)
+        if rounded:
             out = only_user(out)
             nodes.append(out)
         weight_mul = only_user(out)
@@ -73,32 +81,47 @@ class RmsNormRule(FusionRule):
         if not isinstance(weight, fx.Node) or shape_of(weight) != (hidden,):
             return f"scale is not a [{hidden}] weight"
         nodes.append(weight_mul)
+        # The op scales in promote(x, w): pick the input that makes that the graph's dtype.
+        scaled_in = dtype_of(out)
         x = strip_cast(xf)
+        if torch.promote_types(dtype_of(x), dtype_of(weight)) != scaled_in:
+            x = xf
+        if torch.promote_types(dtype_of(x), dtype_of(weight)) != scaled_in:
+            return (f"normalized value is scaled in {scaled_in} by a {dtype_of(weight)} weight "
+                    f"after rounding")
         if x is not xf:
             nodes.insert(0, xf)
-        values = {"x": x, "w": weight, "eps": eps, "shift": 0.0}
+        values = {"x": x, "w": weight, "eps": eps, "shift": 0.0, "cast": None}
         shifted = self._gemma_weight(weight)
         if shifted is not None:
-            values["w"], values["shift"] = shifted
+            values["w"], values["shift"], values["cast"] = shifted
             nodes.insert(0, weight)
+            if values["cast"] is not None:  # the w.float() that fed the + 1
+                nodes.insert(0, next(a for a in weight.args if isinstance(a, fx.Node)))
         return Match(outputs=[weight_mul], nodes=nodes, values=values)
 
     @staticmethod
-    def _gemma_weight(weight: fx.Node) -> tuple[fx.Node, float] | None:
-        """(raw weight, 1.0) when the scale is `weight + 1` of a stored weight (Gemma)."""
+    def _gemma_weight(weight: fx.Node) -> tuple[fx.Node, float, torch.dtype | None] | None:
+        """(raw weight, 1.0, cast dtype) when the scale is `weight [.to(dtype)] + 1` (Gemma)."""
         if not is_op(weight, aten.add.Tensor) or len(weight.users) != 1:
             return None
         a, b = weight.args[0], weight.args[1]
-        raw, shift = (a, b) if isinstance(a, fx.Node) else (b, a)
+        scaled, shift = (a, b) if isinstance(a, fx.Node) else (b, a)
+        raw, cast = scaled, None
+        if isinstance(scaled, fx.Node) and strip_cast(scaled) is not scaled:
+            if len(scaled.users) != 1:
+                return None
+            raw, cast = strip_cast(scaled), dtype_of(scaled)
         if isinstance(raw, fx.Node) and raw.op == "get_attr" and is_scalar(shift, 1.0):
-            return raw, 1.0
+            return raw, 1.0, cast
         return None
 
     def rewrite(self, graph: Graph, match: Match) -> fx.Node:
         v = match.values
         weight = v["w"]
-        if v["shift"]:
-            folded = graph.get_weight(weight.target) + v["shift"]
+        if v["shift"]:  # folded in the dtype the graph added in (fp32 for Gemma's w.float() + 1)
+            stored = graph.get_weight(weight.target)
+            folded = (stored if v["cast"] is None else stored.to(v["cast"])) + v["shift"]
             weight = new_weight(graph, weight.target + "_plus_one", folded)
         return graph.graph.call_function(
             torch.ops.peakc.rms_norm.default, (v["x"], weight, v["eps"])

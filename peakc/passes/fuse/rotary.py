@@ -1,9 +1,12 @@
-"""Rotary position embedding, rotate-half form → peakc::rotary_embedding.
+"""Rotary position embedding → peakc::rotary_embedding.
 
-Matches x * cos + cat(-x2, x1) * sin (Llama, Mistral, Qwen2, Phi-3, Gemma) and the partial
-form that rotates the first R channels and concatenates the rest (GPT-NeoX, Phi-3). The
-full-width tables HF builds as f(cat(freqs, freqs)) are replaced by f(freqs), the half-width
-tables the op takes, computed once beside the original table (hoisted, shared by layers).
+Matches the rotate-half form x * cos + cat(-x2, x1) * sin (Llama, Mistral, Qwen2, Phi-3,
+Gemma), the interleaved form x * cos + rotate_every_two(x) * sin (GPT-J, on [B, S, H, D]
+heads: the op runs on the [B, H, S, D] view) and the partial form that rotates the first R
+channels and concatenates the rest (GPT-NeoX, Phi-3, GPT-J). The full-width tables HF builds
+as f(cat(freqs, freqs)) are replaced by f(freqs), the half-width tables the op takes, computed
+once beside the original table (hoisted, shared by layers); a stored table gathered by
+position (cos_cached[positions], generation graphs) becomes the gather of its first half.
 """
 
 from __future__ import annotations
@@ -24,11 +27,26 @@ from peakc.passes.fuse.aten_match import (
     shape_of,
 )
 from peakc.passes.fuse.engine import FusionRule, Match
+from peakc.passes.fuse.rotary_interleaved import pair_swapped, pairwise_table
 
 # Elementwise steps HF applies to the angle table before it reaches the rotation.
 _TABLE_STEPS = (aten.cos.default, aten.sin.default, aten.mul.Tensor, aten.div.Tensor,
                 aten._to_copy.default)
 _END = 2**62
+_SWAP_HEADS = [0, 2, 1, 3]  # [B, S, H, D] <-> [B, H, S, D]
+
+
+def _rotated(node: object) -> tuple[fx.Node, list[fx.Node], bool] | None:
+    """(x, the rotation's nodes, interleaved) when node is x rotated by a quarter turn."""
+    found = _half_slices(node)
+    if found is not None:
+        high, low = node.args[0][0].args[0], node.args[0][1]
+        nodes = [high, low, node.args[0][0], node]
+        if is_op(high, operator.getitem):
+            nodes.insert(0, high.args[0])
+        return found[0], nodes, False
+    swapped = pair_swapped(node)
+    return (swapped[0], swapped[1], True) if swapped is not None else None
 
 
 def _half_slices(cat: fx.Node) -> tuple[fx.Node, int] | None:
@@ -99,37 +117,30 @@ class RotaryRule(FusionRule):
     def is_anchor(self, node: fx.Node) -> bool:
         if not is_op(node, aten.add.Tensor):
             return False
-        return any(is_op(m, aten.mul.Tensor) and any(_half_slices(a) for a in m.args[:2])
+        return any(is_op(m, aten.mul.Tensor) and any(_rotated(a) for a in m.args[:2])
                    for m in node.args[:2])
 
     def match(self, node: fx.Node) -> Match | str:
         m1, m2 = node.args[0], node.args[1]
         if not (is_op(m1, aten.mul.Tensor) and is_op(m2, aten.mul.Tensor)):
             return "rotation is not a sum of two products"
-        if not any(_half_slices(a) for a in m2.args[:2]):
+        if not any(_rotated(a) for a in m2.args[:2]):
             m1, m2 = m2, m1
-        cat = next(a for a in m2.args[:2] if _half_slices(a))
-        x, half = _half_slices(cat)
-        sin_b, cos_b = other_arg(m2, cat), other_arg(m1, x)
+        rotated = next(a for a in m2.args[:2] if _rotated(a))
+        x, inner, interleaved = _rotated(rotated)
+        sin_b, cos_b = other_arg(m2, rotated), other_arg(m1, x)
         if cos_b is None:
             return f"'{m1.name}' does not multiply the rotated tensor '{x.name}'"
-        tables = []
-        seq, width = shape_of(x)[-2], shape_of(x)[-1]
-        for t in (cos_b, sin_b):
-            if is_op(t, aten.unsqueeze.default) and t.args[1] == 1:
-                recipe = _table_recipe(t.args[0])
-                if isinstance(recipe, str):
-                    return recipe
-                tables.append((t.args[0], recipe))
-            elif shape_of(t) == (seq, width) and self._constant_halves_equal(t):
-                tables.append((t, None))  # a stored [S, D] table with equal halves
-            else:
-                return (f"table '{t.name}' {list(shape_of(t) or ())} is neither a [B, S, D] "
-                        "table unsqueezed at the head dim nor a constant [S, D] table whose "
-                        "halves are equal")
-        inner = [cat.args[0][0].args[0], cat.args[0][1], cat.args[0][0], cat]
-        if is_op(inner[0], operator.getitem):
-            inner.insert(0, inner[0].args[0])
+        if interleaved:
+            tables = self._pairwise_tables(cos_b, sin_b)
+        else:
+            tables = [self._half_width_table(t, x) for t in (cos_b, sin_b)]
+        reason = next((t for t in tables if isinstance(t, str)), None)
+        if reason is not None:
+            return reason
+        heads_at = {dim for _, dim in tables}
+        if len(shape_of(x)) != 4 or len(heads_at) != 1:
+            return f"rotated tensor '{x.name}' is not [B, H, S, D] or [B, S, H, D] heads"
         nodes = [*inner, m1, m2, node]
         out, source = node, x
         rest = self._passthrough(x, node)
@@ -137,7 +148,48 @@ class RotaryRule(FusionRule):
             source, tail = rest
             nodes = [x, *nodes, *tail]
             out = tail[-1]
-        return Match(outputs=[out], nodes=nodes, values={"x": source, "tables": tables})
+        seq_major = heads_at == {2}
+        values = {"x": source, "tables": [t for t, _ in tables], "interleaved": interleaved,
+                  "seq_major": seq_major, "absorbed": False}
+        back = only_user(out)
+        if seq_major and is_op(back, aten.permute.default) and list(back.args[1]) == _SWAP_HEADS:
+            nodes, out, values["absorbed"] = [*nodes, back], back, True  # the op's layout
+        return Match(outputs=[out], nodes=nodes, values=values)
+
+    def _half_width_table(self, t: fx.Node, x: fx.Node) -> tuple[tuple, int] | str:
+        """((kind, node, recipe), head dim) for a rotate-half table, or why it is not one."""
+        seq, width = shape_of(x)[-2], shape_of(x)[-1]
+        if is_op(t, aten.unsqueeze.default) and t.args[1] == 1:
+            gathered = self._gathered_table(t.args[0])
+            if gathered is not None:
+                return ("index", t.args[0], gathered), 1
+            recipe = _table_recipe(t.args[0])
+            return recipe if isinstance(recipe, str) else (("steps", t.args[0], recipe), 1)
+        if shape_of(t) == (seq, width) and self._constant_halves_equal(t):
+            return ("const", t, None), 1  # a stored [S, D] table with equal halves
+        return (f"table '{t.name}' {list(shape_of(t) or ())} is neither a [B, S, D] "
+                "table unsqueezed at the head dim nor a constant [S, D] table whose "
+                "halves are equal")
+
+    @staticmethod
+    def _pairwise_tables(cos_b: fx.Node, sin_b: fx.Node) -> list[tuple[tuple, int] | str]:
+        found = []
+        for t in (cos_b, sin_b):
+            pair = pairwise_table(t)
+            if pair is None:
+                found.append(f"table '{t.name}' is not a half-width table repeated pairwise")
+            else:
+                found.append((("ready", pair[0], None), pair[1]))
+        return found
+
+    def _gathered_table(self, t: fx.Node) -> fx.Node | None:
+        """The stored [N, D] table when t = table[positions] and its halves are equal."""
+        if not is_op(t, aten.index.Tensor) or len(t.args[1]) != 1:
+            return None
+        table = t.args[0]
+        if len(shape_of(table) or ()) != 2 or not self._constant_halves_equal(table):
+            return None
+        return table
 
     @staticmethod
     def _passthrough(x: fx.Node, rotated: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
@@ -165,32 +217,40 @@ class RotaryRule(FusionRule):
         return bool((value[..., :half] == value[..., half:]).all())
 
     def rewrite(self, graph: Graph, match: Match) -> fx.Node:
-        tables = match.values["tables"]
-        halves = [self._half_table(graph, table, recipe) for table, recipe in tables]
-        return graph.graph.call_function(
-            torch.ops.peakc.rotary_embedding.default, (match.values["x"], *halves, False)
+        v = match.values
+        halves = [self._half_table(graph, *table) for table in v["tables"]]
+        x = v["x"]
+        if v["seq_major"]:
+            x = graph.graph.call_function(aten.permute.default, (x, _SWAP_HEADS))
+        out = graph.graph.call_function(
+            torch.ops.peakc.rotary_embedding.default, (x, *halves, v["interleaved"])
         )
+        if v["seq_major"] and not v["absorbed"]:
+            out = graph.graph.call_function(aten.permute.default, (out, _SWAP_HEADS))
+        return out
 
-    def _half_table(self, graph: Graph, table: fx.Node, recipe) -> fx.Node:
-        """steps(freqs): the half-width table, built once right after the full one."""
+    def _half_table(self, graph: Graph, kind: str, table: fx.Node, detail) -> fx.Node:
+        """The half-width table [B|1, S, R/2], built once right after the full one."""
+        if kind == "ready":
+            return table
         if table in self._halves:
             return self._halves[table]
-        if recipe is None:  # constant [S, D] table: its first half, as [1, S, D/2]
-            with graph.graph.inserting_before(table.next):
-                half = graph.graph.call_function(
-                    aten.slice.Tensor, (table, -1, 0, shape_of(table)[-1] // 2))
-                current = graph.graph.call_function(aten.unsqueeze.default, (half, 0))
-            for n in (half, current):
-                n.meta[MODULE_KEY] = table.meta.get(MODULE_KEY, "")
-            self._halves[table] = current
-            return current
-        freqs, steps = recipe
-        current = freqs
+        new: list[fx.Node] = []
+        call = graph.graph.call_function
         with graph.graph.inserting_before(table.next):
-            for step in steps:
-                current = graph.graph.call_function(
-                    step.target, (current, *step.args[1:]), dict(step.kwargs)
-                )
-                current.meta[MODULE_KEY] = table.meta.get(MODULE_KEY, "")
-        self._halves[table] = current
-        return current
+            if kind == "const":  # constant [S, D] table: its first half, as [1, S, D/2]
+                half = call(aten.slice.Tensor, (table, -1, 0, shape_of(table)[-1] // 2))
+                new = [half, call(aten.unsqueeze.default, (half, 0))]
+            elif kind == "index":  # stored[positions]: gather from the stored table's first half
+                half = call(aten.slice.Tensor, (detail, -1, 0, shape_of(detail)[-1] // 2))
+                new = [half, call(aten.index.Tensor, (half, list(table.args[1])))]
+            else:
+                freqs, steps = detail
+                current = freqs
+                for step in steps:
+                    current = call(step.target, (current, *step.args[1:]), dict(step.kwargs))
+                    new.append(current)
+        for n in new:
+            n.meta[MODULE_KEY] = table.meta.get(MODULE_KEY, "")
+        self._halves[table] = new[-1] if new else detail[0]
+        return self._halves[table]
