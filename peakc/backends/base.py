@@ -25,15 +25,21 @@ def register_backend(cls: type) -> type:
     return cls
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(spec: str) -> Backend:
+    """A backend by name, with options as `name{key=value,...}` (e.g. `ort{device=cuda}`)."""
     import peakc.backends.eager  # noqa: F401
 
+    name, _, rest = spec.partition("{")
+    if name == "ort":  # needs onnx, onnxscript and onnxruntime: imported only when asked for
+        import peakc.backends.ort.lower  # noqa: F401
+    options = dict(item.split("=", 1) for item in rest.rstrip("}").split(",") if "=" in item)
+    if name not in BACKENDS:
+        known = ", ".join(sorted({*BACKENDS, "ort"}))
+        raise PeakcError(f"unknown backend '{name}' (known: {known})")
     try:
-        return BACKENDS[name]()
-    except KeyError:
-        raise PeakcError(
-            f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS))})"
-        ) from None
+        return BACKENDS[name](**options)
+    except TypeError:
+        raise PeakcError(f"backend '{name}' has no option(s) {', '.join(options)}") from None
 
 
 def op_lowering_report(graph: Graph, backend: str) -> dict[str, str]:

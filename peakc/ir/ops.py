@@ -22,6 +22,7 @@ class OpDef:
 
     name: str
     doc: str
+    reference: Callable | None = None  # the plain-torch implementation (backends may trace it)
     lowerings: dict[str, Callable] = field(default_factory=dict)
 
     @property
@@ -36,7 +37,8 @@ def define_op(name: str, reference: Callable, fake: Callable, doc: str = "") -> 
     """Register `peakc::<name>` with torch.library from a typed reference and fake function."""
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(reference)
     op.register_fake(fake)
-    opdef = OpDef(name=name, doc=doc or (reference.__doc__ or "").strip().splitlines()[0])
+    doc = doc or (reference.__doc__ or "").strip().splitlines()[0]
+    opdef = OpDef(name=name, doc=doc, reference=reference)
     OPS[name] = opdef
     return opdef
 

@@ -68,6 +68,11 @@ class ProgramFile:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     dynamic: dict[str, Any] | None = None  # capture's dynamic-shape spec (dims and limits)
+    format: str = "torch.export"  # or "onnx" (peakc/backends/ort), run by onnxruntime
+    runtime: dict[str, Any] = field(default_factory=dict)  # options for the program's runner
+
+
+PROGRAM_SUFFIX = {"torch.export": "pt2", "onnx": "onnx"}
 
 
 @dataclass
@@ -82,7 +87,7 @@ class ArtifactContents:
     programs: dict[str, tuple[bytes, ProgramFile]]
     report: dict[str, Any] = field(default_factory=dict)
     report_md: str = ""
-    extra_files: dict[str, bytes] = field(default_factory=dict)
+    extra_files: dict[str, bytes | Path] = field(default_factory=dict)  # Path: moved in
     extra_manifest: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,6 +128,16 @@ def export_program(graph: Graph) -> tuple[bytes, ProgramFile]:
     exported._example_inputs = None  # would be pickled into the archive
     buffer = io.BytesIO()
     torch.export.save(exported, buffer)
+    info = program_signature(graph, [n.target for n in weight_nodes])
+    return buffer.getvalue(), info
+
+
+def program_signature(
+    graph: Graph, weights: list[str], format: str = "torch.export"
+) -> ProgramFile:
+    """The program's calling convention: weight names, then inputs and outputs with named
+    dynamic dimensions."""
+    dynamic = graph.info.get("dynamic")
     out_vals = [n.meta.get("val") for n in graph.output_nodes()]
     input_specs = (dynamic or {}).get("inputs") or [{}] * len(graph.example_inputs)
     symbols: dict[str, str] = {}  # symbolic size (e.g. "s27") -> dynamic dim name ("seq")
@@ -131,9 +146,10 @@ def export_program(graph: Graph) -> tuple[bytes, ProgramFile]:
         for index, dim_name in spec.items():
             if isinstance(val, torch.Tensor):
                 symbols[str(val.shape[int(index)])] = dim_name
-    info = ProgramFile(
+    return ProgramFile(
         file="",
-        weights=[n.target for n in weight_nodes],
+        format=format,
+        weights=weights,
         inputs=[
             tensor_signature(t, n.name, spec)
             for t, n, spec in zip(graph.example_inputs, graph.input_nodes(), input_specs)
@@ -146,7 +162,6 @@ def export_program(graph: Graph) -> tuple[bytes, ProgramFile]:
         ],
         dynamic=dynamic,
     )
-    return buffer.getvalue(), info
 
 
 def write_artifact(contents: ArtifactContents, directory: str | Path, force: bool = False) -> Path:
@@ -164,14 +179,17 @@ def write_artifact(contents: ArtifactContents, directory: str | Path, force: boo
         )
         programs = {}
         for name, (data, info) in contents.programs.items():
-            info.file = f"{name}.pt2"
+            info.file = f"{name}.{PROGRAM_SUFFIX[info.format]}"
             (staging / info.file).write_bytes(data)
             programs[name] = vars(info)
         (staging / "report.json").write_text(json.dumps(contents.report, indent=2, default=str))
         (staging / "report.md").write_text(contents.report_md)
         for rel, data in contents.extra_files.items():
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            (staging / rel).write_bytes(data)
+            if isinstance(data, Path):  # a large file already on disk (ONNX external data)
+                shutil.move(data, staging / rel)
+            else:
+                (staging / rel).write_bytes(data)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -251,7 +269,14 @@ class LoadedArtifact:
             info = self.manifest["programs"].get(name)
             if info is None:
                 raise PeakcError(f"artifact {self.directory} has no program '{name}'")
-            self._programs[name] = _load_program(self.directory / info["file"])
+            if info.get("format") == "onnx":
+                from peakc.backends.ort.session import OrtProgram
+
+                self._programs[name] = OrtProgram(
+                    self.directory / info["file"], info.get("runtime", {}).get("device", "auto")
+                )
+            else:
+                self._programs[name] = _load_program(self.directory / info["file"])
         return self._programs[name]
 
     def weight_list(self, name: str | None = None) -> list[torch.Tensor]:

@@ -1,0 +1,191 @@
+"""The transformed Graph as an ONNX model: torch.onnx's dynamo exporter with peakc's
+contrib-op translations, onnxscript's optimizer for cleanup, then the ONNX checker.
+
+Weights are initializers (external data next to the model once it passes 2 GB). A peakc op
+without a translation is exported through its reference implementation; when that does not
+export either, the error names the op.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_ir
+import onnxscript.optimizer
+import torch
+import torch.fx as fx
+
+from peakc.backends.ort.contrib import CONTRIB_OPS, MS_DOMAIN, TRANSLATIONS
+from peakc.errors import PeakcError
+from peakc.ir.capture import export_dynamic_shapes
+from peakc.ir.graph import Graph
+from peakc.ir.ops import OPS, peakc_op_name
+
+OPSET = 18  # the onnxscript opset contrib.py writes against
+TWO_GB = 2**31
+EXTERNAL_DATA_SUFFIX = ".data"
+
+
+@dataclass
+class OnnxExport:
+    """What the export wrote and measured."""
+
+    path: Path
+    external_data: bool
+    ir_version: int
+    opset: int
+    contrib_ops: dict[str, int]
+    reference_ops: list[str]  # peakc ops exported through their reference implementation
+    nodes_before_cleanup: int
+    nodes_after_cleanup: int
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+
+
+@functools.cache
+def max_ir_version() -> int:
+    """The newest ONNX IR version the installed onnxruntime loads (onnx may write newer)."""
+    import onnxruntime
+
+    for version in range(onnx.IR_VERSION, 6, -1):
+        model = _probe_model(version)
+        try:
+            onnxruntime.InferenceSession(
+                model.SerializeToString(), providers=["CPUExecutionProvider"]
+            )
+        except Exception:  # noqa: BLE001 - any load failure means this IR version is too new
+            continue
+        return version
+    raise PeakcError(f"onnxruntime {onnxruntime.__version__} loads no ONNX IR version >= 7")
+
+
+def export_onnx(graph: Graph, path: Path) -> OnnxExport:
+    """Export, clean up, set the IR version, save (external data past 2 GB) and check."""
+    gm, reference_ops = graph_for_export(graph)
+    table = {OPS[name].overload: fn for name, fn in TRANSLATIONS.items() if name in OPS}
+    input_names = [n.name for n in graph.input_nodes()]
+    output_names = [f"output_{i}" for i in range(len(graph.output_nodes()))]
+    shapes = export_dynamic_shapes(graph.info.get("dynamic"), leading=0)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                gm,
+                tuple(graph.example_inputs),
+                dynamo=True,
+                custom_translation_table=table,
+                dynamic_shapes=shapes,
+                input_names=input_names,
+                output_names=output_names,
+                opset_version=OPSET,
+                optimize=False,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise export_error(exc, reference_ops) from exc
+    model = program.model
+    before = _count_nodes(model)
+    onnxscript.optimizer.optimize_ir(model)  # constant folding, dead nodes, unused functions
+    after = _count_nodes(model)
+    model.ir_version = max_ir_version()
+    model.opset_imports.setdefault(MS_DOMAIN, 1)  # translations call contrib ops by schema only
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+    external = size >= TWO_GB
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        onnx_ir.save(model, path, external_data=path.name + EXTERNAL_DATA_SUFFIX)
+    else:
+        onnx_ir.save(model, path)
+    check_onnx(path)
+    return OnnxExport(
+        path=path,
+        external_data=external,
+        ir_version=model.ir_version,
+        opset=OPSET,
+        contrib_ops=count_contrib_ops(model),
+        reference_ops=reference_ops,
+        nodes_before_cleanup=before,
+        nodes_after_cleanup=after,
+        input_names=input_names,
+        output_names=output_names,
+    )
+
+
+def graph_for_export(graph: Graph) -> tuple[fx.GraphModule, list[str]]:
+    """A copy of the graph where peakc ops without a translation call their reference."""
+    copy = graph.copy()
+    reference_ops = set()
+    for node in copy.call_nodes():
+        name = peakc_op_name(node.target)
+        if name is not None and name not in TRANSLATIONS:
+            node.target = OPS[name].reference
+            reference_ops.add(name)
+    copy.recompile()
+    return copy.gm, sorted(reference_ops)
+
+
+def export_error(exc: BaseException, reference_ops: list[str]) -> PeakcError:
+    """A one-line error; it names the peakc ops exported through their reference, if any."""
+    text = _root_cause(exc)
+    if reference_ops:
+        names = ", ".join(f"peakc::{n}" for n in reference_ops)
+        return PeakcError(
+            f"ort backend: {names} has no ONNX mapping and its reference implementation does "
+            f"not export: {text}"
+        )
+    return PeakcError(f"ort backend: torch.onnx export failed: {text}")
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker on the saved file (the path form handles external data)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        raise PeakcError(f"{path.name} fails the ONNX checker: {_first_line(exc)}") from exc
+
+
+def count_contrib_ops(model: onnx_ir.Model) -> dict[str, int]:
+    """How many nodes of each ONNX Runtime contrib op the model holds (functions included)."""
+    counts: dict[str, int] = {}
+    for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain == MS_DOMAIN or node.op_type in CONTRIB_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _count_nodes(model: onnx_ir.Model) -> int:
+    return sum(1 for _ in onnx_ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def _probe_model(ir_version: int) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [value("x", TensorProto.FLOAT, [1])],
+        [value("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = ir_version
+    return model
+
+
+def _root_cause(exc: BaseException) -> str:
+    """torch.onnx wraps the real error in several layers: the innermost one, with the FX node
+    being translated when the exporter says which."""
+    node = ""
+    while exc.__cause__ is not None:
+        match = re.search(r"Error when translating node (%\S+)", str(exc))
+        node = f" (at node {match.group(1)})" if match else node
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {_first_line(exc)}{node}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

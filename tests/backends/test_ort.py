@@ -1,0 +1,241 @@
+"""ort backend (CPU provider): export with contrib ops, parity, artifacts, generation, errors."""
+
+import json
+import warnings
+
+import onnx
+import pytest
+import torch
+
+import peakc
+from peakc.backends.ort.export import check_onnx, count_contrib_ops, max_ir_version
+from peakc.cli import main
+from peakc.errors import PeakcError
+from peakc.ir.ops import define_op
+from peakc.models import load_source_for_task
+from peakc.models.demo import demo_llama, demo_mlp
+from peakc.runtime.generate import Generator, SamplingConfig
+
+
+def compile_ort(model, inputs, tmp_path, name, **kwargs):
+    compiled = peakc.compile(model, inputs, backend="ort", **kwargs)
+    directory = compiled.save(tmp_path / name)
+    return compiled, peakc.load(directory)
+
+
+def rel_error(got, want):
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_llama_contrib_ops_and_parity(tmp_path):
+    model, inputs = demo_llama()
+    compiled, artifact = compile_ort(model, inputs, tmp_path, "llama")
+    ort = compiled.contents.report["ort"]
+    # 2 layers: 5 RMSNorms of which 4 take the residual add; rotary on q and k; 2 attentions.
+    assert ort["contrib_ops"] == {
+        "MultiHeadAttention": 2,
+        "RotaryEmbedding": 4,
+        "SimplifiedLayerNormalization": 1,
+        "SkipSimplifiedLayerNormalization": 4,
+    }
+    assert ort["parity_rel_error"] < 1e-4 and ort["provider"] == "CPUExecutionProvider"
+    assert ort["ir_version"] == max_ir_version() and ort["external_data"] is False
+    assert ort["nodes_after_cleanup"] < ort["nodes_before_cleanup"]
+    assert compiled.contents.report["ops"]["attention"] == "contrib/onnx"
+    manifest = json.loads((artifact.directory / "manifest.json").read_text())
+    assert manifest["programs"]["forward"]["format"] == "onnx"
+    assert manifest["programs"]["forward"]["weights"] == []
+    model_proto = onnx.load(str(artifact.directory / "forward.onnx"))
+    assert {o.domain for o in model_proto.opset_import} >= {"", "com.microsoft"}
+    with torch.no_grad():
+        want = model(*inputs)
+    other = torch.randint(0, 256, inputs[0].shape)
+    assert rel_error(artifact(*inputs)[0], want) < 1e-4
+    assert rel_error(artifact(other)[0], model(other).detach()) < 1e-4
+
+
+def test_mlp_gelu(tmp_path):
+    model, inputs = demo_mlp()
+    compiled, artifact = compile_ort(model, inputs, tmp_path, "mlp")
+    assert compiled.contents.report["ort"]["contrib_ops"] == {"Gelu": 2}
+    assert rel_error(artifact()[0], model(*inputs).detach()) < 1e-4
+
+
+def test_gpt2_from_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from peakc.models.hf import CausalLMLogits
+
+    config = transformers.GPT2Config(
+        vocab_size=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = CausalLMLogits(hf.eval())
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    compiled, artifact = compile_ort(model, (ids,), tmp_path, "gpt2")
+    contrib = compiled.contents.report["ort"]["contrib_ops"]
+    # Every skip norm the fuse pass made, both attentions and the tanh GELUs of both MLPs
+    # (in linear_act) are contrib ops; the plain LayerNormalization is a standard op.
+    assert contrib["SkipLayerNormalization"] == compiled.records[-1]["stats"]["fused.skip_norm"]
+    assert contrib["SkipLayerNormalization"] == 4
+    assert contrib["MultiHeadAttention"] == 2
+    assert contrib["FastGelu"] == 2
+    with torch.no_grad():
+        want = model(ids)
+    assert rel_error(artifact(ids)[0], want) < 1e-4
+
+
+def test_generation_matches_eager(tmp_path):
+    source = load_source_for_task("demo:llama", "generate", 48, 3)
+    results = {}
+    for backend in ("eager", "ort"):
+        compiled = peakc.compile(
+            source.module,
+            source.example_inputs,
+            backend=backend,
+            dynamic=source.dynamic,
+            generation=source.generation,
+        )
+        artifact = peakc.load(compiled.save(tmp_path / backend))
+        generator = Generator.from_artifact(artifact, "cpu")
+        prompts = [[5, 17, 99, 3, 250, 7], [42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+        results[backend] = generator.generate(prompts, SamplingConfig(max_new_tokens=10)).tokens
+    assert results["ort"] == results["eager"]
+    assert compiled.contents.report["ort"]["contrib_ops"]["MultiHeadAttention"] == 2
+
+
+def test_cli_compile_run_generate(tmp_path, capsys):
+    out = tmp_path / "gen"
+    argv = [
+        "compile",
+        "demo:llama",
+        "-o",
+        str(out),
+        "--backend",
+        "ort",
+        "--task",
+        "generate",
+        "--max-seq-len",
+        "32",
+        "--max-batch",
+        "2",
+    ]
+    assert main(argv) == 0
+    assert (out / "decoder.onnx").is_file()
+    assert main(["run", str(out)]) == 0
+    assert "output_0: float32[2, 8, 256]" in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "hi"]) == 2  # no tokenizer: the clear error
+    assert "has no tokenizer" in capsys.readouterr().err
+
+
+def test_cuda_requested_without_onnxruntime_gpu(capsys, tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed")
+    argv = ["compile", "demo:mlp", "-o", str(tmp_path / "x"), "--backend", "ort{device=cuda}"]
+    assert main(argv) == 2
+    assert "device=cuda needs onnxruntime-gpu" in capsys.readouterr().err
+    with pytest.raises(PeakcError, match="backend 'ort' has no option"):
+        peakc.compile(*demo_mlp(), backend="ort{gpu=1}")
+
+
+class Odd(torch.nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x * 2) + 1
+
+
+def _data_dependent_branch(x: torch.Tensor) -> torch.Tensor:
+    """Python control flow on a tensor's value: the reference cannot be exported."""
+    if float(x.sum()) > 1e9:
+        return x * 3
+    return x * 2
+
+
+def _shifted(x: torch.Tensor) -> torch.Tensor:
+    """Plain torch: exports through its reference."""
+    return x.roll(1, dims=-1) * 3
+
+
+UNEXPORTABLE = define_op(
+    "test_ort_unexportable", _data_dependent_branch, lambda x: torch.empty_like(x)
+)
+SHIFTED = define_op("test_ort_shifted", _shifted, lambda x: torch.empty_like(x))
+
+
+def test_unmapped_op_exports_its_reference(tmp_path):
+    model = Odd(torch.ops.peakc.test_ort_shifted)
+    x = torch.randn(3, 5)
+    compiled, artifact = compile_ort(model, (x,), tmp_path, "odd", pipeline="none")
+    assert compiled.contents.report["ops"] == {"test_ort_shifted": "reference (exported)"}
+    assert compiled.contents.report["ort"]["reference_ops"] == ["test_ort_shifted"]
+    assert rel_error(artifact(x)[0], model(x)) < 1e-6
+
+
+def test_unmapped_unexportable_op_is_named():
+    model = Odd(torch.ops.peakc.test_ort_unexportable)
+    with pytest.raises(PeakcError, match="peakc::test_ort_unexportable has no ONNX mapping"):
+        peakc.compile(model, (torch.randn(3, 5),), backend="ort", pipeline="none")
+
+
+def test_checker_failure_is_clear(tmp_path):
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["x"], ["y"])],
+        "bad",
+        [value("x", TensorProto.FLOAT, [1])],
+        [value("y", TensorProto.FLOAT, [1])],
+    )
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(PeakcError, match="bad.onnx fails the ONNX checker: No Op registered"):
+        check_onnx(path)
+
+
+def test_count_contrib_ops_reads_functions_too():
+    import onnx_ir
+
+    model = onnx_ir.serde.deserialize_model(
+        onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    )
+    assert count_contrib_ops(model) == {}
+
+
+class BigEmbedding(torch.nn.Module):
+    """263k x 2048 fp32 = 2.15 GB of weights: past protobuf's 2 GB limit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        weight = torch.zeros(263_000, 2048)
+        weight[7] = 1.5
+        self.embed = torch.nn.Embedding.from_pretrained(weight)
+
+    def forward(self, ids):
+        return self.embed(ids) * 2
+
+
+@pytest.mark.slow
+def test_over_2gb_uses_external_data(tmp_path):
+    """About 40 s and 5 GB of disk on 2 cores (export, checker, two session loads, sha256)."""
+    ids = torch.tensor([[1, 7, 262_999]])
+    compiled = peakc.compile(BigEmbedding(), (ids,), backend="ort", pipeline="none", parity=False)
+    assert compiled.contents.report["ort"]["external_data"] is True
+    directory = compiled.save(tmp_path / "big")
+    assert (directory / "forward.onnx.data").stat().st_size > 2**31
+    assert (directory / "forward.onnx").stat().st_size < 2**20
+    out = peakc.load(directory)(ids)[0]
+    assert out[0, 1].eq(3.0).all() and out[0, 0].eq(0).all()
