@@ -60,7 +60,9 @@ def sync(device: torch.device) -> float:
 
 
 def compile_decoder(spec: str, pipeline: str, dtype: str, windows, max_seq_len: int, work: Path):
-    source = load_source_for_task(spec, "generate", max_seq_len=max_seq_len, max_batch=8, dtype=dtype)
+    source = load_source_for_task(
+        spec, "generate", max_seq_len=max_seq_len, max_batch=8, dtype=dtype
+    )
     started = time.perf_counter()
     compiled = peakc.compile(
         source.module,
@@ -94,7 +96,9 @@ def continuation_ppl(model, prompts: list[list[int]], outputs: list[list[int]], 
 
 def time_peakc(generator: Generator, batch: int, prompt_len: int, gen: int, repeats: int):
     vocab = generator.layout["vocab_size"]
-    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompts = torch.randint(
+        0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)
+    )
     config = SamplingConfig(max_new_tokens=gen)
     generator.generate(prompts.tolist(), config)
     prefill, step = [], []
@@ -153,8 +157,12 @@ def main() -> None:
     if args.tiny:
         spec, gen, prompt_len, repeats, max_seq_len = "demo:llama", 8, 16, 2, 64
         windows = torch.randint(0, 256, (32, 512))[:, :32]
-        pipelines = {k: v.replace("seq_len=512", "seq_len=32").replace("nsamples=32", "nsamples=4")
-                     .replace("group_size=64", "group_size=16") for k, v in PIPELINES.items()}
+        pipelines = {
+            k: v.replace("seq_len=512", "seq_len=32")
+            .replace("nsamples=32", "nsamples=4")
+            .replace("group_size=64", "group_size=16")
+            for k, v in PIPELINES.items()
+        }
     else:
         from safetensors.torch import load_file
 
@@ -168,13 +176,19 @@ def main() -> None:
         import transformers
 
         path = Path(spec.split(":", 1)[1])
-        dense_model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        ).to(device).eval()
+        dense_model = (
+            transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32
+            )
+            .to(device)
+            .eval()
+        )
 
     reference = None
     for name in [n for n in names if n]:
-        artifact, seconds = compile_decoder(spec, pipelines[name], "float32", windows, max_seq_len, work)
+        artifact, seconds = compile_decoder(
+            spec, pipelines[name], "float32", windows, max_seq_len, work
+        )
         generator = Generator.from_artifact(artifact, device)
         if generator.tokenizer is not None:
             prompts = [generator.tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
@@ -183,11 +197,18 @@ def main() -> None:
         outputs = generator.generate(prompts, SamplingConfig(max_new_tokens=gen)).tokens
         reference = reference or outputs
         same = sum(a == b for a, b in zip(outputs, reference))
-        ppl = continuation_ppl(dense_model, prompts, outputs, device) if dense_model else float("nan")
+        ppl = (
+            continuation_ppl(dense_model, prompts, outputs, device) if dense_model else float("nan")
+        )
         size = (artifact.directory / "weights.safetensors").stat().st_size / 1e6
         sample = generator.tokenizer.decode(outputs[0]) if generator.tokenizer else str(outputs[0])
-        results[name] = {"compile_s": seconds, "ppl_under_dense": ppl, "identical_to_dense": same,
-                         "weights_mb": size, "sample": sample}
+        results[name] = {
+            "compile_s": seconds,
+            "ppl_under_dense": ppl,
+            "identical_to_dense": same,
+            "weights_mb": size,
+            "sample": sample,
+        }
         rows.append(f"| {name} | {ppl:.2f} | {same}/{len(prompts)} | {size:.0f} | {seconds:.1f} |")
         print(rows[-1], flush=True)
 
@@ -200,9 +221,13 @@ def main() -> None:
             import transformers
 
             path = Path(spec.split(":", 1)[1])
-            peer = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
-            ).to(device).eval()
+            peer = (
+                transformers.AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
+                )
+                .to(device)
+                .eval()
+            )
         for batch in (1, 8):
             p_pre, p_step = time_peakc(generator, batch, prompt_len, gen, repeats)
             line = f"| {dtype} | {batch} | peakc eager artifact | {p_pre * 1e3:.2f} | {p_step * 1e3:.3f} | {batch / p_step:.0f} |"
@@ -218,10 +243,14 @@ def main() -> None:
 
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
-    print("\n| pipeline | ppl of own output under dense | greedy identical to dense | weights MB | compile s |")
+    print(
+        "\n| pipeline | ppl of own output under dense | greedy identical to dense | weights MB | compile s |"
+    )
     print("|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\n| dtype | batch | runtime | prefill ms (prompt {prompt_len}) | decode ms/step | tokens/s |")
+    print(
+        f"\n| dtype | batch | runtime | prefill ms (prompt {prompt_len}) | decode ms/step | tokens/s |"
+    )
     print("|---|---|---|---|---|---|")
     print("\n".join(speed))
     for name in [n for n in names if n]:
