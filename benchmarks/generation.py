@@ -49,7 +49,9 @@ PIPELINES = {
     "dense": "cleanup,fuse",
     "SparseGPT 50%": "prune{method=sparsegpt,sparsity=0.5,nsamples=32,seq_len=512},cleanup,fuse",
     "GPTQ 4-bit": "quantize{method=gptq,bits=4,nsamples=32,seq_len=512},cleanup,fuse",
-    "GPTQ 4-bit g64": "quantize{method=gptq,bits=4,group_size=64,nsamples=32,seq_len=512},cleanup,fuse",
+    "GPTQ 4-bit g64": (
+        "quantize{method=gptq,bits=4,group_size=64,nsamples=32,seq_len=512},cleanup,fuse"
+    ),
 }
 
 
@@ -131,6 +133,13 @@ def time_transformers(model, device, batch: int, prompt_len: int, gen: int, repe
     run()
     runs = [run() for _ in range(repeats)]
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def speed_row(dtype: str, batch: int, runtime: str, prefill: float, step: float) -> str:
+    return (
+        f"| {dtype} | {batch} | {runtime} | {prefill * 1e3:.2f} | {step * 1e3:.3f} "
+        f"| {batch / step:.0f} |"
+    )
 
 
 def find_gguf() -> Path:
@@ -230,27 +239,25 @@ def main() -> None:
             )
         for batch in (1, 8):
             p_pre, p_step = time_peakc(generator, batch, prompt_len, gen, repeats)
-            line = f"| {dtype} | {batch} | peakc eager artifact | {p_pre * 1e3:.2f} | {p_step * 1e3:.3f} | {batch / p_step:.0f} |"
+            line = speed_row(dtype, batch, "peakc eager artifact", p_pre, p_step)
             speed.append(line)
             print(line, flush=True)
             results[f"speed {dtype} b{batch} peakc"] = [p_pre, p_step]
             if peer is not None:
                 t_pre, t_step = time_transformers(peer, device, batch, prompt_len, gen, repeats)
-                line = f"| {dtype} | {batch} | transformers eager | {t_pre * 1e3:.2f} | {t_step * 1e3:.3f} | {batch / t_step:.0f} |"
+                line = speed_row(dtype, batch, "transformers eager", t_pre, t_step)
                 speed.append(line)
                 print(line, flush=True)
                 results[f"speed {dtype} b{batch} transformers"] = [t_pre, t_step]
 
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
-    print(
-        "\n| pipeline | ppl of own output under dense | greedy identical to dense | weights MB | compile s |"
-    )
+    print("\n| pipeline | ppl of own output under dense | greedy identical to dense ", end="")
+    print("| weights MB | compile s |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
-    print(
-        f"\n| dtype | batch | runtime | prefill ms (prompt {prompt_len}) | decode ms/step | tokens/s |"
-    )
+    print(f"\n| dtype | batch | runtime | prefill ms (prompt {prompt_len}) ", end="")
+    print("| decode ms/step | tokens/s |")
     print("|---|---|---|---|---|---|")
     print("\n".join(speed))
     for name in [n for n in names if n]:
