@@ -52,6 +52,24 @@ def op_lowering_report(graph: Graph, backend: str) -> dict[str, str]:
     return report
 
 
+def programs_to_export(graph: Graph) -> dict[str, Graph]:
+    """The programs an artifact holds: `forward`, or for a generation decoder `decoder` (any
+    prompt length: prefill) and `decode_step` (the same transformed graph exported with one new
+    token per sequence). Both share the artifact's weights."""
+    if "generation" not in graph.info:
+        return {"forward": graph}
+    ids, positions, k_cache, v_cache = graph.example_inputs
+    dynamic = graph.info.get("dynamic") or {}
+    step_dynamic = {
+        "dims": {k: v for k, v in dynamic.get("dims", {}).items() if k != "seq"},
+        "inputs": [
+            {i: d for i, d in spec.items() if d != "seq"} for spec in dynamic.get("inputs", [])
+        ],
+    }
+    step = graph.specialized((ids[:, :1], positions[:, :1], k_cache, v_cache), step_dynamic)
+    return {"decoder": graph, "decode_step": step}
+
+
 def program_name(graph: Graph) -> str:
     """`decoder` for a generation graph (prefill and decode), `forward` otherwise."""
     return "decoder" if "generation" in graph.info else "forward"

@@ -73,6 +73,15 @@ class Graph:
             new.meta = dict(old.meta)
         return Graph.from_parts(new_graph, self.weights(), self.example_inputs, self.info)
 
+    def specialized(self, example_inputs: tuple[torch.Tensor, ...], dynamic: dict | None) -> Graph:
+        """The same program with other example inputs and dynamic dims (e.g. seq fixed to 1)."""
+        out = self.copy()
+        out.example_inputs = tuple(example_inputs)
+        out.info = {k: v for k, v in self.info.items() if k != "dynamic"}
+        if dynamic:
+            out.info["dynamic"] = dynamic
+        return out
+
     # --- weights ---------------------------------------------------------------------------
 
     def weights(self) -> dict[str, torch.Tensor]:

@@ -128,21 +128,33 @@ def export_program(graph: Graph) -> tuple[bytes, ProgramFile]:
     exported._example_inputs = None  # would be pickled into the archive
     buffer = io.BytesIO()
     torch.export.save(exported, buffer)
-    info = program_signature(graph, [n.target for n in weight_nodes])
+    placeholders = [n for n in exported.graph.nodes if n.op == "placeholder"][len(weights) :]
+    (output,) = [n for n in exported.graph.nodes if n.op == "output"]
+    values = (
+        [n.meta.get("val") for n in placeholders],
+        [a.meta.get("val") if isinstance(a, fx.Node) else None for a in output.args[0]],
+    )
+    info = program_signature(graph, [n.target for n in weight_nodes], values=values)
     return buffer.getvalue(), info
 
 
 def program_signature(
-    graph: Graph, weights: list[str], format: str = "torch.export"
+    graph: Graph,
+    weights: list[str],
+    format: str = "torch.export",
+    values: tuple[list, list] | None = None,
 ) -> ProgramFile:
     """The program's calling convention: weight names, then inputs and outputs with named
-    dynamic dimensions."""
+    dynamic dimensions. `values`: the exported program's own (input, output) values, when it
+    was re-traced (its sizes are the ones that hold); otherwise the graph's recorded values."""
     dynamic = graph.info.get("dynamic")
+    in_vals = [n.meta.get("val") for n in graph.input_nodes()]
     out_vals = [n.meta.get("val") for n in graph.output_nodes()]
+    if values is not None:
+        in_vals, out_vals = values
     input_specs = (dynamic or {}).get("inputs") or [{}] * len(graph.example_inputs)
     symbols: dict[str, str] = {}  # symbolic size (e.g. "s27") -> dynamic dim name ("seq")
-    for node, spec in zip(graph.input_nodes(), input_specs):
-        val = node.meta.get("val")
+    for val, spec in zip(in_vals, input_specs):
         for index, dim_name in spec.items():
             if isinstance(val, torch.Tensor):
                 symbols[str(val.shape[int(index)])] = dim_name

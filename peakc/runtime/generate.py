@@ -85,10 +85,18 @@ class Generator:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         program = place_on_device(artifact.program("decoder"), device)
         weights = [w.to(device) for w in artifact.weight_list("decoder")]
+        decode = program
+        if "decode_step" in artifact.manifest["programs"]:  # one token per sequence
+            decode = place_on_device(artifact.program("decode_step"), device)
+            if artifact.manifest["programs"]["decode_step"]["weights"] != artifact.manifest[
+                "programs"
+            ]["decoder"]["weights"]:
+                raise PeakcError(f"artifact {artifact.directory}: programs disagree on weights")
 
         def step(ids, positions, k_cache, v_cache):
+            run = decode if ids.shape[1] == 1 else program
             with torch.no_grad():
-                return program(*weights, ids, positions, k_cache, v_cache)
+                return run(*weights, ids, positions, k_cache, v_cache)
 
         return cls(step, layout, device, load_tokenizer(artifact.directory))
 

@@ -42,6 +42,13 @@ def test_manifest_records_program_and_limits(gen_artifact):
     program = manifest["programs"]["decoder"]
     assert program["inputs"][0]["shape"] == ["batch", "seq"]
     assert program["dynamic"]["dims"] == {"batch": [1, 3], "seq": [1, 48]}
+    # Prefill and decode: two programs from one transformed graph, sharing the weights file.
+    assert list(manifest["programs"]) == ["decoder", "decode_step"]
+    step = manifest["programs"]["decode_step"]
+    assert step["inputs"][0]["shape"] == ["batch", 1]
+    assert step["outputs"][0]["shape"] == ["batch", 1, 256]
+    assert step["weights"] == program["weights"]
+    assert step["dynamic"]["dims"] == {"batch": [1, 3]}
     assert manifest["generation"]["max_seq_len"] == 48
     assert manifest["generation"]["num_layers"] == 2
     report = json.loads((gen_artifact / "report.json").read_text())
