@@ -18,7 +18,7 @@ PROMPTS = [
 
 
 @pytest.mark.slow
-def test_greedy_tokens_match_transformers(tmp_path, smollm2_gguf):
+def test_greedy_tokens_match_transformers(tmp_path, smollm2_gguf, capsys):
     gguf = smollm2_gguf
     out = tmp_path / "smol"
     argv = ["compile", f"gguf:{gguf}", "-o", str(out), "--task", "generate",
@@ -44,3 +44,12 @@ def test_greedy_tokens_match_transformers(tmp_path, smollm2_gguf):
     width = batch.input_ids.shape[1]
     for i, tokens in enumerate(ours):
         assert tokens == theirs[i, width:].tolist(), f"prompt {i} differs"
+
+    # The CLI needs nothing but the artifact: its tokenizer turns text into tokens and back.
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", PROMPTS[0], "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(PROMPTS[0]) and len(captured.out) > len(PROMPTS[0]) + 2
+    expected = PROMPTS[0] + tokenizer.decode(ours[0][:8], skip_special_tokens=True)
+    assert captured.out.strip() == expected.strip()
+    assert "tokens/s on cpu" in captured.err

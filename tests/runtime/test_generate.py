@@ -139,6 +139,11 @@ def test_bench_json(gen_artifact, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["batch"] == 2 and result["decode_tokens_per_s"] > 0
     assert result["prefill_ms"]["median"] > 0
+    source = ["bench", "demo:llama", "--prompt-len", "8", "--gen-len", "4", "--repeats", "2",
+              "--json"]
+    assert main(source) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["target"] == "eager demo:llama" and result["decode_tokens_per_s"] > 0
 
 
 def test_pruned_decoder_generates(tmp_path):
