@@ -369,3 +369,33 @@ def calibration_samples(
     windows = calibration_windows(data, nsamples, seq_len, seed, owner)
     batch = inputs[0].shape[0]
     return [(windows[i : i + batch],) for i in range(0, len(windows) - batch + 1, batch)]
+
+
+def damped_inverse_factor(
+    hessian: torch.Tensor, damp: float, layer: str, owner: str
+) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, as SparseGPT and GPTQ use it.
+
+    While H is not positive definite (or the factor not finite), damping grows tenfold with a
+    warning naming the layer; a Hessian that stays singular is an error, never NaN weights.
+    """
+    import warnings
+
+    h = hessian
+    mean_diag = h.diagonal().mean()
+    eye = torch.eye(h.shape[0], device=h.device)
+    level = damp
+    for _ in range(8):
+        chol, info = torch.linalg.cholesky_ex(h + (level * mean_diag) * eye)
+        if int(info) == 0:
+            factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(factor).all()):
+                return factor
+        raised = level * 10 if level > 0 else 0.01
+        warnings.warn(
+            f"{owner}: Hessian of {layer} is not positive definite with damp={level:g}; "
+            f"retrying with damp={raised:g}",
+            stacklevel=3,
+        )
+        level = raised
+    raise PeakcError(f"{owner}: Hessian of {layer} stays singular even with damp={level:g}")

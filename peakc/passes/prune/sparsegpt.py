@@ -16,12 +16,11 @@ loop (tests compare them), with one batched solve instead of one step per column
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from peakc.errors import PeakcError
+from peakc.passes.calibration import damped_inverse_factor
 from peakc.passes.prune.pattern import Pattern
 
 _SOLVE_ROWS = 1024  # rows per batched triangular solve (bounds memory at rows·bs² floats)
@@ -48,24 +47,7 @@ def inverse_hessian_factor(
     h = hessian.detach().float().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    mean_diag = h.diagonal().mean()
-    level = damp
-    for _ in range(8):
-        damped = h + (level * mean_diag) * torch.eye(h.shape[0], device=h.device)
-        chol, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(chol)
-            factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(factor).all()):
-                return factor, dead
-        raised = level * 10 if level > 0 else 0.01
-        warnings.warn(
-            f"prune: Hessian of {layer} is not positive definite with damp={level:g}; "
-            f"retrying with damp={raised:g}",
-            stacklevel=2,
-        )
-        level = raised
-    raise PeakcError(f"prune: Hessian of {layer} stays singular even with damp={level:g}")
+    return damped_inverse_factor(h, damp, layer, "prune"), dead
 
 
 def sparsegpt_prune(

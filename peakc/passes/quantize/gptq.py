@@ -14,12 +14,11 @@ re-grown.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from peakc.errors import PeakcError
+from peakc.passes.calibration import damped_inverse_factor
 from peakc.passes.quantize.grid import (
     GridSpec,
     dequantize_ints,
@@ -54,24 +53,7 @@ def rtn_quantize(weight: torch.Tensor, spec: GridSpec) -> QuantizedWeight:
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float, layer: str) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹; damping grows tenfold (with a
     warning naming the layer) while H is not positive definite."""
-    h = hessian
-    mean_diag = h.diagonal().mean()
-    eye = torch.eye(h.shape[0], device=h.device)
-    level = damp
-    for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(h + (level * mean_diag) * eye)
-        if int(info) == 0:
-            factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(factor).all()):
-                return factor
-        raised = level * 10 if level > 0 else 0.01
-        warnings.warn(
-            f"quantize: Hessian of {layer} is not positive definite with damp={level:g}; "
-            f"retrying with damp={raised:g}",
-            stacklevel=2,
-        )
-        level = raised
-    raise PeakcError(f"quantize: Hessian of {layer} stays singular even with damp={level:g}")
+    return damped_inverse_factor(hessian, damp, layer, "quantize")
 
 
 def gptq_quantize(
