@@ -106,9 +106,14 @@ def calibrate_blocks(
     progress: bool = True,
     description: str = "calibrating",
     activations: str = "auto",
+    stagewise: bool = False,
 ) -> CalibrationRun:
     """Run `graph` block by block over `samples` (each a tuple of graph inputs), calling
     `compress` for every block with target linears; its returned weights replace the graph's.
+
+    `stagewise`: call `compress` once per stage of a block (the linears reading one value, in
+    graph order: q/k/v, then o, then gate/up, then down), each stage's Hessians measured with
+    the earlier stages' new weights in place (GPTQ's sequential order within a block).
 
     `activations`: "device" keeps cross-block values on the compute device, "host" streams
     them from host memory per sample, "auto" picks host only when they would not fit."""
@@ -147,16 +152,18 @@ def calibrate_blocks(
         for index, (block, sites) in enumerate(zip(blocks, block_sites)):
             bar.update(task, description=f"{description} {block.name}")
             weights = _block_weights(graph, block, device)
-            if sites:
-                hessians, tokens = _accumulate_hessians(block, sites, store, weights, len(samples))
-                cal = BlockCalibration(graph, block, index, sites, hessians, tokens, device)
+            groups = block_stages(sites) if stagewise else [sites] if sites else []
+            for group in groups:
+                measure = _stage_hessians if stagewise else _accumulate_hessians
+                hessians, tokens = measure(block, group, store, weights, len(samples))
+                cal = BlockCalibration(graph, block, index, group, hessians, tokens, device)
                 new = compress(cal) or {}
                 for name, value in new.items():
                     old = graph.get_weight(name)
                     graph.set_weight(name, value.detach().to("cpu", old.dtype))
                     weights[name] = value.detach().to(device, old.dtype)
                 del hessians
-                run.sites += len(sites)
+                run.sites += len(group)
             _run_block(block, store, weights, len(samples))
             run.blocks.append(block.name)
             store.drop([n for n, i in needed_after.items() if i == index])
@@ -236,6 +243,44 @@ def run_graph(graph: Graph, inputs: tuple[torch.Tensor, ...], device: torch.devi
 def _block_weights(graph: Graph, block: Block, device: torch.device) -> dict[str, torch.Tensor]:
     nodes = [*block.nodes, *block.inputs]
     return {n.target: graph.get_weight(n.target).to(device) for n in nodes if n.op == "get_attr"}
+
+
+def block_stages(sites: list[LinearSite]) -> list[list[LinearSite]]:
+    """Sites grouped by the value they read, in the graph order of each group's first site."""
+    stages: dict[fx.Node, list[LinearSite]] = {}
+    for site in sites:
+        stages.setdefault(site.input, []).append(site)
+    return list(stages.values())
+
+
+def _stage_hessians(
+    block: Block,
+    stage: list[LinearSite],
+    store: ActivationStore,
+    weights: dict[str, torch.Tensor],
+    nsamples: int,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """H = 2·XᵀX/n of the stage's shared input, running the block only as far as it needs."""
+    source = stage[0].input
+    first = stage[0].node
+    stop = block.nodes.index(first)
+    prefix = block.nodes[:stop]
+    h: torch.Tensor | None = None
+    rows = 0
+    for i in range(nsamples):
+        env = _block_env(block, store, weights, i)
+        with torch.no_grad():
+            run_nodes(prefix, env, weights, store.device)
+        x = env[source] if source in env else None
+        if x is None:
+            raise PeakcError(f"block {block.name}: input of {stage[0].module} was not computed")
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if h is None:
+            h = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+        h.addmm_(flat.t(), flat)
+        rows += flat.shape[0]
+    h.mul_(2.0 / max(rows, 1))
+    return {s.module: h for s in stage}, rows
 
 
 def _accumulate_hessians(

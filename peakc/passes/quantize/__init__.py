@@ -25,6 +25,7 @@ from peakc.passes.base import Pass, PassContext, PassResult, register_pass
 from peakc.passes.calibration import (
     BlockCalibration,
     LinearSite,
+    calibrate_blocks,
     calibration_samples,
     compute_device,
     default_targets,
@@ -34,7 +35,6 @@ from peakc.passes.prune.sparsegpt import reconstruction_error
 from peakc.passes.quantize.gptq import QuantizedWeight, gptq_quantize, rtn_quantize
 from peakc.passes.quantize.grid import GridSpec
 from peakc.passes.quantize.rewrite import QUANT_KEY, PackedLinear, pack_layer, replace_linear
-from peakc.passes.quantize.sequential import calibrate_stages
 
 BITS = (2, 3, 4, 8)
 
@@ -115,7 +115,7 @@ class QuantizePass(Pass):
                 )
         else:
             compress = _gptq_compressor(o, specs, packed, errors)
-            calibrate_stages(
+            calibrate_blocks(
                 graph,
                 self._samples(graph, ctx),
                 compress,
@@ -123,6 +123,7 @@ class QuantizePass(Pass):
                 device=compute_device(ctx.device),
                 progress=bool(ctx.settings.get("progress", True)),
                 description="quantize",
+                stagewise=True,
             )
         params = 0
         for site in sites:
