@@ -117,7 +117,7 @@ class Graph:
         self.set_weight(name, value)
         with self.gm.graph.inserting_before(before):
             node = self.gm.graph.get_attr(name)
-        node.meta["val"] = ir_meta.fake_of(value, ir_meta.symbolic_fake_mode(self.gm))
+        node.meta["val"] = ir_meta.fake_of(value)
         return node
 
     # --- structure -------------------------------------------------------------------------

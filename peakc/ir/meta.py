@@ -73,23 +73,6 @@ def same_signature(a: object, b: object) -> bool:
     return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor)
 
 
-def fake_of(value: torch.Tensor, mode: FakeTensorMode | None = None) -> torch.Tensor:
-    """A stand-in carrying a tensor's shape and dtype (for node.meta["val"]).
-
-    With the graph's fake mode (a graph with dynamic shapes), a fake tensor of that mode, so it
-    combines with the graph's symbolic values; otherwise a meta-device tensor.
-    """
-    if mode is not None:
-        return mode.from_tensor(value, static_shapes=True)
+def fake_of(value: torch.Tensor) -> torch.Tensor:
+    """A meta-device stand-in carrying a tensor's shape and dtype (for node.meta["val"])."""
     return torch.empty(value.shape, dtype=value.dtype, device="meta")
-
-
-def symbolic_fake_mode(gm: fx.GraphModule) -> FakeTensorMode | None:
-    """The fake mode of a graph whose recorded values have symbolic (dynamic) sizes, or None."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, FakeTensor) and any(not isinstance(d, int) for d in val.shape):
-            return val.fake_mode
-    return None
