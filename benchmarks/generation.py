@@ -33,6 +33,7 @@ import torch
 
 import peakc
 from peakc.models import load_source_for_task
+from peakc.runtime.bench import time_generation
 from peakc.runtime.generate import Generator, SamplingConfig
 
 PROMPTS = [
@@ -97,17 +98,7 @@ def continuation_ppl(model, prompts: list[list[int]], outputs: list[list[int]], 
 
 
 def time_peakc(generator: Generator, batch: int, prompt_len: int, gen: int, repeats: int):
-    vocab = generator.layout["vocab_size"]
-    prompts = torch.randint(
-        0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)
-    )
-    config = SamplingConfig(max_new_tokens=gen)
-    generator.generate(prompts.tolist(), config)
-    prefill, step = [], []
-    for _ in range(repeats):
-        r = generator.generate(prompts.tolist(), config)
-        prefill.append(r.prefill_seconds)
-        step.append(r.decode_seconds / max(r.decode_steps, 1))
+    prefill, step = time_generation(generator, batch, prompt_len, gen, repeats)
     return statistics.median(prefill), statistics.median(step)
 
 

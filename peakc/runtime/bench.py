@@ -28,18 +28,7 @@ def bench_target(
     if batch < 1 or prompt_len < 1 or gen_len < 1 or repeats < 1:
         raise PeakcError("--batch, --prompt-len, --gen-len and --repeats must be positive")
     generator, label = _generator(target, prompt_len + gen_len, batch, device)
-    vocab = generator.layout["vocab_size"]
-    prompts = torch.randint(
-        0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)
-    )
-    prompts = prompts.tolist()
-    config = SamplingConfig(max_new_tokens=gen_len)
-    generator.generate(prompts, config)  # warm-up
-    prefill, decode = [], []
-    for _ in range(repeats):
-        result = generator.generate(prompts, config)
-        prefill.append(result.prefill_seconds)
-        decode.append(result.decode_seconds / max(result.decode_steps, 1))
+    prefill, decode = time_generation(generator, batch, prompt_len, gen_len, repeats)
     return {
         "target": label,
         "device": str(generator.device),
@@ -51,6 +40,25 @@ def bench_target(
         "decode_ms_per_step": {"median": _ms(statistics.median(decode)), "p90": _ms(_p90(decode))},
         "decode_tokens_per_s": round(batch / statistics.median(decode), 2),
     }
+
+
+def time_generation(
+    generator: Generator, batch: int, prompt_len: int, gen_len: int, repeats: int
+) -> tuple[list[float], list[float]]:
+    """Prefill seconds and decode seconds per step for each repeat, after one warm-up, on a
+    fixed batch of random prompts (greedy, no early stop)."""
+    vocab = generator.layout["vocab_size"]
+    prompts = torch.randint(
+        0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)
+    ).tolist()
+    config = SamplingConfig(max_new_tokens=gen_len)
+    generator.generate(prompts, config)  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        result = generator.generate(prompts, config)
+        prefill.append(result.prefill_seconds)
+        decode.append(result.decode_seconds / max(result.decode_steps, 1))
+    return prefill, decode
 
 
 def format_bench(result: dict[str, Any]) -> str:
