@@ -109,6 +109,17 @@ def test_owl_keeps_overall_sparsity_and_varies_layers(graph):
     assert result.stats["sparsity.max"] - result.stats["sparsity.min"] > 0.05
 
 
+def test_owl_per_linear_varies_linears_within_a_block(graph):
+    result = prune(graph, sparsity=0.6, sparsity_profile="owl", owl_granularity="linear")
+    assert abs(result.stats["sparsity"] - 0.6) < 2e-3
+    per_linear = {
+        n.meta["peakc_module"]: n.meta["peakc_sparsity"]["sparsity"]
+        for n in result.graph.call_nodes()
+        if "peakc_sparsity" in n.meta and n.meta["peakc_module"].startswith("model.layers.0.")
+    }
+    assert max(per_linear.values()) - min(per_linear.values()) > 0.05
+
+
 def test_pruned_artifact_saves_loads_runs_and_records_the_mask(llama, tmp_path):
     model, inputs = llama
     compiled = peakc.compile(

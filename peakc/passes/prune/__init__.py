@@ -52,6 +52,7 @@ class PruneOptions:
     sparsity_profile: Literal["uniform", "owl"] = "uniform"
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
+    owl_granularity: Literal["block", "linear"] = "block"
 
 
 @register_pass
@@ -182,17 +183,20 @@ def _owl_allocation(
     device: torch.device,
     progress: bool,
 ) -> dict[str, float]:
-    """Measure each block's outlier ratio on the dense model, then spread the sparsity."""
+    """Measure the outlier ratio of each block (or of each linear, with
+    `owl_granularity=linear`) on the dense model, then spread the sparsity."""
     ratios: list[float] = []
     params: list[int] = []
     members: list[list[str]] = []
 
     def measure(cal: BlockCalibration) -> None:
-        weights = [cal.weight(s) for s in cal.sites]
-        hessians = [cal.hessians[s.module] for s in cal.sites]
-        ratios.append(outlier_ratio(weights, hessians, o.owl_threshold))
-        params.append(sum(w.numel() for w in weights))
-        members.append([s.module for s in cal.sites])
+        units = [cal.sites] if o.owl_granularity == "block" else [[s] for s in cal.sites]
+        for unit in units:
+            weights = [cal.weight(s) for s in unit]
+            hessians = [cal.hessians[s.module] for s in unit]
+            ratios.append(outlier_ratio(weights, hessians, o.owl_threshold))
+            params.append(sum(w.numel() for w in weights))
+            members.append([s.module for s in unit])
 
     calibrate_blocks(
         graph,

@@ -1,8 +1,9 @@
 """OWL (outlier-weighted layerwise sparsity): layers with more activation outliers keep more.
 
-Per block, the outlier ratio is the share of Wanda scores |W_ij|·‖X_j‖ above `threshold`
-times their mean; ratios are spread linearly over [S − λ, S + λ] of density and shifted so
-the parameter-weighted mean sparsity is exactly the target S.
+Per block (the paper's unit; or per linear layer), the outlier ratio is the share of Wanda
+scores |W_ij|·‖X_j‖ above `threshold` times their mean; ratios are spread linearly over
+[S − λ, S + λ] of density and shifted so the parameter-weighted mean sparsity is exactly the
+target S.
 """
 
 from __future__ import annotations
