@@ -270,6 +270,12 @@ def calibrate(device: str | None = None, *, quick: bool = False, tiny: bool = Fa
     if device == "cuda" and not torch.cuda.is_available():
         raise PeakcError("calibrate: device 'cuda' asked for but no CUDA device is available")
     measurements = measure(device, quick=quick, tiny=tiny, disk_dir=disk_dir, progress=progress)
+    return fit_for_device(measurements, device, disk_dir)
+
+
+def fit_for_device(measurements: Measurements, device: str,
+                   disk_dir: str | None = None) -> HardwareProfile:
+    """Fit measurements taken on this machine's `device` into a named profile."""
     label = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     base = _builtin_for(label) if device == "cuda" else None
     slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
