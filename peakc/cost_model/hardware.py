@@ -35,9 +35,14 @@ OP_CLASSES = ("elementwise", "reduction", "softmax", "norm", "gather", "gemm", "
 
 
 def efficiency_at(curve: Curve, size: float) -> float:
-    """The curve's fraction of peak at `size`, piecewise linear in log10(size), clamped at ends."""
+    """The curve's fraction of peak at `size`, piecewise linear in log10(size).
+
+    Above the last point it stays flat; below the first, the kernel's time stays that of the
+    first point (efficiency falls with size): a smaller kernel is no faster than the smallest
+    one measured.
+    """
     if size <= curve[0][0]:
-        return curve[0][1]
+        return curve[0][1] * size / curve[0][0]
     if size >= curve[-1][0]:
         return curve[-1][1]
     x = math.log10(size)

@@ -138,9 +138,9 @@ def test_runtime_graph_is_device_time_and_eager_adds_host(llama_graph):
     assert graph.total_time == pytest.approx(graph.device_time)
     assert graph.device_time == pytest.approx(eager.device_time)
     # Tiny kernels: eager is bound by the host's issue time, the graph replay is not.
-    assert eager.total_time > 1.5 * graph.total_time
+    assert eager.total_time > 1.2 * graph.total_time
     gap_only = sum(n.kernels for n in graph.nodes) * profile.kernel_gap
-    assert gap_only < graph.total_time < gap_only * 1.5
+    assert gap_only < graph.total_time < eager.total_time
     with pytest.raises(PeakcError, match="runtime must be one of eager, graph, got 'cuda'"):
         estimate(llama_graph, profile, runtime="cuda")
 
