@@ -1,9 +1,12 @@
 """Measure a HardwareProfile on the local device with micro-benchmarks.
 
-GEMM sweeps per dtype over LLM-like shapes, a copy sweep, an attention sweep, host-device
-transfers (pinned and pageable), disk reads, and per-op host overhead. Device times on a
-GPU are taken with the host running ahead (a `cuda._sleep` backlog, then CUDA events), so
-they measure the kernels, not the host; host issue cost is measured separately.
+The device-side launch gap of a near-empty kernel, GEMM sweeps per dtype over LLM-like
+shapes, a copy sweep, per-op-class sweeps (elementwise, reductions, softmax, norms, gathers,
+attention prefill and decode: `op_sweeps.py`), the kernels eager PyTorch launches for fused
+nodes, host-device transfers (pinned and pageable), disk reads, and per-kernel host issue
+cost. Device times on a GPU are CUDA graph replays (`timing.py`), so they measure the
+kernels, not the host; host issue cost (the eager runtime) is measured separately.
+The GEMM and op-class shapes are not those of `benchmarks/cost_model_accuracy.py`.
 """
 
 from __future__ import annotations
@@ -16,13 +19,27 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from peakc.cost_model.hardware import BUILTIN_PROFILES, Curve, HardwareProfile
+from peakc.cost_model.fit import fit_class_curves, fit_curve, fit_gemms, work_seconds
+from peakc.cost_model.hardware import BUILTIN_PROFILES, HardwareProfile
+from peakc.cost_model.op_sweeps import (
+    OpSample,
+    count_eager_kernels,
+    measure_kernel_gap,
+    measure_op_classes,
+    op_cases,
+)
+from peakc.cost_model.timing import (
+    copies_for,
+    device_seconds,
+    forward_seconds,
+    host_seconds,
+)
 from peakc.errors import PeakcError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,100 +53,40 @@ class Sweep:
     gemm_kn: list[tuple[int, int]]
     gemm_dtypes: list[str]
     copy_sizes: list[int]  # bytes of one tensor (the kernel moves twice that)
-    attention: list[tuple[int, int, int]]  # (heads, seq, head_dim), batch 1, causal
+    op_scale: str  # op_sweeps.op_cases scale: "tiny" | "cpu" | "quick" | "full"
     transfer_bytes: int
     disk_bytes: int
     launch_iters: int
-    target_seconds: float  # how long one timed loop should run
+    target_seconds: float  # how long one timed loop (or graph replay) should run
     tf32: bool = False
-    notes: list[str] = field(default_factory=list)
+    other_dtype_shapes: int = 5  # dtypes other than bf16 sweep the first this many shapes
 
 
 def sweep_for(device: str, quick: bool, tiny: bool) -> Sweep:
     """The sweep for a device kind and mode (tiny: for tests, seconds on CPU)."""
     if tiny:
         return Sweep([1, 16, 64], [(64, 64), (128, 256)], ["fp32"], [2**12, 2**16, 2**20],
-                     [(2, 32, 16)], 2**20, 2**20, 50, 0.002)
+                     "tiny", 2**20, 2**20, 50, 0.002)
     if device == "cpu":
         kn = [(512, 512), (1024, 2048), (2048, 1024)]
         if quick:
             return Sweep([1, 32, 256], kn, ["fp32", "bf16"], [2**12, 2**16, 2**20, 2**24],
-                         [(8, 256, 64)], 2**24, 2**25, 500, 0.02)
+                         "cpu", 2**24, 2**25, 500, 0.02)
         return Sweep([1, 8, 32, 128, 512], kn + [(2048, 2048)], ["fp32", "bf16"],
                      [2**10, 2**12, 2**14, 2**16, 2**18, 2**20, 2**22, 2**24, 2**26],
-                     [(8, 128, 64), (8, 512, 64), (16, 1024, 64)], 2**26, 2**27, 2000, 0.05)
-    kn = [(4096, 4096), (4096, 11008), (11008, 4096), (2048, 8192), (8192, 2048), (576, 1536),
-          (1536, 576), (576, 576), (2048, 2048), (4096, 32000)]
+                     "cpu", 2**26, 2**27, 2000, 0.05)
+    # Not the accuracy benchmark's shapes: no 4096/11008, 2048/8192 or 576/1536 layers.
+    kn = [(3072, 3072), (3072, 8192), (8192, 3072), (1024, 4096), (4096, 1024), (5120, 13824),
+          (13824, 5120), (1024, 1024), (768, 2304), (2304, 768), (3072, 50000), (512, 512),
+          (384, 1024), (1024, 384), (768, 128)]
+    m = [2, 8, 24, 64, 192, 384, 768, 1536, 3072, 6144]
     copies = [2**k for k in range(10, 31, 2)]
-    attn = [(32, s, 128) for s in (128, 256, 512, 1024, 2048, 4096)] + [(9, 512, 64),
-                                                                       (9, 2048, 64)]
     if quick:
-        return Sweep([1, 16, 128, 512, 2048, 4096], kn[:7], ["fp32", "bf16", "fp16"],
-                     copies[::2] + [2**29], attn[::2], 2**26, 2**27, 1000, 0.003)
-    return Sweep([1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192], kn,
-                 ["fp32", "bf16", "fp16"], copies, attn, 2**28, 2**29, 3000, 0.01, tf32=True)
-
-
-# --- timing ---------------------------------------------------------------------------------
-
-
-def device_seconds(fn: Callable[[], object], device: str, target: float, repeats: int = 3) -> float:
-    """Seconds of one `fn()` on the device, the host kept ahead of the device.
-
-    The median of repeats on CUDA; the minimum on CPU, where other processes only add time.
-    """
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        once = time.perf_counter() - start
-    else:
-        start = time.perf_counter()
-        fn()
-        once = time.perf_counter() - start
-    iters = int(min(max(target / max(once, 1e-7), 3), 200))
-    start = time.perf_counter()
-    for _ in range(5):
-        fn()
-    issue = (time.perf_counter() - start) / 5  # host seconds per call (device may lag)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats if device == "cuda" else repeats + 2):
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(int(2 * iters * issue * 2e9) + 100_000)  # backlog: host runs ahead
-            begin.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(begin.elapsed_time(end) / 1e3 / iters)
-        else:
-            start = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            samples.append((time.perf_counter() - start) / iters)
-    return statistics.median(samples) if device == "cuda" else min(samples)
-
-
-def host_seconds(fn: Callable[[], object], device: str, iters: int) -> float:
-    """Host seconds per call of `fn` issued back to back (eager per-op overhead)."""
-    for _ in range(10):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        samples.append((time.perf_counter() - start) / iters)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    return statistics.median(samples)
+        return Sweep(m[::2] + [6144], kn[:5] + kn[-1:], ["bf16", "fp16", "fp32"],
+                     copies[::2] + [2**29], "quick", 2**26, 2**27, 1000, 1e-3,
+                     other_dtype_shapes=3)
+    return Sweep(m, kn, ["bf16", "fp16", "fp32"], copies, "full", 2**28, 2**29, 3000, 2e-3,
+                 tf32=True)
 
 
 # --- measurements ---------------------------------------------------------------------------
@@ -144,16 +101,20 @@ def measure_gemms(sweep: Sweep, device: str, step: Callable[[], None]) -> dict[s
         rows = []
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+        shapes = sweep.gemm_kn if name == "bf16" else sweep.gemm_kn[:sweep.other_dtype_shapes]
         try:
-            for k, n in sweep.gemm_kn:
-                w = torch.randn(n, k, device=device, dtype=dtype)
+            for k, n in shapes:
+                size = torch.finfo(dtype).bits // 8
+                count = copies_for(n * k * size) if device == "cuda" else 1
+                weights = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(count)]
                 for m in sweep.gemm_m:
-                    x = torch.randn(m, k, device=device, dtype=dtype)
-                    seconds = device_seconds(lambda x=x, w=w: F.linear(x, w), device,
-                                             sweep.target_seconds)
-                    moved = (m * k + n * k + m * n) * x.element_size()
+                    xs = [torch.randn(m, k, device=device, dtype=dtype) for _ in range(count)]
+                    calls = [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, weights)]
+                    seconds = device_seconds(calls, device, sweep.target_seconds)
+                    moved = (m * k + n * k + m * n) * size
                     rows.append((2.0 * m * n * k, float(moved), seconds))
                     step()
+                del weights
         finally:
             torch.backends.cuda.matmul.allow_tf32 = previous
         out[name] = rows
@@ -164,24 +125,12 @@ def measure_copies(sweep: Sweep, device: str, step: Callable[[], None]) -> list:
     """(bytes moved, seconds) of device-to-device copies."""
     rows = []
     for size in sweep.copy_sizes:
-        src = torch.empty(size // 4, device=device, dtype=torch.float32).fill_(1.0)
-        dst = torch.empty_like(src)
-        seconds = device_seconds(lambda s=src, d=dst: d.copy_(s), device, sweep.target_seconds)
+        count = copies_for(2 * size) if device == "cuda" else 1
+        pairs = [(torch.empty(size // 4, device=device).fill_(1.0),
+                  torch.empty(size // 4, device=device)) for _ in range(count)]
+        seconds = device_seconds([lambda s=s, d=d: d.copy_(s) for s, d in pairs], device,
+                                 sweep.target_seconds)
         rows.append((2.0 * size, seconds))
-        step()
-    return rows
-
-
-def measure_attention(sweep: Sweep, device: str, dtype: torch.dtype,
-                      step: Callable[[], None]) -> list:
-    """(flops, seconds) of causal scaled-dot-product attention, batch 1."""
-    rows = []
-    for heads, seq, dim in sweep.attention:
-        q, k, v = (torch.randn(1, heads, seq, dim, device=device, dtype=dtype) for _ in range(3))
-        seconds = device_seconds(
-            lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-            device, sweep.target_seconds)
-        rows.append((2.0 * heads * seq * (seq + 1) / 2 * 2 * dim, seconds))
         step()
     return rows
 
@@ -191,7 +140,7 @@ def measure_transfers(sweep: Sweep, device: str) -> dict[str, float]:
     n = sweep.transfer_bytes
     if device != "cuda":
         a, b = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
-        rate = n / device_seconds(lambda: b.copy_(a), "cpu", 0.02)
+        rate = n / device_seconds([lambda: b.copy_(a)], "cpu", 0.02)
         return {k: rate for k in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")}
     gpu = torch.empty(n, dtype=torch.uint8, device="cuda")
     rates = {}
@@ -244,70 +193,70 @@ def measure_disk(sweep: Sweep, directory: str | None) -> tuple[float, str]:
 # --- fitting --------------------------------------------------------------------------------
 
 
-def fit_curve(points: list[tuple[float, float]], bins_per_decade: int = 2) -> Curve:
-    """Median efficiency per log-size bin, as a curve with strictly increasing sizes."""
-    if not points:
-        return [(1.0, 1.0)]
-    groups: dict[int, list[tuple[float, float]]] = {}
-    for size, eff in points:
-        key = int(torch.tensor(size).log10().item() * bins_per_decade)
-        groups.setdefault(key, []).append((size, eff))
-    curve = []
-    for key in sorted(groups):
-        sizes = [s for s, _ in groups[key]]
-        effs = [e for _, e in groups[key]]
-        curve.append((float(statistics.median(sizes)), float(statistics.median(effs))))
-    deduped: Curve = []
-    for size, eff in curve:
-        if not deduped or size > deduped[-1][0]:
-            deduped.append((size, min(max(eff, 1e-6), 1.0)))
-    return deduped
-
-
-def fit_profile(name: str, device_label: str, gemms: dict[str, list], copies: list,
-                attention: list, attention_dtype: str, transfers: dict[str, float],
-                disk: tuple[float, str], launch: dict[str, float], view: float,
+def fit_profile(name: str, device_label: str, m: Measurements,
                 capacities: dict[str, float], asynchronous: bool,
                 base: HardwareProfile | None) -> HardwareProfile:
     """Turn measurements into a profile: peaks are the best achieved, curves the fractions."""
     stamp = f"measured on {device_label} ({datetime.date.today().isoformat()})"
-    bandwidth = max(b / s for b, s in copies)
-    copy_curve = fit_curve([(b, b / s / bandwidth) for b, s in copies], bins_per_decade=1)
-    peaks, by_dtype = {}, {}
-    for dtype, rows in gemms.items():
-        peaks[dtype] = max(f / s for f, _, s in rows)
-        ridge = peaks[dtype] / bandwidth  # FLOP/byte where compute starts to bind
-        compute_bound = [(flops, flops / seconds / peaks[dtype])
-                         for flops, moved, seconds in rows if flops / moved >= 0.5 * ridge]
-        by_dtype[dtype] = fit_curve(compute_bound) if compute_bound else [(1.0, 1.0)]
+    gap = m.kernel_gap
+    bandwidth = max(b / s for b, s in m.copies)
+    copy_curve = fit_curve([(b, b / work_seconds(s, 1, gap) / bandwidth) for b, s in m.copies],
+                           bins_per_decade=1, cap=1.5)
+    peaks, by_dtype, gemm_bandwidth = {}, {}, []
+    for dtype, rows in m.gemms.items():
+        peaks[dtype], by_dtype[dtype], points = fit_gemms(rows, bandwidth, gap)
+        gemm_bandwidth += points
     sources = {f"peak_flops.{d}": stamp for d in peaks}
     if base is not None:
         for dtype, value in base.peak_flops.items():
             if dtype not in peaks:
                 peaks[dtype] = value
                 sources[f"peak_flops.{dtype}"] = f"{base.name} built-in (not measured)"
-    peak_attn = peaks.get(attention_dtype, max(peaks.values()))
-    attn_curve = fit_curve([(f, f / s / peak_attn) for f, s in attention]) if attention \
-        else [(1.0, 1.0)]
+    attention_dtype = "bf16" if asynchronous else "fp32"
+    class_curves, attn_curve = fit_class_curves(
+        m.op_samples, bandwidth, gap, peaks.get(attention_dtype, max(peaks.values())))
+    if gemm_bandwidth:
+        class_curves["gemm"] = fit_curve(gemm_bandwidth, bins_per_decade=3, cap=1.5)
     main = "bf16" if "bf16" in by_dtype else next(iter(by_dtype))
     sources.update({k: stamp for k in ("memory_bandwidth", "copy_efficiency", "gemm_efficiency",
                                        "attention_efficiency", "launch_overhead", "view_overhead",
-                                       "launch_overhead_by_kind", "h2d/d2h", "memory_capacity")})
-    sources["disk_read_bandwidth"] = f"{stamp}, {disk[1]}"
+                                       "launch_overhead_by_kind", "h2d/d2h", "memory_capacity",
+                                       "bandwidth_efficiency", "kernel_gap")})
+    if m.eager_kernels:
+        sources["eager_kernels"] = f"{stamp}: kernels per call counted by torch.profiler"
+    if not asynchronous:
+        sources["kernel_gap"] = "no device-side launch on a CPU: its per-op cost is host time"
+    sources["disk_read_bandwidth"] = f"{stamp}, {m.disk[1]}"
     if not asynchronous:
         sources["h2d/d2h"] = f"{stamp}: host memory copy (no separate device)"
     return HardwareProfile(
         name=name, peak_flops=peaks, memory_bandwidth=bandwidth,
-        h2d_bandwidth_pinned=transfers["h2d_pinned"],
-        h2d_bandwidth_pageable=transfers["h2d_pageable"],
-        d2h_bandwidth_pinned=transfers["d2h_pinned"],
-        d2h_bandwidth_pageable=transfers["d2h_pageable"],
-        disk_read_bandwidth=disk[0], memory_capacity=capacities,
-        launch_overhead=launch["memory"], launch_overhead_by_kind=dict(launch),
+        h2d_bandwidth_pinned=m.transfers["h2d_pinned"],
+        h2d_bandwidth_pageable=m.transfers["h2d_pageable"],
+        d2h_bandwidth_pinned=m.transfers["d2h_pinned"],
+        d2h_bandwidth_pageable=m.transfers["d2h_pageable"],
+        disk_read_bandwidth=m.disk[0], memory_capacity=capacities,
+        launch_overhead=m.launch["memory"], launch_overhead_by_kind=dict(m.launch),
         gemm_efficiency=by_dtype[main], gemm_efficiency_by_dtype=by_dtype,
-        attention_efficiency=attn_curve, copy_efficiency=copy_curve, view_overhead=view,
-        asynchronous_launch=asynchronous, sources=sources,
+        attention_efficiency=attn_curve, copy_efficiency=copy_curve, view_overhead=m.view,
+        asynchronous_launch=asynchronous, kernel_gap=gap, bandwidth_efficiency=class_curves,
+        eager_kernels=dict(m.eager_kernels), sources=sources,
     )
+
+
+@dataclass
+class Measurements:
+    """Everything one calibration measured, before fitting."""
+
+    kernel_gap: float
+    copies: list  # (bytes moved, seconds)
+    gemms: dict[str, list]  # dtype -> (FLOPs, bytes, seconds)
+    op_samples: list[OpSample]
+    eager_kernels: dict[str, int]
+    transfers: dict[str, float]
+    disk: tuple[float, str]
+    launch: dict[str, float]  # host seconds per eager kernel, by kind
+    view: float
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -321,51 +270,63 @@ def calibrate(device: str | None = None, *, quick: bool = False, tiny: bool = Fa
         raise PeakcError(f"calibrate: device must be 'cuda' or 'cpu', got '{device}'")
     if device == "cuda" and not torch.cuda.is_available():
         raise PeakcError("calibrate: device 'cuda' asked for but no CUDA device is available")
-    sweep = sweep_for(device, quick, tiny)
-    gemm_steps = len(sweep.gemm_m) * len(sweep.gemm_kn) * (len(sweep.gemm_dtypes) + sweep.tf32)
-    total = gemm_steps + len(sweep.copy_sizes) + len(sweep.attention) + 3
-    attn_dtype = "bf16" if device == "cuda" else "fp32"
+    measurements = measure(device, quick=quick, tiny=tiny, disk_dir=disk_dir, progress=progress)
+    return fit_for_device(measurements, device, disk_dir)
 
-    with _progress_bar(progress) as bar:
-        task = bar.add_task("calibrate", total=total)
 
-        def stage(text: str) -> Callable[[], None]:
-            bar.update(task, description=text)
-            return lambda: bar.advance(task)
-
-        threads = torch.get_num_threads()
-        if tiny and device == "cpu":
-            torch.set_num_threads(1)  # tiny sweeps must not wait on a busy core's scheduler
-        try:
-            copies, gemms, attention, transfers, disk, launch, view = _measure_all(
-                sweep, device, attn_dtype, disk_dir, stage)
-        finally:
-            torch.set_num_threads(threads)
+def fit_for_device(measurements: Measurements, device: str,
+                   disk_dir: str | None = None) -> HardwareProfile:
+    """Fit measurements taken on this machine's `device` into a named profile."""
     label = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     base = _builtin_for(label) if device == "cuda" else None
     slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
-    return fit_profile(f"calibrated-{slug}", label, gemms, copies, attention, attn_dtype,
-                       transfers, disk, launch, view, _capacities(device, disk_dir),
+    return fit_profile(f"calibrated-{slug}", label, measurements, _capacities(device, disk_dir),
                        asynchronous=device == "cuda", base=base)
 
 
-def _measure_all(sweep: Sweep, device: str, attn_dtype: str, disk_dir: str | None,
-                 stage: Callable[[str], Callable[[], None]]) -> tuple:
+def measure(device: str, *, quick: bool = False, tiny: bool = False,
+            disk_dir: str | None = None, progress: bool = True) -> Measurements:
     """Every measurement of one calibration, in order, each advancing the progress bar."""
-    with torch.inference_mode():
-        copies = measure_copies(sweep, device, stage("copy sweep"))
-        gemms = measure_gemms(sweep, device, stage("GEMM sweep"))
-        attention = measure_attention(sweep, device, DTYPES[attn_dtype], stage("attention"))
-        step = stage("host-device transfers")
-        transfers = measure_transfers(sweep, device)
-        step()
-        step = stage("disk read")
-        disk = measure_disk(sweep, disk_dir)
-        step()
-        step = stage("launch overhead")
-        launch, view = measure_host_overheads(sweep, device)
-        step()
-    return copies, gemms, attention, transfers, disk, launch, view
+    sweep = sweep_for(device, quick, tiny)
+    cases = op_cases(sweep.op_scale)
+    gemm_steps = len(sweep.gemm_m) * sum(
+        len(sweep.gemm_kn) if d == "bf16" else min(len(sweep.gemm_kn), sweep.other_dtype_shapes)
+        for d in sweep.gemm_dtypes + (["tf32"] if sweep.tf32 else []))
+    total = gemm_steps + len(sweep.copy_sizes) + len(cases) + 5
+    threads = torch.get_num_threads()
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)  # tiny sweeps must not wait on a busy core's scheduler
+    try:
+        with _progress_bar(progress) as bar, torch.inference_mode():
+            task = bar.add_task("calibrate", total=total)
+
+            def stage(text: str) -> Callable[[], None]:
+                bar.update(task, description=text)
+                return lambda: bar.advance(task)
+
+            step = stage("kernel gap")
+            gap = measure_kernel_gap(device)
+            step()
+            copies = measure_copies(sweep, device, stage("copy sweep"))
+            gemms = measure_gemms(sweep, device, stage("GEMM sweep"))
+            samples = measure_op_classes(cases, device, sweep.target_seconds,
+                                         stage("op-class sweeps"))
+            step = stage("eager kernels per node")
+            eager_kernels = count_eager_kernels(device)
+            step()
+            step = stage("host-device transfers")
+            transfers = measure_transfers(sweep, device)
+            step()
+            step = stage("disk read")
+            disk = measure_disk(sweep, disk_dir)
+            step()
+            step = stage("launch overhead")
+            launch, view = measure_host_overheads(sweep, device)
+            step()
+    finally:
+        torch.set_num_threads(threads)
+    return Measurements(gap, copies, gemms, samples, eager_kernels, transfers, disk, launch,
+                        view)
 
 
 def measure_host_overheads(sweep: Sweep, device: str) -> tuple[dict[str, float], float]:
@@ -404,27 +365,6 @@ def measure_host_overheads(sweep: Sweep, device: str) -> tuple[dict[str, float],
     kernel_host = sum(counts[k] * bare[k] for k in bare)
     scale = max((per_forward - counts["free"] * view) / kernel_host, 0.5)
     return {k: v * scale for k, v in bare.items()}, view
-
-
-def forward_seconds(fn: Callable[[], object], device: str, repeats: int = 9) -> float:
-    """Median seconds of single calls from an idle device (CUDA events on a GPU)."""
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(begin.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 class _SilentBar:

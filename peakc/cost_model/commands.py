@@ -22,6 +22,10 @@ def add_cost_model_commands(sub: argparse._SubParsersAction) -> None:
                         "(default: the example's)")
     p.add_argument("--phase", choices=("prefill", "decode"), default="prefill",
                    help="which phase the per-block and top-node tables show")
+    p.add_argument("--runtime", choices=("eager", "graph"), default="eager",
+                   help="eager: PyTorch issuing each kernel from the host, as peakc's eager "
+                        "and ort backends run (default); graph: device time of the kernels "
+                        "replayed back to back (a CUDA graph)")
     p.add_argument("--top", type=int, default=10, help="rows in the top-node table")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="write a roofline chart of the nodes")
@@ -51,8 +55,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if token_model:
         batch = args.batch or example[0].shape[0]
         seq = args.seq or example[0].shape[1]
-        results["prefill"] = estimate_prefill(source.module, example, profile, batch, seq, prepare)
-        results["decode"] = estimate_decode(source.module, example, profile, batch, seq, prepare)
+        results["prefill"] = estimate_prefill(source.module, example, profile, batch, seq, prepare,
+                                              runtime=args.runtime)
+        results["decode"] = estimate_decode(source.module, example, profile, batch, seq, prepare,
+                                            runtime=args.runtime)
     else:
         if args.batch or args.seq:
             why = ("is a captured graph with fixed shapes" if source.graph is not None
@@ -66,14 +72,14 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
             graph = capture(source.module, example, name=args.model)
         graph = prepare(graph) if prepare else graph
-        results["graph"] = estimate(graph, profile)
+        results["graph"] = estimate(graph, profile, runtime=args.runtime)
     shown = results.get(args.phase) or next(iter(results.values()))
     if args.plot:
         from peakc.cost_model.roofline_plot import plot_roofline
 
         plot_roofline(shown, profile, args.plot)
     if args.json:
-        print(json.dumps({"model": args.model, "target": profile.name,
+        print(json.dumps({"model": args.model, "target": profile.name, "runtime": args.runtime,
                           **{k: v.to_dict(args.top) for k, v in results.items()}}, indent=2))
         return 0
     _print_tables(args.model, shown, results, args.top)
@@ -100,7 +106,8 @@ def _print_tables(model: str, shown: Estimate, results: dict[str, Estimate], top
 
     console = Console(width=150)
     where = f"batch {shown.batch}, seq {shown.seq}" if shown.batch else "example shape"
-    blocks = Table(title=f"{model} on {shown.target}: {shown.phase} ({where}), per block")
+    blocks = Table(title=f"{model} on {shown.target}, {shown.runtime} runtime: {shown.phase} "
+                         f"({where}), per block")
     for col in ("block", "time", "share", "GFLOP", "MB moved", "kernels"):
         blocks.add_column(col, justify="left" if col == "block" else "right")
     total = shown.total_time or 1.0
@@ -118,7 +125,8 @@ def _print_tables(model: str, shown: Estimate, results: dict[str, Estimate], top
     for phase, est in results.items():
         m = est.memory
         console.print(
-            f"[bold]{phase}[/bold]: {fmt_time(est.total_time)}, {est.total_flops / 1e9:.2f} GFLOP,"
+            f"[bold]{phase}[/bold]: {fmt_time(est.total_time)} ({est.runtime}; device "
+            f"{fmt_time(est.device_time)}), {est.total_flops / 1e9:.2f} GFLOP,"
             f" {est.total_bytes / 1e6:.1f} MB moved, {est.kernels} kernels; memory: weights "
             f"{m.weights / 1e6:.1f} MB, peak activations {m.peak_activations / 1e6:.2f} MB, "
             f"KV cache {m.kv_cache / 1e6:.2f} MB ({'fits' if m.fits_device else 'does NOT fit'}"

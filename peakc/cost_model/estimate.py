@@ -1,14 +1,21 @@
-"""Estimate a graph's time and memory on a HardwareProfile.
+"""Estimate a graph's time and memory on a HardwareProfile, for one runtime.
 
 Each kernel's device time is a roofline: the larger of FLOPs / (peak * efficiency(FLOPs))
-and bytes / (bandwidth * efficiency(bytes)), with the profile's size-dependent curves.
-Views launch nothing. Eager execution is simulated as two clocks: the host spends
-`launch_overhead` (per kernel kind: `issue_time`) issuing each kernel, `view_overhead`
-per view, and the device runs
-kernels in order as soon as they are issued, so small kernels cost their issue time and
-large ones their device time. A node's `time` is how much it moved the device's finish
-time; node times sum to block times, and block times to the total. Fused peakc ops are
-one kernel; their cost comes from the rule registered for them (`register_cost_rule`).
+and bytes / (bandwidth * efficiency(op class, bytes)), with the profile's size-dependent
+curves, plus `kernel_gap` per kernel (launch latency on the device). A node runs as many
+kernels as eager PyTorch launches for it (`OpCost.kernels`); views launch nothing.
+
+Two runtimes (`RUNTIMES`):
+- "graph": the kernels replayed back to back on the device (a CUDA graph, or any runtime
+  that keeps the host off the critical path): the time is the sum of device times.
+- "eager": PyTorch issuing each kernel from Python, simulated as two clocks. The host spends
+  `launch_overhead` (per kernel kind: `issue_time`) issuing each kernel, `view_overhead` per
+  view, and the device runs kernels in order as soon as they are issued, so small kernels
+  cost their issue time and large ones their device time. This is how peakc's eager and ORT
+  backends run a program, so it is the default.
+A node's `time` is how much it moved the finish time; node times sum to block times, and
+block times to the total. Fused peakc ops are one kernel; their cost comes from the rule
+registered for them (`register_cost_rule`).
 """
 
 from __future__ import annotations
@@ -31,9 +38,14 @@ from peakc.cost_model.op_costs import (
     register_cost_rule,
     shape_of,
 )
+from peakc.errors import PeakcError
 from peakc.ir.graph import MODULE_KEY, Graph
 
-__all__ = ["COST_RULES", "Estimate", "estimate", "kernel_time", "register_cost_rule"]
+__all__ = ["COST_RULES", "RUNTIMES", "Estimate", "estimate", "kernel_time", "node_device_time",
+           "register_cost_rule"]
+
+RUNTIMES = ("eager", "graph")
+DEFAULT_RUNTIME = "eager"  # how peakc's backends (eager, ort) run a program today
 
 
 @dataclass
@@ -53,6 +65,7 @@ class NodeEstimate:
     device_time: float
     time: float
     bound: str  # "compute" | "memory" | "launch" | "free"
+    kernels: int = 1
 
 
 @dataclass
@@ -70,6 +83,7 @@ class Estimate:
 
     target: str
     phase: str  # "prefill" | "decode" | "graph"
+    runtime: str  # "eager" | "graph" (RUNTIMES): what `total_time` and node times mean
     batch: int | None
     seq: int | None
     nodes: list[NodeEstimate]
@@ -86,7 +100,13 @@ class Estimate:
 
     @property
     def total_time(self) -> float:
+        """Seconds of one run in this estimate's runtime (the sum of node times)."""
         return sum(n.time for n in self.nodes)
+
+    @property
+    def device_time(self) -> float:
+        """Seconds of one run with the host off the critical path (a CUDA graph replay)."""
+        return self.device_busy
 
     @property
     def total_flops(self) -> float:
@@ -98,14 +118,15 @@ class Estimate:
 
     @property
     def kernels(self) -> int:
-        return sum(1 for n in self.nodes if n.kind != "free")
+        return sum(n.kernels for n in self.nodes)
 
     def top_nodes(self, count: int = 10) -> list[NodeEstimate]:
         return sorted(self.nodes, key=lambda n: n.time, reverse=True)[:count]
 
     def to_dict(self, top: int = 20) -> dict:
         return {
-            "target": self.target, "phase": self.phase, "batch": self.batch, "seq": self.seq,
+            "target": self.target, "phase": self.phase, "runtime": self.runtime,
+            "batch": self.batch, "seq": self.seq, "device_time_s": self.device_time,
             "total_time_s": self.total_time, "total_flops": self.total_flops,
             "total_bytes": self.total_bytes, "kernels": self.kernels,
             "host_time_s": self.host_time, "device_busy_s": self.device_busy,
@@ -117,7 +138,7 @@ class Estimate:
 
 
 def kernel_time(cost: OpCost, profile: HardwareProfile) -> tuple[float, str]:
-    """Device seconds of one kernel and its binding resource ("compute" or "memory")."""
+    """Device seconds of one node's work (gaps excluded) and its binding resource."""
     if cost.kind == "free":
         return 0.0, "free"
     if cost.kind == "gemm":
@@ -127,8 +148,16 @@ def kernel_time(cost: OpCost, profile: HardwareProfile) -> tuple[float, str]:
     else:
         rate = profile.peak("fp32")
     compute = cost.flops / rate if cost.flops else 0.0
-    memory = cost.bytes / (profile.memory_bandwidth * profile.copy_efficiency_for(cost.bytes))
+    bandwidth = profile.memory_bandwidth * profile.bandwidth_efficiency_for(cost.op_class,
+                                                                            cost.bytes)
+    memory = cost.bytes / bandwidth
     return (compute, "compute") if compute >= memory else (memory, "memory")
+
+
+def node_device_time(cost: OpCost, profile: HardwareProfile, kernels: int) -> tuple[float, str]:
+    """Device seconds of a node that runs `kernels` kernels: its work plus one gap each."""
+    work, bound = kernel_time(cost, profile)
+    return work + kernels * profile.kernel_gap, bound
 
 
 def estimate(
@@ -140,11 +169,16 @@ def estimate(
     seq: int | None = None,
     kv_len: int | None = None,
     kv_tokens: int | None = None,
+    runtime: str = DEFAULT_RUNTIME,
 ) -> Estimate:
-    """Estimate every call node of `graph`; `kv_len` costs attention against a KV cache.
+    """Estimate every call node of `graph` for `runtime` ("eager" or "graph").
 
-    `kv_tokens` sizes the KV cache in the memory estimate (default: none).
+    `kv_len` costs attention against a KV cache; `kv_tokens` sizes the KV cache in the
+    memory estimate (default: none).
     """
+    if runtime not in RUNTIMES:
+        raise PeakcError(f"estimate: runtime must be one of {', '.join(RUNTIMES)}, "
+                         f"got '{runtime}'")
     ctx = CostContext(kv_len=kv_len)
     block_of = {n: b.name for b in graph.blocks() for n in b.nodes}
     nodes: list[NodeEstimate] = []
@@ -154,9 +188,12 @@ def estimate(
         cost = node_cost(node, ctx)
         if cost.rule == "generic":
             generic.append(f"{node.name} ({op_name(node.target)})")
-        dev, bound = kernel_time(cost, profile)
+        kernels = profile.eager_kernels.get(op_name(node.target), cost.kernels) \
+            if cost.kind != "free" else 0
+        dev, bound = node_device_time(cost, profile, kernels)
         before = device
-        issue = profile.view_overhead if cost.kind == "free" else profile.issue_time(cost.kind)
+        issue = profile.view_overhead if cost.kind == "free" else \
+            kernels * profile.issue_time(cost.kind)
         issued += issue
         busy += dev
         if cost.kind == "free":
@@ -168,13 +205,15 @@ def estimate(
             device = max(host, device) + dev
         else:
             device = host = max(host, device) + issue + dev
-        if cost.kind != "free" and dev < issue:
+        if cost.kind != "free" and dev < issue and runtime == "eager":
             bound = "launch"
         nodes.append(NodeEstimate(
             name=node.name, op=op_name(node.target), module=node.meta.get(MODULE_KEY, ""),
             block=block_of.get(node, "prologue"), shape=shape_of(node), flops=cost.flops,
             bytes=cost.bytes, kind=cost.kind, dtype=cost.dtype, rule=cost.rule,
-            device_time=dev, time=device - before, bound=bound,
+            device_time=dev, time=device - before if runtime == "eager" else
+            dev + (0.0 if profile.asynchronous_launch else issue),
+            bound=bound, kernels=kernels,
         ))
     blocks: dict[str, BlockEstimate] = {}
     for n in nodes:
@@ -182,7 +221,7 @@ def estimate(
         b.time += n.time
         b.flops += n.flops
         b.bytes += n.bytes
-        b.kernels += n.kind != "free"
+        b.kernels += n.kernels
     memory = MemoryEstimate(
         weights=weight_bytes(graph),
         peak_activations=peak_activation_bytes(graph),
@@ -197,5 +236,8 @@ def estimate(
                      f"elementwise kernels: {shown}")
     if not profile.asynchronous_launch:
         busy += issued  # one clock: the host's issue time is spent on the device's time line
-    return Estimate(profile.name, phase, batch, seq, nodes, list(blocks.values()), memory,
+    if runtime == "graph" and not profile.asynchronous_launch:
+        notes.append(f"{profile.name} issues kernels from the host (no device-side replay): "
+                     "graph time includes the host's issue time")
+    return Estimate(profile.name, phase, runtime, batch, seq, nodes, list(blocks.values()), memory,
                     host_time=issued, device_busy=busy, notes=notes)

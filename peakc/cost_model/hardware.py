@@ -29,12 +29,20 @@ RATE_FIGURES = (
     "view_overhead",
 )
 CURVE_FIGURES = ("gemm_efficiency", "attention_efficiency", "copy_efficiency")
+CURVE_TABLES = ("gemm_efficiency_by_dtype", "bandwidth_efficiency")
+# Op classes with their own bandwidth curve (bytes moved -> fraction of memory_bandwidth).
+OP_CLASSES = ("elementwise", "reduction", "softmax", "norm", "gather", "gemm", "attention")
 
 
 def efficiency_at(curve: Curve, size: float) -> float:
-    """The curve's fraction of peak at `size`, piecewise linear in log10(size), clamped at ends."""
+    """The curve's fraction of peak at `size`, piecewise linear in log10(size).
+
+    Above the last point it stays flat; below the first, the kernel's time stays that of the
+    first point (efficiency falls with size): a smaller kernel is no faster than the smallest
+    one measured.
+    """
     if size <= curve[0][0]:
-        return curve[0][1]
+        return curve[0][1] * size / curve[0][0]
     if size >= curve[-1][0]:
         return curve[-1][1]
     x = math.log10(size)
@@ -72,6 +80,15 @@ class HardwareProfile:
     launch_overhead_by_kind: dict[str, float] = field(default_factory=dict)
     # True on GPUs: the host issues kernels ahead of the device, so the two overlap.
     asynchronous_launch: bool = True
+    # Device seconds each kernel costs beyond its work when kernels run back to back on the
+    # device (a CUDA graph replay): launch latency, ramp-up and tail of a near-empty kernel.
+    kernel_gap: float = 2e-6
+    # Per op class (OP_CLASSES): (bytes moved, fraction of memory_bandwidth) for the kernels
+    # of that class; a class without its own curve uses `copy_efficiency`.
+    bandwidth_efficiency: dict[str, Curve] = field(default_factory=dict)
+    # Kernels eager PyTorch launches per node of an op (`aten.rms_norm`: 1 when fused);
+    # ops not listed use op_costs.EAGER_KERNELS.
+    eager_kernels: dict[str, int] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # figure -> where it came from
 
     # --- reading figures -------------------------------------------------------------------
@@ -96,6 +113,11 @@ class HardwareProfile:
         """Fraction of memory bandwidth a kernel moving `nbytes` reaches."""
         return efficiency_at(self.copy_efficiency, nbytes)
 
+    def bandwidth_efficiency_for(self, op_class: str, nbytes: float) -> float:
+        """Fraction of memory bandwidth a kernel of `op_class` moving `nbytes` reaches."""
+        curve = self.bandwidth_efficiency.get(op_class, self.copy_efficiency)
+        return efficiency_at(curve, nbytes)
+
     def attention_efficiency_for(self, flops: float) -> float:
         """Fraction of peak an attention kernel of `flops` reaches."""
         return efficiency_at(self.attention_efficiency, flops)
@@ -105,19 +127,27 @@ class HardwareProfile:
     def validate(self, origin: str = "") -> None:
         """Raise a one-line PeakcError naming the first missing or non-positive figure."""
         where = f"profile {origin or self.name}"
-        for key in RATE_FIGURES:
+        for key in RATE_FIGURES + ("kernel_gap",):
             _positive(where, key, getattr(self, key))
         if not isinstance(self.peak_flops, dict) or not self.peak_flops:
             raise PeakcError(f"{where}: 'peak_flops' is empty")
-        for table in ("peak_flops", "memory_capacity", "launch_overhead_by_kind"):
+        for table in ("peak_flops", "memory_capacity", "launch_overhead_by_kind",
+                      "eager_kernels"):
             values = getattr(self, table)
             if not isinstance(values, dict):
                 raise PeakcError(f"{where}: '{table}' must be an object of numbers")
             for k, v in values.items():
                 _positive(where, f"{table}.{k}", v)
         curves = {k: getattr(self, k) for k in CURVE_FIGURES}
-        curves.update({f"gemm_efficiency_by_dtype.{k}": v
-                       for k, v in self.gemm_efficiency_by_dtype.items()})
+        for table in CURVE_TABLES:
+            values = getattr(self, table)
+            if not isinstance(values, dict):
+                raise PeakcError(f"{where}: '{table}' must be an object of curves")
+            curves.update({f"{table}.{k}": v for k, v in values.items()})
+        unknown = sorted(set(self.bandwidth_efficiency) - set(OP_CLASSES))
+        if unknown:
+            raise PeakcError(f"{where}: 'bandwidth_efficiency.{unknown[0]}' is not an op class "
+                             f"({', '.join(OP_CLASSES)})")
         for key, curve in curves.items():
             _check_curve(where, key, curve)
 
@@ -146,13 +176,12 @@ class HardwareProfile:
         for key in CURVE_FIGURES:
             if key in data:
                 data[key] = _as_curve(where, key, data[key])
-        if "gemm_efficiency_by_dtype" in data:
-            by_dtype = data["gemm_efficiency_by_dtype"]
-            if not isinstance(by_dtype, dict):
-                raise PeakcError(f"{where}: 'gemm_efficiency_by_dtype' must be an object")
-            data["gemm_efficiency_by_dtype"] = {
-                k: _as_curve(where, f"gemm_efficiency_by_dtype.{k}", v) for k, v in by_dtype.items()
-            }
+        for table in CURVE_TABLES:
+            if table not in data:
+                continue
+            if not isinstance(data[table], dict):
+                raise PeakcError(f"{where}: '{table}' must be an object")
+            data[table] = {k: _as_curve(where, f"{table}.{k}", v) for k, v in data[table].items()}
         profile = cls(**data)
         profile.validate(origin)
         return profile
@@ -205,11 +234,15 @@ TB = 1e12
 
 ESTIMATED_CURVES = ("estimated from typical cuBLAS/FlashAttention results; "
                     "refine with `peakc calibrate`")
+GRAPH_GAP = ("estimate of an H100's per-kernel time in a CUDA graph replay of near-empty "
+             "kernels; refine with `peakc calibrate`")
 EAGER_LAUNCH = "estimate of eager PyTorch per-op host cost; refine with `peakc calibrate`"
 
 
 def _gpu_curves() -> dict[str, Any]:
     """Efficiency curves shared by the built-in data-centre GPU profiles (estimates)."""
+    copy = [(1e4, 0.002), (1e5, 0.015), (1e6, 0.1), (1e7, 0.45), (1e8, 0.78), (1e9, 0.88),
+            (1e10, 0.9)]
     return dict(
         gemm_efficiency=[(1e6, 0.004), (1e7, 0.03), (1e8, 0.15), (1e9, 0.4), (1e10, 0.62),
                          (1e11, 0.72), (1e12, 0.75)],
@@ -219,8 +252,11 @@ def _gpu_curves() -> dict[str, Any]:
         },
         attention_efficiency=[(1e6, 0.002), (1e7, 0.015), (1e8, 0.08), (1e9, 0.2),
                               (1e10, 0.33), (1e11, 0.4), (1e12, 0.42)],
-        copy_efficiency=[(1e4, 0.002), (1e5, 0.015), (1e6, 0.1), (1e7, 0.45), (1e8, 0.78),
-                         (1e9, 0.88), (1e10, 0.9)],
+        copy_efficiency=copy,
+        # Reductions, softmax and norms keep a row on chip and reach about 60% of a copy.
+        bandwidth_efficiency={k: [(s, 0.6 * e) for s, e in copy]
+                              for k in ("reduction", "softmax", "norm")},
+        kernel_gap=2.5e-6,
     )
 
 
@@ -246,7 +282,8 @@ def _builtin() -> dict[str, HardwareProfile]:
             sources={"peak_flops": h100, "memory_bandwidth": h100,
                      "memory_capacity.device": h100, "h2d/d2h": pcie5, "disk": nvme,
                      "memory_capacity.host/disk": "the lent H100 machine's description",
-                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES},
+                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES,
+                     "kernel_gap": GRAPH_GAP},
         ),
         "h200": HardwareProfile(
             name="h200",
@@ -262,7 +299,8 @@ def _builtin() -> dict[str, HardwareProfile]:
             sources={"peak_flops": h200, "memory_bandwidth": h200,
                      "memory_capacity.device": h200, "h2d/d2h": pcie5, "disk": nvme,
                      "memory_capacity.host/disk": "the lent H200 machine's description",
-                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES},
+                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES,
+                     "kernel_gap": GRAPH_GAP},
         ),
         "a100-80gb": HardwareProfile(
             name="a100-80gb",
@@ -278,7 +316,8 @@ def _builtin() -> dict[str, HardwareProfile]:
             sources={"peak_flops": a100, "memory_bandwidth": a100,
                      "memory_capacity.device": a100, "h2d/d2h": pcie4, "disk": nvme,
                      "memory_capacity.host/disk": "assumed typical host",
-                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES},
+                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES,
+                     "kernel_gap": GRAPH_GAP},
         ),
         "cpu": HardwareProfile(
             name="cpu",
@@ -290,6 +329,7 @@ def _builtin() -> dict[str, HardwareProfile]:
             memory_capacity={"device": 24 * GiB, "host": 24 * GiB, "disk": 50 * GiB},
             launch_overhead=5e-6,
             asynchronous_launch=False,
+            kernel_gap=1e-7,
             gemm_efficiency=[(1e4, 0.05), (1e6, 0.3), (1e8, 0.7), (1e10, 0.8)],
             attention_efficiency=[(1e4, 0.02), (1e6, 0.15), (1e8, 0.4), (1e10, 0.5)],
             copy_efficiency=[(1e3, 0.05), (1e5, 0.4), (1e7, 0.8), (1e9, 0.8)],

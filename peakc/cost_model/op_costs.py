@@ -27,6 +27,14 @@ class OpCost:
     kind: str  # "gemm" | "attention" | "memory" | "free" (views: no kernel)
     dtype: str = "fp32"
     rule: str = ""
+    op_class: str = "elementwise"  # which bandwidth curve (hardware.OP_CLASSES) applies
+    kernels: int = 1  # kernels eager PyTorch launches for this node
+
+
+# Kernels eager PyTorch launches for one node of these ops (others: one; views: none). The
+# calibration counts them on its device (profile.eager_kernels), which takes precedence.
+EAGER_KERNELS = {"aten.rms_norm": 1, "aten.layer_norm": 1, "aten.var_mean": 1,
+                 "aten.scaled_dot_product_attention": 1, "aten.native_layer_norm": 1}
 
 
 @dataclass
@@ -75,9 +83,13 @@ def node_cost(node: fx.Node, ctx: CostContext) -> OpCost:
     if rule is None:
         cost = elementwise(node, ctx)
         cost.rule = "generic"
-        return cost
-    cost = rule(node, ctx)
-    cost.rule = cost.rule or name
+    else:
+        cost = rule(node, ctx)
+        cost.rule = cost.rule or name
+    if cost.kind == "free":
+        cost.kernels = 0
+    elif name in EAGER_KERNELS:
+        cost.kernels = EAGER_KERNELS[name]
     return cost
 
 
@@ -143,6 +155,9 @@ FREE_OPS = {
     "getitem", "aten.sym_size", "aten._assert_tensor_metadata",
 }
 
+REDUCTIONS = {"aten.mean", "aten.sum", "aten.amax", "aten.amin", "aten.max", "aten.min",
+              "aten.var", "aten.var_mean", "aten.argmax", "aten.prod", "aten.cumsum"}
+
 ELEMENTWISE_FLOPS = {"aten.silu": 4.0, "aten.gelu": 8.0, "aten.rsqrt": 2.0, "aten.pow": 1.0,
                      "aten.exp": 2.0, "aten.tanh": 4.0, "aten.sigmoid": 4.0}
 
@@ -151,10 +166,11 @@ def elementwise(node: fx.Node, ctx: CostContext) -> OpCost:
     """Read every tensor input once, write the output once; FLOPs per output element."""
     ins = _tensor_inputs(node)
     moved = sum(nbytes(t) for t in ins) + _out_bytes(node)
-    per = ELEMENTWISE_FLOPS.get(op_name(node.target), 1.0)
+    name = op_name(node.target)
+    per = ELEMENTWISE_FLOPS.get(name, 1.0)
     out = val(node)
     return OpCost(per * _out_numel(node), moved, "memory", dtype_name(out) if out is not None
-                  else "fp32")
+                  else "fp32", op_class="reduction" if name in REDUCTIONS else "elementwise")
 
 
 for _name in ("aten.add", "aten.sub", "aten.mul", "aten.div", "aten.neg", "aten.pow",
@@ -180,7 +196,7 @@ def linear(node: fx.Node, ctx: CostContext) -> OpCost:
     m = x.numel() // k
     flops = 2.0 * m * n * k + (m * n if b is not None else 0)
     return OpCost(flops, nbytes(x) + nbytes(w) + nbytes(b) + _out_bytes(node), "gemm",
-                  dtype_name(x))
+                  dtype_name(x), op_class="gemm")
 
 
 @register_cost_rule("aten.mm", "aten.bmm", "aten.matmul", "aten.addmm", "aten.baddbmm")
@@ -192,7 +208,7 @@ def matmul(node: fx.Node, ctx: CostContext) -> OpCost:
     k = a.shape[-1]
     flops = 2.0 * _out_numel(node) * k
     return OpCost(flops, sum(nbytes(t) for t in _tensor_inputs(node)) + _out_bytes(node), "gemm",
-                  dtype_name(a))
+                  dtype_name(a), op_class="gemm")
 
 
 ATTENTION_OPS = ("aten.scaled_dot_product_attention", "peakc.attention")
@@ -223,7 +239,7 @@ def attention(node: fx.Node, ctx: CostContext) -> OpCost:
         pairs = sq * (skv + 1) / 2.0 if sq == skv else sq * skv - sq * (sq - 1) / 2.0
     flops = 2.0 * b * h * pairs * (d + dv)
     moved = nbytes(q) + kv_bytes + nbytes(mask) + _out_bytes(node)
-    return OpCost(flops, moved, "attention", dtype_name(q))
+    return OpCost(flops, moved, "attention", dtype_name(q), op_class="attention")
 
 
 SHAPE_OPS = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.clone", "aten.expand",
@@ -250,14 +266,16 @@ def kv_heads_of(node: fx.Node) -> int:
 def embedding(node: fx.Node, ctx: CostContext) -> OpCost:
     """A gather: read one table row per index, write it; read the indices."""
     out = _out_bytes(node)
-    return OpCost(0.0, 2 * out + nbytes(val(node.args[1])), "memory", dtype_name(val(node)))
+    return OpCost(0.0, 2 * out + nbytes(val(node.args[1])), "memory", dtype_name(val(node)),
+                  op_class="gather")
 
 
 @register_cost_rule("aten._softmax", "aten.softmax", "aten._log_softmax", "aten.log_softmax")
 def softmax(node: fx.Node, ctx: CostContext) -> OpCost:
     """One read, one write; about five FLOPs per element (max, sub, exp, sum, div)."""
     x = val(node.args[0])
-    return OpCost(5.0 * x.numel(), nbytes(x) + _out_bytes(node), "memory", dtype_name(x))
+    return OpCost(5.0 * x.numel(), nbytes(x) + _out_bytes(node), "memory", dtype_name(x),
+                  op_class="softmax")
 
 
 @register_cost_rule("aten.layer_norm", "aten.native_layer_norm", "aten.rms_norm",
@@ -267,7 +285,7 @@ def norm(node: fx.Node, ctx: CostContext) -> OpCost:
     """A fused norm (with its residual add): read inputs once, write outputs; ~5 FLOPs each."""
     x = val(node.args[0])
     moved = sum(nbytes(t) for t in _tensor_inputs(node)) + _out_bytes(node)
-    return OpCost(5.0 * x.numel(), moved, "memory", dtype_name(x))
+    return OpCost(5.0 * x.numel(), moved, "memory", dtype_name(x), op_class="norm")
 
 
 @register_cost_rule("peakc.linear_act")
@@ -286,7 +304,7 @@ def attention_cache(node: fx.Node, ctx: CostContext) -> OpCost:
     slots, dv = k_cache.shape[-2], v_cache.shape[-1]
     flops = 2.0 * b * h * s * slots * (d + dv)
     moved = sum(nbytes(t) for t in _tensor_inputs(node)) + _out_bytes(node)
-    return OpCost(flops, moved, "attention", dtype_name(q))
+    return OpCost(flops, moved, "attention", dtype_name(q), op_class="attention")
 
 
 for _name in ("peakc.rotary_embedding", "peakc.gelu", "peakc.glu"):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from peakc.cost_model.estimate import Estimate, estimate
+from peakc.cost_model.estimate import DEFAULT_RUNTIME, Estimate, estimate
 from peakc.cost_model.hardware import HardwareProfile
 from peakc.errors import PeakcError
 from peakc.ir import capture
@@ -35,17 +35,20 @@ def token_inputs(module: torch.nn.Module, example: tuple, batch: int, seq: int) 
 
 
 def estimate_prefill(module: torch.nn.Module, example: tuple, profile: HardwareProfile,
-                     batch: int, seq: int, prepare: Prepare | None = None) -> Estimate:
+                     batch: int, seq: int, prepare: Prepare | None = None,
+                     runtime: str = DEFAULT_RUNTIME) -> Estimate:
     """Process a prompt of `seq` tokens for `batch` sequences; KV cache sized for the prompt."""
     graph = capture(module, token_inputs(module, example, batch, seq), name="prefill")
     graph = prepare(graph) if prepare else graph
-    return estimate(graph, profile, phase="prefill", batch=batch, seq=seq, kv_tokens=seq)
+    return estimate(graph, profile, phase="prefill", batch=batch, seq=seq, kv_tokens=seq,
+                    runtime=runtime)
 
 
 def estimate_decode(module: torch.nn.Module, example: tuple, profile: HardwareProfile,
-                    batch: int, context: int, prepare: Prepare | None = None) -> Estimate:
+                    batch: int, context: int, prepare: Prepare | None = None,
+                    runtime: str = DEFAULT_RUNTIME) -> Estimate:
     """One new token per sequence attending to a KV cache of `context` tokens."""
     graph = capture(module, token_inputs(module, example, batch, 1), name="decode")
     graph = prepare(graph) if prepare else graph
     return estimate(graph, profile, phase="decode", batch=batch, seq=context, kv_len=context,
-                    kv_tokens=context)
+                    kv_tokens=context, runtime=runtime)

@@ -52,3 +52,14 @@ def test_plot_writes_png(tmp_path, capsys):
     out = tmp_path / "roofline.png"
     assert main(["estimate", "demo:llama", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_estimate_runtime_flag(capsys):
+    assert main(["estimate", "demo:llama", "--json", "--runtime", "graph"]) == 0
+    graph = json.loads(capsys.readouterr().out)
+    assert main(["estimate", "demo:llama", "--json"]) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert graph["runtime"] == "graph" and eager["runtime"] == "eager"
+    for phase in ("prefill", "decode"):
+        assert graph[phase]["total_time_s"] == pytest.approx(graph[phase]["device_time_s"])
+        assert eager[phase]["total_time_s"] > graph[phase]["total_time_s"]

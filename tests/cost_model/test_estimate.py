@@ -127,3 +127,38 @@ def test_registered_rule_and_generic_note(llama_graph):
         from peakc.cost_model.op_costs import elementwise
 
         COST_RULES["aten.neg"] = elementwise
+
+
+def test_runtime_graph_is_device_time_and_eager_adds_host(llama_graph):
+    profile = resolve_profile("h100-sxm")
+    graph = estimate(llama_graph, profile, runtime="graph")
+    eager = estimate(llama_graph, profile)
+    assert eager.runtime == "eager" and graph.runtime == "graph"
+    assert graph.total_time == pytest.approx(sum(n.device_time for n in graph.nodes))
+    assert graph.total_time == pytest.approx(graph.device_time)
+    assert graph.device_time == pytest.approx(eager.device_time)
+    # Tiny kernels: eager is bound by the host's issue time, the graph replay is not.
+    assert eager.total_time > 1.2 * graph.total_time
+    gap_only = sum(n.kernels for n in graph.nodes) * profile.kernel_gap
+    assert gap_only < graph.total_time < eager.total_time
+    with pytest.raises(PeakcError, match="runtime must be one of eager, graph, got 'cuda'"):
+        estimate(llama_graph, profile, runtime="cuda")
+
+
+def test_eager_kernels_per_node_from_the_profile(llama_graph):
+    profile = resolve_profile("h100-sxm")
+    base = estimate(llama_graph, profile, runtime="graph")
+    profile.eager_kernels = {"aten.scaled_dot_product_attention": 3}
+    more = estimate(llama_graph, profile, runtime="graph")
+    attn = [n for n in more.nodes if n.kind == "attention"]
+    assert attn and all(n.kernels == 3 for n in attn)
+    assert more.kernels == base.kernels + 2 * len(attn)
+    assert more.total_time == pytest.approx(base.total_time + 2 * len(attn) * profile.kernel_gap)
+
+
+def test_cpu_graph_runtime_keeps_the_host_on_its_clock(llama_graph):
+    profile = resolve_profile("cpu")
+    graph = estimate(llama_graph, profile, runtime="graph")
+    eager = estimate(llama_graph, profile, runtime="eager")
+    assert graph.total_time == pytest.approx(eager.total_time)
+    assert any("no device-side replay" in note for note in graph.notes)
