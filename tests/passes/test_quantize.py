@@ -53,6 +53,7 @@ def test_quantize_replaces_block_linears_and_leaves_head_alone(graph, method):
     )
     assert "model.embed_tokens.weight" in names and "lm_head.weight" in weights_before & names
     assert 8 < result.stats["bits_per_param"] < 10
+    assert result.stats.get("gptq_kernel") == ("torch" if method == "gptq" else None)
     assert result.stats["weight_bytes_after"] < result.stats["weight_bytes_before"]
     out = g.run()[0]
     assert float((out - dense).norm() / dense.norm()) < 0.02

@@ -104,6 +104,7 @@ class QuantizePass(Pass):
         bytes_before = _weight_bytes(graph)
         packed: dict[str, PackedLinear] = {}
         errors: dict[str, float] = {}
+        kernels: set[str] = set()
         if o.method == "rtn":
             for site in sites:
                 w = graph.get_weight(site.weight)
@@ -114,7 +115,7 @@ class QuantizePass(Pass):
                     w.dtype,
                 )
         else:
-            compress = _gptq_compressor(o, specs, packed, errors)
+            compress = _gptq_compressor(o, specs, packed, errors, kernels)
             calibrate_blocks(
                 graph,
                 self._samples(graph, ctx),
@@ -140,7 +141,10 @@ class QuantizePass(Pass):
                 record["recon_error"] = round(errors[site.module], 6)
             replace_linear(graph, site, p, record)
         graph.recompile()
-        return PassResult(graph, True, _stats(graph, packed, params, bytes_before, errors))
+        stats = _stats(graph, packed, params, bytes_before, errors)
+        if kernels:
+            stats["gptq_kernel"] = ",".join(sorted(kernels))
+        return PassResult(graph, True, stats)
 
     def _spec(self, graph: Graph, site: LinearSite) -> GridSpec:
         o = self.options
@@ -171,6 +175,7 @@ def _gptq_compressor(
     specs: dict[str, GridSpec],
     packed: dict[str, PackedLinear],
     errors: dict[str, float],
+    kernels: set[str],
 ) -> Callable[[BlockCalibration], dict[str, torch.Tensor]]:
     """Per stage: GPTQ once per shared Hessian with the rows of its linears stacked (GPTQ treats
     rows independently, so stacking q/k/v is exact) when they share a grid spec."""
@@ -196,6 +201,7 @@ def _gptq_compressor(
                 static_groups=o.static_groups,
                 layer="+".join(s.module for s in group),
             )
+            kernels.add(q.kernel)
             start = 0
             for s, w in zip(group, weights):
                 part = _rows(q, start, start + w.shape[0])
@@ -216,6 +222,7 @@ def _rows(q: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
         q.zeros[start:stop],
         q.g_idx,
         q.dequantized[start:stop],
+        q.kernel,
     )
 
 
