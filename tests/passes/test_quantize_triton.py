@@ -26,6 +26,7 @@ CASES = [
     (19, 45, 2, 32, False, False, False, 16, 0.0),  # groups wider than the block
     (37, 70, 8, 64, False, False, True, 64, 0.5),  # 8-bit, natural order, half pruned
     (21, 33, 3, 33, True, False, True, 128, 0.0),  # one block wider than the layer
+    (19, 45, 4, 45, False, True, False, 16, 0.2),  # per channel fitted in the walk, 3 blocks
 ]
 
 COMPARE = """

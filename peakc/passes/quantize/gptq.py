@@ -121,11 +121,11 @@ def gptq_quantize(
             s, z = scale_t[i1:i2], zero_t[i1:i2]
         else:
             if static_groups:
-                s, z = static_scales[:, 0], static_zeros[:, 0]
-            elif i1 % gs == 0:
-                s, z = fit_grid(wt[i1 : i1 + gs].T, spec)
-                dyn_scales[:, i1 // gs], dyn_zeros[:, i1 // gs] = s, z
-            s, z = s.expand(width, rows), z.expand(width, rows)
+                grid = static_scales[:, 0], static_zeros[:, 0]
+            elif i1 % gs == 0:  # a block never spans two groups here (column_blocks)
+                grid = fit_grid(wt[i1 : i1 + gs].T, spec)
+                dyn_scales[:, i1 // gs], dyn_zeros[:, i1 // gs] = grid
+            s, z = grid[0].expand(width, rows), grid[1].expand(width, rows)
         errs = solve(
             wt[i1:i2],
             factor[i1:i2, i1:i2],
