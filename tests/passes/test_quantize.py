@@ -101,10 +101,11 @@ def test_prune_then_quantize_keeps_zeros(graph):
 
 
 def test_pipeline_spec_round_trips():
-    spec = "quantize{method=gptq,bits=3,group_size=64,sym=true}"
+    spec = "quantize{method=gptq,bits=3,group_size=64,sym=true,kernel=torch}"
     pipe = Pipeline.parse(spec)
     assert Pipeline.parse(str(pipe)) == pipe
     assert pipe.passes[0].options.bits == 3 and pipe.passes[0].options.sym is True
+    assert pipe.passes[0].options.kernel == "torch"
 
 
 @pytest.mark.parametrize(
@@ -114,6 +115,7 @@ def test_pipeline_spec_round_trips():
         (dict(group_size=48), "'group_size'"),
         (dict(group_size=0), "'group_size'"),
         (dict(targets="("), "'targets'"),
+        (dict(kernel="cuda"), "'kernel'"),
     ],
 )
 def test_bad_options_name_the_option(options, needle):

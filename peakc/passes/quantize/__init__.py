@@ -5,6 +5,8 @@ per-group scales and zero points (layout: peakc/ir/ops.py, linear_wq section) th
 artifact stores in safetensors like any weight. GPTQ calibrates block by block and, inside
 a block, stage by stage (q/k/v, o, gate/up, down); weights that are exactly zero (a pruned
 layer) stay zero. The output head and embeddings are left alone unless `targets` says so.
+GPTQ's column blocks run in a Triton kernel for CUDA weights (`kernel=auto`, when triton
+imports) and in torch otherwise; the stats say which (`gptq_kernel`).
 
 Calibration runs the graph at its captured shape: windows have the captured sequence
 length (capture with `peakc compile --seq-len N` to calibrate on N-token windows).
@@ -37,6 +39,7 @@ from peakc.passes.quantize.grid import GridSpec
 from peakc.passes.quantize.rewrite import QUANT_KEY, PackedLinear, pack_layer, replace_linear
 
 BITS = (2, 3, 4, 8)
+KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -53,6 +56,7 @@ class QuantizeOptions:
     nsamples: int = 128
     seq_len: int = 0  # 0: the graph's captured sequence length
     seed: int = 0
+    kernel: Literal["auto", "torch", "triton"] = "auto"  # GPTQ column blocks; auto: Triton on CUDA
 
 
 @register_pass
@@ -85,6 +89,10 @@ class QuantizePass(Pass):
             raise PeakcError(f"pass 'quantize': option 'damp' must be >= 0, got {o.damp}")
         if o.nsamples < 1 or o.seq_len < 0:
             raise PeakcError("pass 'quantize': options 'nsamples' >= 1 and 'seq_len' >= 0 required")
+        if o.kernel not in KERNELS:
+            raise PeakcError(
+                f"pass 'quantize': option 'kernel' must be one of {KERNELS}, got {o.kernel!r}"
+            )
         if o.targets:
             try:
                 re.compile(o.targets)
@@ -200,6 +208,7 @@ def _gptq_compressor(
                 act_order=o.act_order,
                 static_groups=o.static_groups,
                 layer="+".join(s.module for s in group),
+                kernel=o.kernel,
             )
             kernels.add(q.kernel)
             start = 0
