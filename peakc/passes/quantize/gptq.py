@@ -14,8 +14,11 @@ re-grown.
 The weight is walked transposed ([cols, rows]) so that a column is contiguous. A column block
 is solved by `solve_block_torch` (CPU, or when triton is missing) or by the Triton kernel in
 gptq_triton.py (CUDA), one launch per block; the lazy update is a matrix product either way.
-Without static groups, blocks are also split at group starts, so a group's grid is always
-fitted on weights that carry the updates of every earlier column.
+Without static groups, blocks are also split at group starts and the grid is fitted in torch
+at the block's start, on weights that carry the updates of every earlier column. (The
+earlier per-column loop fitted a group running past its block's end on columns still
+missing that block's updates; the two differ only when group and block boundaries do not
+line up, e.g. block_size 48 with group_size 32.)
 """
 
 from __future__ import annotations
