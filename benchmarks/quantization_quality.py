@@ -51,6 +51,7 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
     "GPTQ 3-bit": [("quantize", dict(method="gptq", bits=3))],
     "GPTQ 3-bit g64": [("quantize", dict(method="gptq", bits=3, group_size=64))],
     "RTN 3-bit g64": [("quantize", dict(method="rtn", bits=3, group_size=64))],
+    "RTN 3-bit": [("quantize", dict(method="rtn", bits=3))],
     "SparseGPT 50% + GPTQ 4-bit": [
         ("prune", dict(method="sparsegpt", sparsity=0.5)),
         ("quantize", dict(method="gptq", bits=4)),

@@ -53,6 +53,7 @@ def test_quantize_replaces_block_linears_and_leaves_head_alone(graph, method):
     )
     assert "model.embed_tokens.weight" in names and "lm_head.weight" in weights_before & names
     assert 8 < result.stats["bits_per_param"] < 10
+    assert result.stats.get("gptq_kernel") == ("torch" if method == "gptq" else None)
     assert result.stats["weight_bytes_after"] < result.stats["weight_bytes_before"]
     out = g.run()[0]
     assert float((out - dense).norm() / dense.norm()) < 0.02
@@ -100,10 +101,11 @@ def test_prune_then_quantize_keeps_zeros(graph):
 
 
 def test_pipeline_spec_round_trips():
-    spec = "quantize{method=gptq,bits=3,group_size=64,sym=true}"
+    spec = "quantize{method=gptq,bits=3,group_size=64,sym=true,kernel=torch}"
     pipe = Pipeline.parse(spec)
     assert Pipeline.parse(str(pipe)) == pipe
     assert pipe.passes[0].options.bits == 3 and pipe.passes[0].options.sym is True
+    assert pipe.passes[0].options.kernel == "torch"
 
 
 @pytest.mark.parametrize(
@@ -113,6 +115,7 @@ def test_pipeline_spec_round_trips():
         (dict(group_size=48), "'group_size'"),
         (dict(group_size=0), "'group_size'"),
         (dict(targets="("), "'targets'"),
+        (dict(kernel="cuda"), "'kernel'"),
     ],
 )
 def test_bad_options_name_the_option(options, needle):

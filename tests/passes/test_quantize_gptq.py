@@ -95,3 +95,15 @@ def test_gptq_keeps_zeros_of_a_pruned_layer():
     q = gptq_quantize(w, h, GridSpec(4, 32, False))
     assert torch.equal(q.dequantized[mask], torch.zeros(int(mask.sum())))
     assert bool((q.dequantized[~mask] != 0).float().mean() > 0.9)
+
+
+@pytest.mark.parametrize("block_size", [128, 32, 40])
+def test_per_channel_grid_fitted_in_the_walk_is_the_static_one(block_size):
+    """Per channel, the only group starts at column 0, before any update: fitting it during
+    the walk or up front gives the same layer, whatever the blocks."""
+    x, w, h = _correlated()
+    spec = GridSpec(4, 96, False)
+    a = gptq_quantize(w, h, spec, static_groups=False, block_size=block_size)
+    b = gptq_quantize(w, h, spec, static_groups=True, block_size=block_size)
+    assert torch.equal(a.ints, b.ints) and torch.equal(a.scales, b.scales)
+    torch.testing.assert_close(a.dequantized, b.dequantized, rtol=0, atol=1e-6)

@@ -5,6 +5,8 @@ per-group scales and zero points (layout: peakc/ir/ops.py, linear_wq section) th
 artifact stores in safetensors like any weight. GPTQ calibrates block by block and, inside
 a block, stage by stage (q/k/v, o, gate/up, down); weights that are exactly zero (a pruned
 layer) stay zero. The output head and embeddings are left alone unless `targets` says so.
+GPTQ's column blocks run in a Triton kernel for CUDA weights (`kernel=auto`, when triton
+imports) and in torch otherwise; the stats say which (`gptq_kernel`).
 
 Calibration runs the graph at its captured shape: windows have the captured sequence
 length (capture with `peakc compile --seq-len N` to calibrate on N-token windows).
@@ -37,6 +39,7 @@ from peakc.passes.quantize.grid import GridSpec
 from peakc.passes.quantize.rewrite import QUANT_KEY, PackedLinear, pack_layer, replace_linear
 
 BITS = (2, 3, 4, 8)
+KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -53,6 +56,7 @@ class QuantizeOptions:
     nsamples: int = 128
     seq_len: int = 0  # 0: the graph's captured sequence length
     seed: int = 0
+    kernel: Literal["auto", "torch", "triton"] = "auto"  # GPTQ column blocks; auto: Triton on CUDA
 
 
 @register_pass
@@ -85,6 +89,10 @@ class QuantizePass(Pass):
             raise PeakcError(f"pass 'quantize': option 'damp' must be >= 0, got {o.damp}")
         if o.nsamples < 1 or o.seq_len < 0:
             raise PeakcError("pass 'quantize': options 'nsamples' >= 1 and 'seq_len' >= 0 required")
+        if o.kernel not in KERNELS:
+            raise PeakcError(
+                f"pass 'quantize': option 'kernel' must be one of {KERNELS}, got {o.kernel!r}"
+            )
         if o.targets:
             try:
                 re.compile(o.targets)
@@ -104,6 +112,7 @@ class QuantizePass(Pass):
         bytes_before = _weight_bytes(graph)
         packed: dict[str, PackedLinear] = {}
         errors: dict[str, float] = {}
+        kernels: set[str] = set()
         if o.method == "rtn":
             for site in sites:
                 w = graph.get_weight(site.weight)
@@ -114,7 +123,7 @@ class QuantizePass(Pass):
                     w.dtype,
                 )
         else:
-            compress = _gptq_compressor(o, specs, packed, errors)
+            compress = _gptq_compressor(o, specs, packed, errors, kernels)
             calibrate_blocks(
                 graph,
                 self._samples(graph, ctx),
@@ -140,7 +149,10 @@ class QuantizePass(Pass):
                 record["recon_error"] = round(errors[site.module], 6)
             replace_linear(graph, site, p, record)
         graph.recompile()
-        return PassResult(graph, True, _stats(graph, packed, params, bytes_before, errors))
+        stats = _stats(graph, packed, params, bytes_before, errors)
+        if kernels:
+            stats["gptq_kernel"] = ",".join(sorted(kernels))
+        return PassResult(graph, True, stats)
 
     def _spec(self, graph: Graph, site: LinearSite) -> GridSpec:
         o = self.options
@@ -171,6 +183,7 @@ def _gptq_compressor(
     specs: dict[str, GridSpec],
     packed: dict[str, PackedLinear],
     errors: dict[str, float],
+    kernels: set[str],
 ) -> Callable[[BlockCalibration], dict[str, torch.Tensor]]:
     """Per stage: GPTQ once per shared Hessian with the rows of its linears stacked (GPTQ treats
     rows independently, so stacking q/k/v is exact) when they share a grid spec."""
@@ -195,7 +208,9 @@ def _gptq_compressor(
                 act_order=o.act_order,
                 static_groups=o.static_groups,
                 layer="+".join(s.module for s in group),
+                kernel=o.kernel,
             )
+            kernels.add(q.kernel)
             start = 0
             for s, w in zip(group, weights):
                 part = _rows(q, start, start + w.shape[0])
@@ -216,6 +231,7 @@ def _rows(q: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
         q.zeros[start:stop],
         q.g_idx,
         q.dequantized[start:stop],
+        q.kernel,
     )
 
 

@@ -10,14 +10,26 @@ quantized layer needs no permutation or group index at inference. Without static
 group's grid is fitted when the walk reaches its first column, on the error-updated weights.
 Weights that are exactly zero (a pruned layer) stay zero: their error is compensated, never
 re-grown.
+
+The weight is walked transposed ([cols, rows]) so that a column is contiguous. A column block
+is solved by `solve_block_torch` (CPU, or when triton is missing) or by the Triton kernel in
+gptq_triton.py (CUDA), one launch per block; the lazy update is a matrix product either way.
+Without static groups, blocks are also split at group starts and the grid is fitted in torch
+at the block's start, on weights that carry the updates of every earlier column. (The
+earlier per-column loop fitted a group running past its block's end on columns still
+missing that block's updates; the two differ only when group and block boundaries do not
+line up, e.g. block_size 48 with group_size 32.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from peakc.errors import PeakcError
 from peakc.passes.calibration import damped_inverse_factor
 from peakc.passes.quantize.grid import (
     GridSpec,
@@ -38,6 +50,7 @@ class QuantizedWeight:
     zeros: torch.Tensor
     g_idx: torch.Tensor | None
     dequantized: torch.Tensor
+    kernel: str = "torch"  # what solved GPTQ's column blocks: "torch" or "triton" (RTN: "torch")
 
 
 def rtn_quantize(weight: torch.Tensor, spec: GridSpec) -> QuantizedWeight:
@@ -56,6 +69,10 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, layer: str) -> to
     return damped_inverse_factor(hessian, damp, layer, "quantize")
 
 
+Kernel = Literal["auto", "torch", "triton"]
+BlockSolver = Callable[..., torch.Tensor]
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -66,56 +83,121 @@ def gptq_quantize(
     act_order: bool = True,
     static_groups: bool = True,
     layer: str = "layer",
+    kernel: Kernel = "auto",
 ) -> QuantizedWeight:
-    """GPTQ for `weight` [rows, cols] given H = 2·XᵀX/n [cols, cols] of the layer's inputs."""
-    w = weight.detach().float().clone()
+    """GPTQ for `weight` [rows, cols] given H = 2·XᵀX/n [cols, cols] of the layer's inputs.
+
+    `kernel` picks the column-block solver: "auto" is Triton for a CUDA weight when triton
+    imports, else torch; the result says which ran.
+    """
+    w = weight.detach().float()
     rows, cols = w.shape
     keep = w != 0
     h = hessian.detach().float().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w = w.masked_fill(dead, 0.0)
     gs = spec.group_size
+    n_groups = -(-cols // gs)
     if static_groups:
         static_scales, static_zeros = fit_groups(w, spec)
     if act_order:
         perm = torch.argsort(h.diagonal(), descending=True)
-        w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
+        h = h[perm][:, perm]
     else:
         perm = torch.arange(cols, device=w.device)
     factor = inverse_hessian_factor(h, damp, layer)
     del h
-    ints = torch.zeros_like(w)
-    deq = torch.zeros_like(w)
-    n_groups = -(-cols // gs)
+    name, solve = block_solver(kernel, w.device)
+    wt = w.T[perm].contiguous()  # row j: column j of the (permuted) weight
+    keep_t = keep.T[perm].contiguous()
+    ints_t = torch.empty_like(wt)
+    deq_t = torch.empty_like(wt)
+    if static_groups and n_groups > 1:
+        scale_t = static_scales.T[perm // gs].contiguous()
+        zero_t = static_zeros.T[perm // gs].contiguous()
     dyn_scales = torch.zeros(rows, n_groups, device=w.device)
     dyn_zeros = torch.zeros(rows, n_groups, device=w.device)
-    if static_groups:
-        col_scale = static_scales[:, perm // gs]
-        col_zero = static_zeros[:, perm // gs]
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        errs = torch.zeros(rows, i2 - i1, device=w.device)
-        for j in range(i1, i2):
+    for i1, i2 in column_blocks(cols, block_size, None if static_groups else gs):
+        width = i2 - i1
+        if static_groups and n_groups > 1:
+            s, z = scale_t[i1:i2], zero_t[i1:i2]
+        else:
             if static_groups:
-                s, z = col_scale[:, j], col_zero[:, j]
-            else:
-                if j % gs == 0:
-                    s, z = fit_grid(w[:, j : j + gs], spec)
-                    dyn_scales[:, j // gs], dyn_zeros[:, j // gs] = s, z
-            col = w[:, j]
-            q = torch.where(keep[:, j], quantize_ints(col, s, z, spec.maxq), z)
-            dq = dequantize_ints(q, s, z)
-            ints[:, j], deq[:, j] = q, dq
-            err = (col - dq) / factor[j, j]
-            w[:, j + 1 : i2] -= err.unsqueeze(1) * factor[j, j + 1 : i2].unsqueeze(0)
-            errs[:, j - i1] = err
-        w[:, i2:] -= errs @ factor[i1:i2, i2:]
+                grid = static_scales[:, 0], static_zeros[:, 0]
+            elif i1 % gs == 0:  # a block never spans two groups here (column_blocks)
+                grid = fit_grid(wt[i1 : i1 + gs].T, spec)
+                dyn_scales[:, i1 // gs], dyn_zeros[:, i1 // gs] = grid
+            s, z = grid[0].expand(width, rows), grid[1].expand(width, rows)
+        errs = solve(
+            wt[i1:i2],
+            factor[i1:i2, i1:i2],
+            keep_t[i1:i2],
+            s,
+            z,
+            spec.maxq,
+            ints_t[i1:i2],
+            deq_t[i1:i2],
+        )
+        if i2 < cols:
+            wt[i2:].addmm_(factor[i1:i2, i2:].T, errs, alpha=-1)
     inverse = torch.argsort(perm)
-    ints, deq = ints[:, inverse], deq[:, inverse]
+    ints = ints_t[inverse].T.contiguous()
+    deq = deq_t[inverse].T.contiguous()
     if static_groups:
-        return QuantizedWeight(ints, static_scales, static_zeros, None, deq)
-    g_idx = None
-    if act_order:
-        g_idx = (inverse // gs).to(torch.int32)
-    return QuantizedWeight(ints, dyn_scales, dyn_zeros, g_idx, deq)
+        return QuantizedWeight(ints, static_scales, static_zeros, None, deq, name)
+    g_idx = (inverse // gs).to(torch.int32) if act_order else None
+    return QuantizedWeight(ints, dyn_scales, dyn_zeros, g_idx, deq, name)
+
+
+def column_blocks(cols: int, block_size: int, group_size: int | None) -> list[tuple[int, int]]:
+    """[start, stop) of each column block: every `block_size` columns, and also at every group
+    start when grids are fitted during the walk (`group_size` given)."""
+    starts = set(range(0, cols, block_size))
+    if group_size is not None:
+        starts |= set(range(0, cols, group_size))
+    bounds = sorted(starts) + [cols]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def block_solver(kernel: Kernel, device: torch.device) -> tuple[str, BlockSolver]:
+    """The column-block solver `kernel` asks for ("auto": Triton on CUDA when triton imports)."""
+    if kernel == "torch" or (kernel == "auto" and device.type != "cuda"):
+        return "torch", solve_block_torch
+    try:
+        from peakc.passes.quantize.gptq_triton import solve_block_triton
+    except ImportError:
+        if kernel == "triton":
+            raise PeakcError(
+                "quantize: kernel 'triton' asked for but triton does not import"
+            ) from None
+        return "torch", solve_block_torch
+    return "triton", solve_block_triton
+
+
+def solve_block_torch(
+    wb: torch.Tensor,
+    fb: torch.Tensor,
+    keep: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    maxq: int,
+    ints: torch.Tensor,
+    deq: torch.Tensor,
+) -> torch.Tensor:
+    """Quantize a block's columns in order (rows of `wb` [width, rows], updated in place):
+    write codes and dequantized values into `ints` and `deq`, push each column's scaled error
+    onto the block's later columns through the factor block `fb` [width, width], and return
+    the errors [width, rows] for the lazy update of the remaining columns."""
+    width = wb.shape[0]
+    errs = torch.empty_like(wb)
+    diag = fb.diagonal().tolist()
+    for j in range(width):
+        col, s, z = wb[j], scale[j], zero[j]
+        q = torch.where(keep[j], quantize_ints(col, s, z, maxq), z)
+        ints[j] = q
+        dq = torch.mul(q - z, s, out=deq[j])
+        err = torch.sub(col, dq, out=errs[j]).div_(diag[j])
+        if j + 1 < width:
+            wb[j + 1 :].addmm_(fb[j, j + 1 :, None], err[None], alpha=-1)
+    return errs
