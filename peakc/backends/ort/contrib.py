@@ -3,8 +3,8 @@
 Each function is a torch.onnx custom translation: it receives the op's inputs as ONNX values
 (None for an absent optional tensor) and its scalar arguments as Python values. `TRANSLATIONS`
 maps peakc op names to them; an op missing here is exported through its reference
-implementation (see export.py). A new op (e.g. `linear_wq` -> MatMulNBits) is one function
-and one entry.
+implementation (see export.py). A new op is one function and one entry; `linear_wq` reaches
+MatMulNBits through matmul_nbits.py's rewrite to `ort_matmul_nbits`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
 MS_DOMAIN = "com.microsoft"
-_ANY = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(int64)", "tensor(int32)"]
+_ANY = [
+    "tensor(float)",
+    "tensor(float16)",
+    "tensor(bfloat16)",
+    "tensor(int64)",
+    "tensor(int32)",
+    "tensor(uint8)",
+]
 _ATTR = onnx.defs.OpSchema.AttrType
 
 
@@ -105,6 +112,16 @@ MULTI_HEAD_ATTENTION = contrib_op(
 FAST_GELU = contrib_op("FastGelu", "X bias?", "Y")
 BIAS_GELU = contrib_op("BiasGelu", "A B", "C")
 GELU = contrib_op("Gelu", "X", "Y")
+MATMUL_NBITS = contrib_op(
+    "MatMulNBits",
+    "A B scales zero_points?",
+    "Y",
+    K=_I,
+    N=_I,
+    bits=_I,
+    block_size=_I,
+    accuracy_level=_I,
+)
 
 # Contrib ops each translation emits (the report counts them in the exported model).
 CONTRIB_OPS = (
@@ -308,6 +325,26 @@ def linear_act(x, weight, bias, activation: str):
     return _activation(y, activation)
 
 
+def ort_matmul_nbits(
+    x, b, scales, zero_points, perm, bias, bits: int, block_size: int, in_features: int
+):
+    """peakc::ort_matmul_nbits (a linear_wq re-expressed by matmul_nbits.py) -> MatMulNBits,
+    after a Gather of the input columns for act-order weights, then + bias."""
+    if perm is not None:
+        x = op.Gather(x, perm, axis=-1)
+    y = MATMUL_NBITS(
+        x,
+        b,
+        scales,
+        zero_points,
+        K=in_features,
+        N=static_dim(b, 0, "ort_matmul_nbits"),
+        bits=bits,
+        block_size=block_size,
+    )
+    return op.Add(y, bias) if bias is not None else y
+
+
 def _activation(x, activation: str):
     if activation == "none":
         return x
@@ -337,4 +374,5 @@ TRANSLATIONS: dict[str, Callable] = {
     "gelu": gelu,
     "glu": glu,
     "linear_act": linear_act,
+    "ort_matmul_nbits": ort_matmul_nbits,
 }

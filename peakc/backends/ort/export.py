@@ -20,6 +20,11 @@ import torch
 import torch.fx as fx
 
 from peakc.backends.ort.contrib import CONTRIB_OPS, MS_DOMAIN, TRANSLATIONS
+from peakc.backends.ort.matmul_nbits import (
+    SUPPORTED_BITS,
+    MatMulNBitsReport,
+    rewrite_to_matmul_nbits,
+)
 from peakc.errors import PeakcError
 from peakc.ir.capture import export_dynamic_shapes
 from peakc.ir.graph import Graph
@@ -44,6 +49,7 @@ class OnnxExport:
     nodes_after_cleanup: int
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    matmul_nbits: MatMulNBitsReport = field(default_factory=MatMulNBitsReport)
 
 
 @functools.cache
@@ -63,9 +69,12 @@ def max_ir_version() -> int:
     raise PeakcError(f"onnxruntime {onnxruntime.__version__} loads no ONNX IR version >= 7")
 
 
-def export_onnx(graph: Graph, path: Path) -> OnnxExport:
-    """Export, clean up, set the IR version, save (external data past 2 GB) and check."""
-    gm, reference_ops = graph_for_export(graph)
+def export_onnx(
+    graph: Graph, path: Path, nbits: tuple[int, ...] = SUPPORTED_BITS["cpu"]
+) -> OnnxExport:
+    """Export, clean up, set the IR version, save (external data past 2 GB) and check.
+    `nbits`: the bit widths of linear_wq that become MatMulNBits (the provider's kernels)."""
+    gm, reference_ops, nbits_report = graph_for_export(graph, nbits)
     table = {OPS[name].overload: fn for name, fn in TRANSLATIONS.items() if name in OPS}
     input_names = [n.name for n in graph.input_nodes()]
     output_names = [f"output_{i}" for i in range(len(graph.output_nodes()))]
@@ -111,12 +120,17 @@ def export_onnx(graph: Graph, path: Path) -> OnnxExport:
         nodes_after_cleanup=after,
         input_names=input_names,
         output_names=output_names,
+        matmul_nbits=nbits_report,
     )
 
 
-def graph_for_export(graph: Graph) -> tuple[fx.GraphModule, list[str]]:
-    """A copy of the graph where peakc ops without a translation call their reference."""
+def graph_for_export(
+    graph: Graph, nbits: tuple[int, ...]
+) -> tuple[fx.GraphModule, list[str], MatMulNBitsReport]:
+    """A copy of the graph with linear_wq in MatMulNBits' layout where it can be, and the
+    peakc ops without a translation calling their reference."""
     copy = graph.copy()
+    nbits_report = rewrite_to_matmul_nbits(copy, nbits)
     reference_ops = set()
     for node in copy.call_nodes():
         name = peakc_op_name(node.target)
@@ -124,7 +138,7 @@ def graph_for_export(graph: Graph) -> tuple[fx.GraphModule, list[str]]:
             node.target = OPS[name].reference
             reference_ops.add(name)
     copy.recompile()
-    return copy.gm, sorted(reference_ops)
+    return copy.gm, sorted(reference_ops), nbits_report
 
 
 def export_error(exc: BaseException, reference_ops: list[str]) -> PeakcError:

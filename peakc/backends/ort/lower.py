@@ -17,6 +17,7 @@ import torch
 from peakc.backends.base import op_lowering_report, program_name, register_backend
 from peakc.backends.ort.contrib import TRANSLATIONS
 from peakc.backends.ort.export import EXTERNAL_DATA_SUFFIX, OnnxExport, export_onnx
+from peakc.backends.ort.matmul_nbits import SUPPORTED_BITS
 from peakc.backends.ort.session import OrtProgram, resolve_device
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
@@ -38,7 +39,7 @@ class OrtBackend:
         program = program_name(graph)
         folder = Path(tempfile.mkdtemp(prefix="peakc-ort-"))
         path = folder / f"{program}.onnx"
-        exported = export_onnx(graph, path)
+        exported = export_onnx(graph, path, SUPPORTED_BITS[device])
         parity = check_parity(graph, OrtProgram(path, device))
         info = program_signature(graph, weights=[], format="onnx")
         info.runtime = {"device": self.device}
@@ -51,6 +52,8 @@ class OrtBackend:
         ops = op_lowering_report(graph, self.name)
         for name in ops:
             ops[name] = "contrib/onnx" if name in TRANSLATIONS else "reference (exported)"
+        if "linear_wq" in ops:
+            ops["linear_wq"] = linear_wq_status(exported)
         return ArtifactContents(
             backend=self.name,
             pipeline=pipeline,
@@ -86,6 +89,15 @@ def check_parity(graph: Graph, session: OrtProgram) -> float:
     return worst
 
 
+def linear_wq_status(exported: OnnxExport) -> str:
+    """How the quantized linears were exported: MatMulNBits and/or dequantized float MatMul."""
+    done, left = exported.matmul_nbits.rewritten, len(exported.matmul_nbits.not_rewritten)
+    if not left:
+        return "contrib/onnx (MatMulNBits)"
+    floats = f"{left} as float MatMul (dequantized at export)"
+    return f"contrib/onnx (MatMulNBits); {floats}" if done else floats
+
+
 def ort_report(exported: OnnxExport, device: str, parity: float) -> dict[str, Any]:
     return {
         "onnxruntime": onnxruntime.__version__,
@@ -98,4 +110,9 @@ def ort_report(exported: OnnxExport, device: str, parity: float) -> dict[str, An
         "nodes_before_cleanup": exported.nodes_before_cleanup,
         "nodes_after_cleanup": exported.nodes_after_cleanup,
         "parity_rel_error": parity,
+        "matmul_nbits": {
+            "rewritten": exported.matmul_nbits.rewritten,
+            "reordered_act_order": exported.matmul_nbits.reordered,
+            "not_rewritten": exported.matmul_nbits.not_rewritten,
+        },
     }
