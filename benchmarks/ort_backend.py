@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -43,6 +44,7 @@ CONFIGS = {
     "llama-1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192, vocab=128256),
     "llama-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256),
 }
+INT4_PIPELINE = "quantize{method=rtn,bits=4,group_size=32},fuse"
 FUSED = (
     "Attention",
     "MultiHeadAttention",
@@ -152,7 +154,7 @@ def time_eager(model, args, device: str) -> dict:
     for batch in args.batches:
         ids = torch.tensor(prompts(model.config.vocab_size, batch, args.prompt_len), device=device)
 
-        def run():
+        def run(ids=ids):
             t0 = sync(device)
             with torch.no_grad():
                 o = model(input_ids=ids, use_cache=True)
@@ -193,7 +195,7 @@ def bench_peakc(folder: Path, work: Path, args, device: str, pipeline: str, tag:
         source=tag,
         parity=False,
     )
-    directory = compiled.save(work / tag)
+    directory = compiled.save(work / tag, force=True)
     row: dict = {"compile_s": round(time.perf_counter() - start, 1)}
     report = compiled.contents.report["ort"]
     row["provider"] = report["provider"]
@@ -281,11 +283,7 @@ def bench_optimize_model(folder: Path, work: Path, args, device: str, name: str)
     gc.collect()
     program = OrtProgram(out, device)
     row["session_providers"] = program.session.get_providers()
-
-    def step(ids, positions, k_cache, v_cache):
-        return program(ids, positions, k_cache, v_cache)
-
-    generator = Generator(step, layout.to_dict(), device)
+    generator = Generator(program, layout.to_dict(), device)
     row.update(time_generator(generator, args, device))
     del generator, program
     gc.collect()
@@ -323,7 +321,7 @@ def bench_genai(folder: Path, work: Path, args, device: str, precision: str) -> 
     for batch in args.batches:
         batch_prompts = np.array(prompts(vocab, batch, args.prompt_len), dtype=np.int32)
 
-        def run():
+        def run(model=model, batch=batch, batch_prompts=batch_prompts):
             params = og.GeneratorParams(model)
             length = args.prompt_len + args.gen_len
             params.set_search_options(
@@ -390,8 +388,14 @@ def main() -> None:
     out_file = Path(args.out) / "ort_backend.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     sections = args.sections.split(",")
+    import onnxruntime
+
+    if device == "cuda" and hasattr(onnxruntime, "preload_dlls"):
+        onnxruntime.preload_dlls()  # CUDA/cuDNN from the nvidia wheels torch brought
     RESULTS["meta"] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "onnxruntime": onnxruntime.__version__,
+        "providers": onnxruntime.get_available_providers(),
         "argv": sys.argv,
         "prompt_len": args.prompt_len,
         "gen_len": args.gen_len,
@@ -411,27 +415,19 @@ def main() -> None:
         results["weights_bytes"] = weights
         results["decode_floor_ms_3TBps"] = round(1e3 * weights / 3.0e12, 4)
         if "eager" in sections:
-            run_section(results, "eager", lambda: time_eager(model, args, device), out_file)
+            run_section(results, "eager", partial(time_eager, model, args, device), out_file)
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        common = (folder, work, args, device)
         table = {
-            "peakc": lambda: bench_peakc(folder, work, args, device, "default", "peakc"),
-            "peakc-int4": lambda: bench_peakc(
-                folder,
-                work,
-                args,
-                device,
-                "quantize{method=rtn,bits=4,group_size=32},fuse",
-                "peakc-int4",
-            ),
-            "optimize_model": lambda: bench_optimize_model(folder, work, args, device, name),
-            "genai": lambda: bench_genai(folder, work, args, device, "fp16"),
-            "genai-int4": lambda: bench_genai(folder, work, args, device, "int4"),
+            "peakc": partial(bench_peakc, *common, "default", "peakc"),
+            "peakc-int4": partial(bench_peakc, *common, INT4_PIPELINE, "peakc-int4"),
+            "optimize_model": partial(bench_optimize_model, *common, name),
+            "genai": partial(bench_genai, *common, "fp32" if args.quick else "fp16"),
+            "genai-int4": partial(bench_genai, *common, "int4"),
         }
-        if args.quick:
-            table["genai"] = lambda: bench_genai(folder, work, args, device, "fp32")
         for key in sections:
             if key in table:
                 run_section(results, key, table[key], out_file)
