@@ -109,6 +109,14 @@ MULTI_HEAD_ATTENTION = contrib_op(
     scale=_F,
     unidirectional=_I,
 )
+GROUP_QUERY_ATTENTION = contrib_op(
+    "GroupQueryAttention",
+    "query key value past_key past_value seqlens_k total_sequence_length",
+    "output present_key present_value",
+    num_heads=_I,
+    kv_num_heads=_I,
+    scale=_F,
+)
 FAST_GELU = contrib_op("FastGelu", "X bias?", "Y")
 BIAS_GELU = contrib_op("BiasGelu", "A B", "C")
 GELU = contrib_op("Gelu", "X", "Y")
@@ -130,6 +138,7 @@ CONTRIB_OPS = (
     "SkipLayerNormalization",
     "RotaryEmbedding",
     "MultiHeadAttention",
+    "GroupQueryAttention",
     "FastGelu",
     "BiasGelu",
     "Gelu",
@@ -219,23 +228,33 @@ def attention(q, k, v, mask, is_causal: bool, scale: float):
 
 
 def attention_cache(q, k, v, k_cache, v_cache, positions, scale: float):
-    """peakc::attention_cache -> ScatterElements into the cache (standard ops), then
-    MultiHeadAttention with a position bias.
+    """peakc::attention_cache -> GroupQueryAttention reading the cache in place.
 
-    GroupQueryAttention's past/present cache assumes each sequence's new tokens follow its
-    cached ones contiguously (seqlens_k) and writes the cache itself; peakc's decoder places
-    tokens at explicit slots and leaves the write to the runtime, so the cache step uses
-    standard ONNX ops and only the attention itself is a contrib op.
+    GroupQueryAttention takes the cache as past_key/past_value [B, Hkv, T, D] and the new
+    tokens as the last S of each sequence's seqlens_k + 1 tokens: this holds for peakc's
+    Generator, whose new tokens sit at contiguous positions ending at positions[b, -1]
+    (prefill from slot 0, then one token per step). Its present outputs are not used: the
+    runtime writes new_k/new_v into the cache after the step, as with every backend. KV
+    heads are shared by query-head groups inside the kernel (no repeat, no cache copy).
     """
-    kv_shape = op.Shape(k)
-    slots = op.Expand(op.Unsqueeze(positions, op.Constant(value_ints=[1, 3])), kv_shape)
-    keys = op.ScatterElements(k_cache, slots, op.CastLike(k, k_cache), axis=2)
-    values = op.ScatterElements(v_cache, slots, op.CastLike(v, v_cache), axis=2)
-    cache_len = op.Shape(k_cache, start=2, end=3)
-    slot_ids = op.Range(op.Constant(value_int=0), op.Squeeze(cache_len), op.Constant(value_int=1))
-    visible = op.LessOrEqual(slot_ids, op.Unsqueeze(positions, op.Constant(value_ints=[2])))
-    bias = _bool_to_bias(op.Unsqueeze(visible, op.Constant(value_ints=[1])), q)  # [B,1,S,T]
-    return _multi_head_attention(q, op.CastLike(keys, q), op.CastLike(values, q), bias, scale)
+    seqlens = op.Cast(op.ReduceMax(positions, op.Constant(value_ints=[1]), keepdims=0), to=6)
+    total = op.Cast(op.Add(op.ReduceMax(positions, keepdims=0), op.Constant(value_int=1)), to=6)
+    out, _, _ = GROUP_QUERY_ATTENTION(
+        _to_bsd(q),
+        _to_bsd(op.CastLike(k, q)),
+        _to_bsd(op.CastLike(v, q)),
+        op.CastLike(k_cache, q),
+        op.CastLike(v_cache, q),
+        seqlens,
+        total,
+        num_heads=static_dim(q, 1, "attention_cache"),
+        kv_num_heads=static_dim(k, 1, "attention_cache"),
+        scale=scale,
+    )
+    heads, dv = op.Shape(q, start=1, end=2), op.Shape(v, start=3, end=4)
+    zero = op.Constant(value_ints=[0])
+    out = op.Reshape(out, op.Concat(zero, zero, heads, dv, axis=0))
+    return op.Transpose(out, perm=[0, 2, 1, 3])
 
 
 def _multi_head_attention(q, k, v, bias, scale: float):
