@@ -40,6 +40,7 @@ import torch
 
 CONFIGS = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=512),
+    "diag": dict(hidden=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=512),
     "smollm2-135m": dict(hidden=576, layers=30, heads=9, kv_heads=3, ffn=1536, vocab=49152),
     "llama-1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192, vocab=128256),
     "llama-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256),
@@ -349,6 +350,98 @@ def bench_genai(folder: Path, work: Path, args, device: str, precision: str) -> 
     return row
 
 
+def translation_variants() -> dict:
+    """Named changes to the ort backend's translation table, most fused first."""
+    from peakc.backends.ort import contrib
+
+    mha = {"attention_cache": contrib.attention_cache_mha}
+    return {
+        "all": {},
+        "attention_cache=mha": mha,
+        "rotary=reference": {"rotary_embedding": None},
+        "norms=reference": {"rms_norm": None, "skip_rms_norm": None},
+        "rotary=reference,attention_cache=mha": {"rotary_embedding": None, **mha},
+        "attention_cache=reference": {"attention_cache": None},
+        "rotary,attention_cache=reference": {"rotary_embedding": None, "attention_cache": None},
+    }
+
+
+def apply_variant(changes: dict) -> dict:
+    """Change TRANSLATIONS in place (None: export through the reference); returns the undo."""
+    from peakc.backends.ort.contrib import TRANSLATIONS
+
+    undo = {name: TRANSLATIONS.get(name) for name in changes}
+    for name, fn in changes.items():
+        if fn is None:
+            TRANSLATIONS.pop(name, None)
+        else:
+            TRANSLATIONS[name] = fn
+    return undo
+
+
+def diagnose_parity(work: Path, args, device: str) -> dict:
+    """Parity of each translation variant on a 2-layer model on this device; the first one
+    within tolerance stays applied for the rest of the run, and its greedy tokens are compared
+    with peakc's eager backend."""
+    import peakc
+    from peakc.backends.ort import lower
+    from peakc.models import load_source_for_task
+    from peakc.runtime.generate import Generator, SamplingConfig
+
+    folder = work / "diag-hf"
+    make_hf_folder("diag", folder, device, torch.float16 if device == "cuda" else torch.float32)
+    dtype = "float16" if device == "cuda" else "float32"
+    saved_tol = dict(lower.PARITY_TOL)
+    lower.PARITY_TOL.update({k: float("inf") for k in saved_tol})
+    row: dict = {"rel_error": {}}
+    chosen = None
+    try:
+        for name, changes in translation_variants().items():
+            undo = apply_variant(changes)
+            try:
+                source = load_source_for_task(f"hf:{folder}", "generate", 64, 2, dtype)
+                compiled = peakc.compile(
+                    source.module,
+                    source.example_inputs,
+                    backend=f"ort{{device={device}}}",
+                    dynamic=source.dynamic,
+                    generation=source.generation,
+                    parity=False,
+                )
+                error = compiled.contents.report["ort"]["parity_rel_error"]
+            except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
+                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            row["rel_error"][name] = error
+            log(f"diag {name}: {error}")
+            if isinstance(error, float) and error < saved_tol[torch.float16]:
+                chosen = name
+                break
+            apply_variant(undo)
+    finally:
+        lower.PARITY_TOL.update(saved_tol)
+    row["chosen"] = chosen
+    if chosen is None:
+        return row
+    tokens = {}
+    for backend in ("eager", f"ort{{device={device}}}"):
+        source = load_source_for_task(f"hf:{folder}", "generate", 64, 2, dtype)
+        compiled = peakc.compile(
+            source.module,
+            source.example_inputs,
+            backend=backend,
+            dynamic=source.dynamic,
+            generation=source.generation,
+            parity=False,
+        )
+        artifact = peakc.load(compiled.save(work / "diag" / backend[:3], force=True))
+        generator = Generator.from_artifact(artifact, device)
+        result = generator.generate([[5, 6, 7, 8, 9], [11, 12]], SamplingConfig(max_new_tokens=8))
+        tokens[backend[:3]] = result.tokens
+    row["greedy_tokens"] = tokens
+    row["greedy_equal"] = tokens["eag"] == tokens["ort"]
+    return row
+
+
 def run_section(results: dict, key: str, fn, out_file: Path) -> None:
     log(f"start {key}")
     start = time.perf_counter()
@@ -379,6 +472,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=".")
     parser.add_argument("--work", default="/tmp/ort-bench")
+    parser.add_argument("--variant", default="", help="a translation variant to apply (diagnose)")
     args = parser.parse_args()
     device = "cpu" if args.quick else "cuda"
     names = ["tiny"] if args.quick else args.configs.split(",")
@@ -401,6 +495,15 @@ def main() -> None:
         "gen_len": args.gen_len,
         "repeats": args.repeats,
     }
+    if args.variant:
+        apply_variant(translation_variants()[args.variant])
+        RESULTS["meta"]["variant"] = args.variant
+    if "diagnose" in sections:
+        diag: dict = {}
+        RESULTS["diagnose"] = diag
+        run_section(
+            diag, "parity", partial(diagnose_parity, Path(args.work), args, device), out_file
+        )
     for name in names:
         args.current = name
         work = Path(args.work) / name
@@ -438,7 +541,7 @@ def main() -> None:
 def print_table() -> None:
     print(f"\n{'config':<14}{'who':<16}{'b':>3}{'prefill ms':>12}{'ms/token':>10}{'tok/s':>10}")
     for name, results in RESULTS.items():
-        if name == "meta":
+        if name in ("meta", "diagnose"):
             continue
         for who, row in results.items():
             if not isinstance(row, dict):
@@ -455,7 +558,10 @@ def print_table() -> None:
                     )
             if "ops" in row:
                 print(f"{'':<14}{who:<16} ops {row['ops']}")
-        print(f"{name:<14}decode floor (weights / 3.0 TB/s): {results['decode_floor_ms_3TBps']} ms")
+        floor = results.get("decode_floor_ms_3TBps")
+        print(f"{name:<14}decode floor (weights / 3.0 TB/s): {floor} ms")
+    if "diagnose" in RESULTS:
+        print("diagnose:", json.dumps(RESULTS["diagnose"])[:800])
 
 
 if __name__ == "__main__":

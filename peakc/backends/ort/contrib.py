@@ -257,6 +257,22 @@ def attention_cache(q, k, v, k_cache, v_cache, positions, scale: float):
     return op.Transpose(out, perm=[0, 2, 1, 3])
 
 
+def attention_cache_mha(q, k, v, k_cache, v_cache, positions, scale: float):
+    """peakc::attention_cache for any positions (not only contiguous ones): ScatterElements
+    into a copy of the cache, then MultiHeadAttention with a position bias and KV heads
+    repeated. Not in TRANSLATIONS; the form to use where GroupQueryAttention's assumption
+    does not hold or its kernel disagrees."""
+    kv_shape = op.Shape(k)
+    slots = op.Expand(op.Unsqueeze(positions, op.Constant(value_ints=[1, 3])), kv_shape)
+    keys = op.ScatterElements(k_cache, slots, op.CastLike(k, k_cache), axis=2)
+    values = op.ScatterElements(v_cache, slots, op.CastLike(v, v_cache), axis=2)
+    cache_len = op.Shape(k_cache, start=2, end=3)
+    slot_ids = op.Range(op.Constant(value_int=0), op.Squeeze(cache_len), op.Constant(value_int=1))
+    visible = op.LessOrEqual(slot_ids, op.Unsqueeze(positions, op.Constant(value_ints=[2])))
+    bias = _bool_to_bias(op.Unsqueeze(visible, op.Constant(value_ints=[1])), q)  # [B,1,S,T]
+    return _multi_head_attention(q, op.CastLike(keys, q), op.CastLike(values, q), bias, scale)
+
+
 def _multi_head_attention(q, k, v, bias, scale: float):
     """q [B,H,S,D], k/v [B,Hkv,T,D] -> MultiHeadAttention on [B,S,H*D]; returns [B,H,S,Dv]."""
     heads = op.Shape(q, start=1, end=2)
