@@ -260,8 +260,7 @@ def attention_cache(q, k, v, k_cache, v_cache, positions, scale: float):
 def attention_cache_mha(q, k, v, k_cache, v_cache, positions, scale: float):
     """peakc::attention_cache for any positions (not only contiguous ones): ScatterElements
     into a copy of the cache, then MultiHeadAttention with a position bias and KV heads
-    repeated. Not in TRANSLATIONS; the form to use where GroupQueryAttention's assumption
-    does not hold or its kernel disagrees."""
+    repeated. Used on CUDA (export.DEVICE_TRANSLATIONS), where GroupQueryAttention disagreed."""
     kv_shape = op.Shape(k)
     slots = op.Expand(op.Unsqueeze(positions, op.Constant(value_ints=[1, 3])), kv_shape)
     keys = op.ScatterElements(k_cache, slots, op.CastLike(k, k_cache), axis=2)

@@ -17,7 +17,6 @@ import torch
 from peakc.backends.base import op_lowering_report, program_name, register_backend
 from peakc.backends.ort.contrib import TRANSLATIONS
 from peakc.backends.ort.export import EXTERNAL_DATA_SUFFIX, OnnxExport, export_onnx
-from peakc.backends.ort.matmul_nbits import SUPPORTED_BITS
 from peakc.backends.ort.session import OrtProgram, resolve_device
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
@@ -39,7 +38,7 @@ class OrtBackend:
         program = program_name(graph)
         folder = Path(tempfile.mkdtemp(prefix="peakc-ort-"))
         path = folder / f"{program}.onnx"
-        exported = export_onnx(graph, path, SUPPORTED_BITS[device])
+        exported = export_onnx(graph, path, device)
         parity = check_parity(graph, OrtProgram(path, device))
         info = program_signature(graph, weights=[], format="onnx")
         info.runtime = {"device": self.device}
