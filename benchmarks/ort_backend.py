@@ -351,11 +351,13 @@ def bench_genai(folder: Path, work: Path, args, device: str, precision: str) -> 
 
 
 def translation_variants() -> dict:
-    """Named changes to the ort backend's translation table, most fused first."""
+    """Named changes to the ort backend's translation table, most fused first ("all": the
+    backend's own choice for the device)."""
     from peakc.backends.ort import contrib
 
     mha = {"attention_cache": contrib.attention_cache_mha}
     return {
+        "attention_cache=gqa": {"attention_cache": contrib.attention_cache},
         "all": {},
         "attention_cache=mha": mha,
         "rotary=reference": {"rotary_embedding": None},
@@ -367,16 +369,28 @@ def translation_variants() -> dict:
 
 
 def apply_variant(changes: dict) -> dict:
-    """Change TRANSLATIONS in place (None: export through the reference); returns the undo."""
+    """Change the translation tables in place, the per-device overrides too (None: export
+    through the reference); returns the undo."""
     from peakc.backends.ort.contrib import TRANSLATIONS
+    from peakc.backends.ort.export import DEVICE_TRANSLATIONS
 
-    undo = {name: TRANSLATIONS.get(name) for name in changes}
-    for name, fn in changes.items():
-        if fn is None:
-            TRANSLATIONS.pop(name, None)
-        else:
-            TRANSLATIONS[name] = fn
+    tables = [TRANSLATIONS, *DEVICE_TRANSLATIONS.values()]
+    undo = [(table, name, table.get(name)) for table in tables for name in changes]
+    for table in tables:
+        for name, fn in changes.items():
+            if fn is None:
+                table.pop(name, None)
+            elif table is TRANSLATIONS or name in table:
+                table[name] = fn
     return undo
+
+
+def undo_variant(undo: list) -> None:
+    for table, name, fn in undo:
+        if fn is None:
+            table.pop(name, None)
+        else:
+            table[name] = fn
 
 
 def diagnose_parity(work: Path, args, device: str) -> dict:
@@ -416,7 +430,7 @@ def diagnose_parity(work: Path, args, device: str) -> dict:
             if isinstance(error, float) and error < saved_tol[torch.float16]:
                 chosen = name
                 break
-            apply_variant(undo)
+            undo_variant(undo)
     finally:
         lower.PARITY_TOL.update(saved_tol)
     row["chosen"] = chosen
