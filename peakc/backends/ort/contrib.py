@@ -3,8 +3,8 @@
 Each function is a torch.onnx custom translation: it receives the op's inputs as ONNX values
 (None for an absent optional tensor) and its scalar arguments as Python values. `TRANSLATIONS`
 maps peakc op names to them; an op missing here is exported through its reference
-implementation (see export.py). A new op (e.g. `linear_wq` -> MatMulNBits) is one function
-and one entry.
+implementation (see export.py). A new op is one function and one entry; `linear_wq` reaches
+MatMulNBits through matmul_nbits.py's rewrite to `ort_matmul_nbits`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
 MS_DOMAIN = "com.microsoft"
-_ANY = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(int64)", "tensor(int32)"]
+_ANY = [
+    "tensor(float)",
+    "tensor(float16)",
+    "tensor(bfloat16)",
+    "tensor(int64)",
+    "tensor(int32)",
+    "tensor(uint8)",
+]
 _ATTR = onnx.defs.OpSchema.AttrType
 
 
@@ -102,9 +109,27 @@ MULTI_HEAD_ATTENTION = contrib_op(
     scale=_F,
     unidirectional=_I,
 )
+GROUP_QUERY_ATTENTION = contrib_op(
+    "GroupQueryAttention",
+    "query key value past_key past_value seqlens_k total_sequence_length",
+    "output present_key present_value",
+    num_heads=_I,
+    kv_num_heads=_I,
+    scale=_F,
+)
 FAST_GELU = contrib_op("FastGelu", "X bias?", "Y")
 BIAS_GELU = contrib_op("BiasGelu", "A B", "C")
 GELU = contrib_op("Gelu", "X", "Y")
+MATMUL_NBITS = contrib_op(
+    "MatMulNBits",
+    "A B scales zero_points?",
+    "Y",
+    K=_I,
+    N=_I,
+    bits=_I,
+    block_size=_I,
+    accuracy_level=_I,
+)
 
 # Contrib ops each translation emits (the report counts them in the exported model).
 CONTRIB_OPS = (
@@ -113,6 +138,7 @@ CONTRIB_OPS = (
     "SkipLayerNormalization",
     "RotaryEmbedding",
     "MultiHeadAttention",
+    "GroupQueryAttention",
     "FastGelu",
     "BiasGelu",
     "Gelu",
@@ -202,14 +228,39 @@ def attention(q, k, v, mask, is_causal: bool, scale: float):
 
 
 def attention_cache(q, k, v, k_cache, v_cache, positions, scale: float):
-    """peakc::attention_cache -> ScatterElements into the cache (standard ops), then
-    MultiHeadAttention with a position bias.
+    """peakc::attention_cache -> GroupQueryAttention reading the cache in place.
 
-    GroupQueryAttention's past/present cache assumes each sequence's new tokens follow its
-    cached ones contiguously (seqlens_k) and writes the cache itself; peakc's decoder places
-    tokens at explicit slots and leaves the write to the runtime, so the cache step uses
-    standard ONNX ops and only the attention itself is a contrib op.
+    GroupQueryAttention takes the cache as past_key/past_value [B, Hkv, T, D] and the new
+    tokens as the last S of each sequence's seqlens_k + 1 tokens: this holds for peakc's
+    Generator, whose new tokens sit at contiguous positions ending at positions[b, -1]
+    (prefill from slot 0, then one token per step). Its present outputs are not used: the
+    runtime writes new_k/new_v into the cache after the step, as with every backend. KV
+    heads are shared by query-head groups inside the kernel (no repeat, no cache copy).
     """
+    seqlens = op.Cast(op.ReduceMax(positions, op.Constant(value_ints=[1]), keepdims=0), to=6)
+    total = op.Cast(op.Add(op.ReduceMax(positions, keepdims=0), op.Constant(value_int=1)), to=6)
+    out, _, _ = GROUP_QUERY_ATTENTION(
+        _to_bsd(q),
+        _to_bsd(op.CastLike(k, q)),
+        _to_bsd(op.CastLike(v, q)),
+        op.CastLike(k_cache, q),
+        op.CastLike(v_cache, q),
+        seqlens,
+        total,
+        num_heads=static_dim(q, 1, "attention_cache"),
+        kv_num_heads=static_dim(k, 1, "attention_cache"),
+        scale=scale,
+    )
+    heads, dv = op.Shape(q, start=1, end=2), op.Shape(v, start=3, end=4)
+    zero = op.Constant(value_ints=[0])
+    out = op.Reshape(out, op.Concat(zero, zero, heads, dv, axis=0))
+    return op.Transpose(out, perm=[0, 2, 1, 3])
+
+
+def attention_cache_mha(q, k, v, k_cache, v_cache, positions, scale: float):
+    """peakc::attention_cache for any positions (not only contiguous ones): ScatterElements
+    into a copy of the cache, then MultiHeadAttention with a position bias and KV heads
+    repeated. Used on CUDA (export.DEVICE_TRANSLATIONS), where GroupQueryAttention disagreed."""
     kv_shape = op.Shape(k)
     slots = op.Expand(op.Unsqueeze(positions, op.Constant(value_ints=[1, 3])), kv_shape)
     keys = op.ScatterElements(k_cache, slots, op.CastLike(k, k_cache), axis=2)
@@ -308,6 +359,26 @@ def linear_act(x, weight, bias, activation: str):
     return _activation(y, activation)
 
 
+def ort_matmul_nbits(
+    x, b, scales, zero_points, perm, bias, bits: int, block_size: int, in_features: int
+):
+    """peakc::ort_matmul_nbits (a linear_wq re-expressed by matmul_nbits.py) -> MatMulNBits,
+    after a Gather of the input columns for act-order weights, then + bias."""
+    if perm is not None:
+        x = op.Gather(x, perm, axis=-1)
+    y = MATMUL_NBITS(
+        x,
+        b,
+        scales,
+        zero_points,
+        K=in_features,
+        N=static_dim(b, 0, "ort_matmul_nbits"),
+        bits=bits,
+        block_size=block_size,
+    )
+    return op.Add(y, bias) if bias is not None else y
+
+
 def _activation(x, activation: str):
     if activation == "none":
         return x
@@ -337,4 +408,5 @@ TRANSLATIONS: dict[str, Callable] = {
     "gelu": gelu,
     "glu": glu,
     "linear_act": linear_act,
+    "ort_matmul_nbits": ort_matmul_nbits,
 }

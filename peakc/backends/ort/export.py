@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,13 +20,30 @@ import onnxscript.optimizer
 import torch
 import torch.fx as fx
 
-from peakc.backends.ort.contrib import CONTRIB_OPS, MS_DOMAIN, TRANSLATIONS
+from peakc.backends.ort.contrib import (
+    CONTRIB_OPS,
+    MS_DOMAIN,
+    TRANSLATIONS,
+    attention_cache_mha,
+)
+from peakc.backends.ort.matmul_nbits import (
+    SUPPORTED_BITS,
+    MatMulNBitsReport,
+    rewrite_to_matmul_nbits,
+)
 from peakc.errors import PeakcError
 from peakc.ir.capture import export_dynamic_shapes
 from peakc.ir.graph import Graph
 from peakc.ir.ops import OPS, peakc_op_name
 
 OPSET = 18  # the onnxscript opset contrib.py writes against
+# Per-device overrides of contrib.TRANSLATIONS. CUDA: GroupQueryAttention over peakc's cache
+# disagreed with the reference on onnxruntime-gpu 1.31.1 (H100, fp16: relative error 1.5, while
+# the CPU kernel matches), so attention_cache keeps the MultiHeadAttention form there
+# (benchmarks/ort_backend.py's diagnose section measures both on the device).
+DEVICE_TRANSLATIONS: dict[str, dict[str, Callable]] = {
+    "cuda": {"attention_cache": attention_cache_mha}
+}
 TWO_GB = 2**31
 EXTERNAL_DATA_SUFFIX = ".data"
 
@@ -44,6 +62,7 @@ class OnnxExport:
     nodes_after_cleanup: int
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    matmul_nbits: MatMulNBitsReport = field(default_factory=MatMulNBitsReport)
 
 
 @functools.cache
@@ -63,10 +82,17 @@ def max_ir_version() -> int:
     raise PeakcError(f"onnxruntime {onnxruntime.__version__} loads no ONNX IR version >= 7")
 
 
-def export_onnx(graph: Graph, path: Path) -> OnnxExport:
-    """Export, clean up, set the IR version, save (external data past 2 GB) and check."""
-    gm, reference_ops = graph_for_export(graph)
-    table = {OPS[name].overload: fn for name, fn in TRANSLATIONS.items() if name in OPS}
+def translations_for(device: str) -> dict[str, Callable]:
+    """The translation table for a device: TRANSLATIONS with the device's overrides."""
+    return {**TRANSLATIONS, **DEVICE_TRANSLATIONS.get(device, {})}
+
+
+def export_onnx(graph: Graph, path: Path, device: str = "cpu") -> OnnxExport:
+    """Export for `device` ('cpu' or 'cuda': its translations and MatMulNBits bit widths),
+    clean up, set the IR version, save (external data past 2 GB) and check."""
+    translations = translations_for(device)
+    gm, reference_ops, nbits_report = graph_for_export(graph, SUPPORTED_BITS[device], translations)
+    table = {OPS[name].overload: fn for name, fn in translations.items() if name in OPS}
     input_names = [n.name for n in graph.input_nodes()]
     output_names = [f"output_{i}" for i in range(len(graph.output_nodes()))]
     shapes = export_dynamic_shapes(graph.info.get("dynamic"), leading=0)
@@ -111,20 +137,25 @@ def export_onnx(graph: Graph, path: Path) -> OnnxExport:
         nodes_after_cleanup=after,
         input_names=input_names,
         output_names=output_names,
+        matmul_nbits=nbits_report,
     )
 
 
-def graph_for_export(graph: Graph) -> tuple[fx.GraphModule, list[str]]:
-    """A copy of the graph where peakc ops without a translation call their reference."""
+def graph_for_export(
+    graph: Graph, nbits: tuple[int, ...], translations: dict[str, Callable] = TRANSLATIONS
+) -> tuple[fx.GraphModule, list[str], MatMulNBitsReport]:
+    """A copy of the graph with linear_wq in MatMulNBits' layout where it can be, and the
+    peakc ops without a translation calling their reference."""
     copy = graph.copy()
+    nbits_report = rewrite_to_matmul_nbits(copy, nbits)
     reference_ops = set()
     for node in copy.call_nodes():
         name = peakc_op_name(node.target)
-        if name is not None and name not in TRANSLATIONS:
+        if name is not None and name not in translations:
             node.target = OPS[name].reference
             reference_ops.add(name)
     copy.recompile()
-    return copy.gm, sorted(reference_ops)
+    return copy.gm, sorted(reference_ops), nbits_report
 
 
 def export_error(exc: BaseException, reference_ops: list[str]) -> PeakcError:

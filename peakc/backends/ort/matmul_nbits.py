@@ -1,0 +1,230 @@
+"""peakc::linear_wq as ONNX Runtime's MatMulNBits: a graph rewrite run just before export.
+
+MatMulNBits wants B uint8 [N, n_blocks, blob], scales [N*n_blocks] in the activation's dtype,
+zero points packed per row, and a block size that is a power of two >= 16. linear_wq's layout
+(peakc/ir/ops.py) is re-expressed on the host:
+- per-channel weights (group_size = in_features) get blocks of min(128, largest power of two
+  <= K) columns that repeat the channel's scale and zero point (exact);
+- groups larger than 128 are split into blocks of 128 that repeat the group's scale (exact);
+- act-order weights with a g_idx (dynamic groups) are reordered so that each group's columns
+  are contiguous, and the input is gathered in that order (`perm`; exact). onnxruntime's own
+  g_idx input is not used: on the CPU provider it gives wrong results with zero points.
+A linear_wq that cannot be expressed (3 bits, say) is dequantized on the host and exported as
+a float MatMul (its reference's unpacking does not export: ONNX has no integer bit shifts);
+`why_not` says why and the export report lists it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from peakc.ir.graph import Graph
+from peakc.ir.ops import define_op, dequantize_weight, pack_bits, peakc_op_name, unpack_bits
+
+MAX_BLOCK = 128
+# Bit widths each provider's MatMulNBits kernel takes (onnxruntime 1.31/1.32; checked on the
+# CPU provider: 2, 4, 8; the CUDA kernels take 4 and 8).
+SUPPORTED_BITS = {"cpu": (2, 4, 8), "cuda": (4, 8)}
+
+
+def _matmul_nbits_reference(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """MatMulNBits semantics: y = x[..., perm] @ Wᵀ + bias, W dequantized from B's blocks."""
+    rows, n_blocks = b.shape[0], b.shape[1]
+    q = unpack_bits(b.reshape(rows, -1), bits, n_blocks * block_size)[:, :in_features]
+    z = unpack_bits(zero_points.reshape(rows, -1), bits, n_blocks)
+    s = scales.reshape(rows, n_blocks)
+    block = torch.arange(in_features, device=b.device) // block_size
+    w = (q - z[:, block]).to(s.dtype) * s[:, block]
+    if perm is not None:
+        x = x.index_select(-1, perm.long())
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+def _matmul_nbits_fake(x, b, scales, zero_points, perm, bias, bits, block_size, in_features):
+    return x.new_empty((*x.shape[:-1], b.shape[0]))
+
+
+MATMUL_NBITS = define_op("ort_matmul_nbits", _matmul_nbits_reference, _matmul_nbits_fake)
+
+
+@dataclass
+class MatMulNBitsLayout:
+    """One linear_wq's weights in MatMulNBits' layout."""
+
+    b: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor
+    perm: torch.Tensor | None
+    block_size: int
+
+
+@dataclass
+class MatMulNBitsReport:
+    """What the rewrite did: how many linears became MatMulNBits, and why the others did not."""
+
+    rewritten: int = 0
+    reordered: int = 0  # act-order linears whose input is gathered (perm)
+    not_rewritten: dict[str, str] = field(default_factory=dict)  # module -> reason
+
+
+def block_size_for(group_size: int, in_features: int) -> int:
+    """The MatMulNBits block size for a group size: a power of two in [16, 128] dividing the
+    group (or any, for one group per channel); 0 when there is none."""
+    if group_size >= in_features:  # per channel: every block repeats the channel's scale
+        size = 1 << (min(in_features, MAX_BLOCK).bit_length() - 1)
+    elif group_size & (group_size - 1) == 0:
+        size = min(group_size, MAX_BLOCK)
+    else:
+        return 0
+    return size if size >= 16 else 0
+
+
+def why_not(node: fx.Node, graph: Graph, bits_supported: tuple[int, ...]) -> str | None:
+    """None when `node` (a linear_wq) can become MatMulNBits, else the reason."""
+    _, qweight, _, _, g_idx, _, bits, group_size, in_features = node.args
+    if bits not in bits_supported:
+        return (
+            f"{bits}-bit weights: MatMulNBits takes {bits_supported} bits here; exported as a "
+            "float MatMul"
+        )
+    if block_size_for(group_size, in_features) == 0:
+        return f"group size {group_size} has no power-of-two block size >= 16"
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (qweight, node.args[2])):
+        return "packed weights are not constants of the graph"
+    if g_idx is not None:
+        groups = graph.get_weight(g_idx.target).long()
+        counts = torch.bincount(groups)
+        full = counts[:-1] if len(counts) > 1 else counts[:0]
+        if bool((full != group_size).any()) or int(counts[-1]) > group_size:
+            return "g_idx groups are not of group_size columns each"
+    return None
+
+
+def to_layout(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype,
+) -> MatMulNBitsLayout:
+    """linear_wq weights re-expressed as MatMulNBits inputs (see the module docstring)."""
+    rows = qweight.shape[0]
+    block = block_size_for(group_size, in_features)
+    q = unpack_bits(qweight, bits, in_features)
+    z = unpack_bits(qzeros, bits, scales.shape[1])
+    perm = None
+    if g_idx is None:
+        groups = torch.arange(in_features) // group_size
+    else:
+        perm = torch.argsort(g_idx.long(), stable=True)
+        q = q[:, perm]
+        groups = g_idx.long()[perm]
+    n_blocks = -(-in_features // block)
+    block_group = groups[torch.arange(n_blocks) * block]  # every block lies inside one group
+    q = torch.nn.functional.pad(q, (0, n_blocks * block - in_features))
+    return MatMulNBitsLayout(
+        b=pack_bits(q, bits).view(rows, n_blocks, block * bits // 8),
+        scales=scales[:, block_group].to(dtype).reshape(-1).contiguous(),
+        zero_points=pack_bits(z[:, block_group], bits).reshape(-1),
+        perm=None if perm is None else perm.to(torch.int64),
+        block_size=block,
+    )
+
+
+def rewrite_to_matmul_nbits(graph: Graph, bits_supported: tuple[int, ...]) -> MatMulNBitsReport:
+    """Replace each expressible linear_wq in `graph` (in place) by ort_matmul_nbits."""
+    report = MatMulNBitsReport()
+    for node in list(graph.call_nodes()):
+        if peakc_op_name(node.target) != "linear_wq":
+            continue
+        module = node.meta.get("peakc_module", node.name)
+        reason = why_not(node, graph, bits_supported)
+        if reason is not None:
+            report.not_rewritten[module] = reason
+            _dequantize_in_place(graph, node)
+            continue
+        x, qweight, scales, qzeros, g_idx, bias, bits, group_size, in_features = node.args
+        layout = to_layout(
+            graph.get_weight(qweight.target),
+            graph.get_weight(scales.target),
+            graph.get_weight(qzeros.target),
+            None if g_idx is None else graph.get_weight(g_idx.target),
+            bits,
+            group_size,
+            in_features,
+            x.meta["val"].dtype,
+        )
+        prefix = qweight.target.rsplit(".", 1)[0]
+        tensors = {"nbits_b": layout.b, "nbits_scales": layout.scales}
+        tensors["nbits_zero_points"] = layout.zero_points
+        if layout.perm is not None:
+            tensors["nbits_perm"] = layout.perm
+            report.reordered += 1
+        attrs = {
+            key: graph.add_weight(f"{prefix}.{key}", value, before=node)
+            for key, value in tensors.items()
+        }
+        with graph.graph.inserting_before(node):
+            new = graph.graph.call_function(
+                MATMUL_NBITS_OVERLOAD,
+                (
+                    x,
+                    attrs["nbits_b"],
+                    attrs["nbits_scales"],
+                    attrs["nbits_zero_points"],
+                    attrs.get("nbits_perm"),
+                    bias,
+                    bits,
+                    layout.block_size,
+                    in_features,
+                ),
+            )
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.graph.erase_node(node)
+        for old in (qweight, scales, qzeros, g_idx):
+            if isinstance(old, fx.Node) and not old.users:
+                graph.graph.erase_node(old)
+        report.rewritten += 1
+    if report.rewritten or report.not_rewritten:
+        graph.recompile()
+    return report
+
+
+def _dequantize_in_place(graph: Graph, node: fx.Node) -> None:
+    """linear_wq with constant weights -> aten.linear on the dequantized float weight."""
+    x, qweight, scales, qzeros, g_idx, bias, bits, group_size, in_features = node.args
+    packed = (qweight, scales, qzeros, g_idx)
+    if not all(a is None or (isinstance(a, fx.Node) and a.op == "get_attr") for a in packed):
+        return  # left to its reference implementation
+    tensors = [None if a is None else graph.get_weight(a.target) for a in packed]
+    weight = dequantize_weight(*tensors, bits, group_size, in_features).to(x.meta["val"].dtype)
+    prefix = qweight.target.rsplit(".", 1)[0]
+    attr = graph.add_weight(f"{prefix}.dequantized_weight", weight, before=node)
+    with graph.graph.inserting_before(node):
+        new = graph.graph.call_function(torch.ops.aten.linear.default, (x, attr, bias))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.graph.erase_node(node)
+    for old in packed:
+        if isinstance(old, fx.Node) and not old.users:
+            graph.graph.erase_node(old)
+
+
+MATMUL_NBITS_OVERLOAD = torch.ops.peakc.ort_matmul_nbits.default
