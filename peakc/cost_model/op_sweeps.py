@@ -112,7 +112,7 @@ def op_cases(scale: str) -> list[OpCase]:
     elif scale == "cpu":
         rows, widths, attn, decode = [3, 300], [384, 1000], [(6, 192, 64)], [(1, 6, 2, 500, 64)]
         soft, soft_rows, vocab = [96, 384], [64, 1500], [(5000, 384, 200)]
-        rope = [(6, 100, 64), (12, 700, 64)]
+        rope = [(6, 300, 64)]
     else:
         rows = [3, 96, 1000, 6000] + ([20000] if scale == "full" else [])
         widths = [1024, 3072, 5120]
