@@ -149,8 +149,8 @@ def kernel_time(cost: OpCost, profile: HardwareProfile) -> tuple[float, str]:
         rate = profile.peak("fp32")
     compute = cost.flops / rate if cost.flops else 0.0
     bandwidth = profile.memory_bandwidth * profile.bandwidth_efficiency_for(cost.op_class,
-                                                                            cost.bytes)
-    memory = cost.bytes / bandwidth
+                                                                            cost.lane_bytes)
+    memory = cost.lane_bytes / bandwidth
     return (compute, "compute") if compute >= memory else (memory, "memory")
 
 

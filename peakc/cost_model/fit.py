@@ -73,7 +73,8 @@ def fit_class_curves(samples: list, bandwidth: float, gap: float,
         if s.op_class == "attention_prefill":
             attention.append((s.flops, s.flops / work / attention_peak))
         elif s.op_class in OP_CLASSES:
-            points.setdefault(s.op_class, []).append((s.bytes, s.bytes / work / bandwidth))
+            lane_bytes = s.bytes * s.padding  # the size axis the estimate reads (OpCost)
+            points.setdefault(s.op_class, []).append((lane_bytes, lane_bytes / work / bandwidth))
     curves = {k: fit_curve(v, bins_per_decade=3, cap=1.5) for k, v in points.items()}
     attn = fit_curve(attention, bins_per_decade=3) if attention else [(1.0, 1.0)]
     return curves, attn

@@ -31,7 +31,9 @@ RATE_FIGURES = (
 CURVE_FIGURES = ("gemm_efficiency", "attention_efficiency", "copy_efficiency")
 CURVE_TABLES = ("gemm_efficiency_by_dtype", "bandwidth_efficiency")
 # Op classes with their own bandwidth curve (bytes moved -> fraction of memory_bandwidth).
-OP_CLASSES = ("elementwise", "reduction", "softmax", "norm", "gather", "gemm", "attention")
+# "strided": elementwise ops and cat reading a non-contiguous view or a broadcast input.
+OP_CLASSES = ("elementwise", "strided", "reduction", "softmax", "norm", "gather", "gemm",
+              "attention")
 
 
 def efficiency_at(curve: Curve, size: float) -> float:
@@ -254,8 +256,11 @@ def _gpu_curves() -> dict[str, Any]:
                               (1e10, 0.33), (1e11, 0.4), (1e12, 0.42)],
         copy_efficiency=copy,
         # Reductions, softmax and norms keep a row on chip and reach about 60% of a copy.
-        bandwidth_efficiency={k: [(s, 0.6 * e) for s, e in copy]
-                              for k in ("reduction", "softmax", "norm")},
+        # Large elementwise kernels on strided or broadcast inputs lose vectorised access
+        # (~half); small ones are latency-bound like any other.
+        bandwidth_efficiency={**{k: [(s, 0.6 * e) for s, e in copy]
+                                 for k in ("reduction", "softmax", "norm")},
+                              "strided": [(s, e * (1.0 if s < 1e7 else 0.5)) for s, e in copy]},
         kernel_gap=2.5e-6,
     )
 

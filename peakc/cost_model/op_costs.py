@@ -29,6 +29,14 @@ class OpCost:
     rule: str = ""
     op_class: str = "elementwise"  # which bandwidth curve (hardware.OP_CLASSES) applies
     kernels: int = 1  # kernels eager PyTorch launches for this node
+    # Bytes the kernel's lanes cover per byte it needs (>= 1): a row-wise kernel that maps a
+    # row onto power-of-two lanes leaves the rest idle (`lane_padding`).
+    padding: float = 1.0
+
+    @property
+    def lane_bytes(self) -> float:
+        """Bytes as the kernel's lanes see them: the bandwidth curve's size axis."""
+        return self.bytes * self.padding
 
 
 # Kernels eager PyTorch launches for one node of these ops (others: one; views: none). The
@@ -169,8 +177,40 @@ def elementwise(node: fx.Node, ctx: CostContext) -> OpCost:
     name = op_name(node.target)
     per = ELEMENTWISE_FLOPS.get(name, 1.0)
     out = val(node)
+    if name in REDUCTIONS:
+        op_class = "reduction"
+    else:
+        op_class = "strided" if reads_strided(node) else "elementwise"
     return OpCost(per * _out_numel(node), moved, "memory", dtype_name(out) if out is not None
-                  else "fp32", op_class="reduction" if name in REDUCTIONS else "elementwise")
+                  else "fp32", op_class=op_class)
+
+
+def reads_strided(node: fx.Node) -> bool:
+    """True when an input is a non-contiguous view or is broadcast to the output's size.
+
+    Such an elementwise kernel cannot use contiguous vectorised loads and runs at a lower
+    bandwidth; so does a cat along an inner dim. The recorded fake tensors carry the
+    strides, so the graph decides.
+    """
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return False
+    ins = _tensor_inputs(node)
+    if any(not t.is_contiguous() for t in ins):
+        return True
+    if op_name(node.target) == "aten.cat":
+        return _cat_writes_strided(node, out)
+    return any(t.numel() < out.numel() for t in ins)
+
+
+def _cat_writes_strided(node: fx.Node, out: torch.Tensor) -> bool:
+    """A cat along an inner dim writes each input into a strided slice of the output."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = dim % out.dim() if out.dim() else 0
+    outer = 1
+    for size in out.shape[:dim]:
+        outer *= size
+    return outer > 1
 
 
 for _name in ("aten.add", "aten.sub", "aten.mul", "aten.div", "aten.neg", "aten.pow",
@@ -270,12 +310,37 @@ def embedding(node: fx.Node, ctx: CostContext) -> OpCost:
                   op_class="gather")
 
 
+MAX_LANES = 4096  # elements one row-wise block covers per pass; wider rows loop over it
+
+
+def lane_padding(width: int) -> float:
+    """Lanes a row of `width` occupies over `width`: rows map onto power-of-two lanes.
+
+    GPU softmax kernels give a row a power-of-two number of lanes (a warp's or a block's
+    threads times a vector width), so a 1536-wide row keeps 2048 lanes busy-or-idle.
+    Rows wider than MAX_LANES loop over full passes.
+    """
+    if width <= 0:
+        return 1.0
+    if width <= MAX_LANES:
+        lanes = 1 << (width - 1).bit_length()
+    else:
+        lanes = -(-width // MAX_LANES) * MAX_LANES
+    return lanes / width
+
+
 @register_cost_rule("aten._softmax", "aten.softmax", "aten._log_softmax", "aten.log_softmax")
 def softmax(node: fx.Node, ctx: CostContext) -> OpCost:
-    """One read, one write; about five FLOPs per element (max, sub, exp, sum, div)."""
+    """One read, one write; about five FLOPs per element (max, sub, exp, sum, div).
+
+    Its bandwidth depends on the row width (the softmax dim), not only on bytes: the cost
+    carries the row's `lane_padding`, and the softmax curve is keyed by lane bytes.
+    """
     x = val(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    width = x.shape[dim] if x.dim() else 1
     return OpCost(5.0 * x.numel(), nbytes(x) + _out_bytes(node), "memory", dtype_name(x),
-                  op_class="softmax")
+                  op_class="softmax", padding=lane_padding(width))
 
 
 @register_cost_rule("aten.layer_norm", "aten.native_layer_norm", "aten.rms_norm",

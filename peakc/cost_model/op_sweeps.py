@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from peakc.cost_model.op_costs import lane_padding
 from peakc.cost_model.timing import copies_for, count_kernels, device_seconds
 
 Spec = tuple[tuple[int, ...], str]  # (shape, dtype name)
@@ -32,6 +33,7 @@ class OpSample:
     flops: float
     kernels: int
     seconds: float
+    padding: float = 1.0  # op_costs.lane_padding of a row-wise kernel (softmax)
 
 
 @dataclass
@@ -41,6 +43,8 @@ class OpCase:
     inputs: list[Spec]
     fn: Callable[..., torch.Tensor]
     flops: float = 0.0
+    padding: float = 1.0
+    nbytes: float = 0.0  # bytes as the estimate counts them, where inputs are read in part
 
 
 def _sdpa_causal(q, k, v):
@@ -59,25 +63,71 @@ def _embedding(ids, table):
     return F.embedding(ids, table)
 
 
+def _neg_half(x):
+    return -x[..., x.shape[-1] // 2:]
+
+
+def _cat_halves(x, a):
+    return torch.cat((a, x[..., :x.shape[-1] // 2]), dim=-1)
+
+
+def _add_transposed(x, y):
+    return x.transpose(1, 2) + y
+
+
+def strided_cases(shapes: list[tuple[int, int, int]]) -> list[OpCase]:
+    """Rotate-half-like ops on (1, heads, seq, head_dim) bf16: a broadcast multiply, a neg of a
+    half slice, a cat of a contiguous half with a sliced half, an add of a transposed view."""
+    cases = []
+    for h, s, d in shapes:
+        x, half = ((1, h, s, d), "bf16"), ((1, h, s, d // 2), "bf16")
+        n = h * s * d
+        cases += [
+            OpCase("strided", f"mul bf16 bcast h={h} s={s} d={d}", [x, ((s, d), "bf16")],
+                   torch.mul),
+            OpCase("strided", f"neg bf16 half-slice h={h} s={s} d={d}", [x], _neg_half,
+                   nbytes=2.0 * n),
+            OpCase("strided", f"cat bf16 halves h={h} s={s} d={d}", [x, half], _cat_halves,
+                   nbytes=4.0 * n),
+            OpCase("strided", f"add bf16 transposed h={h} s={s} d={d}",
+                   [((1, s, h, d), "bf16"), x], _add_transposed),
+        ]
+    return cases
+
+
+def softmax_cases(widths: list[int], rows: list[int], dtype: str) -> list[OpCase]:
+    """Softmax over the last dim at several row widths, each at several row counts, so that
+    bytes and row width vary apart (its speed depends on both)."""
+    return [OpCase("softmax", f"softmax {dtype} {r}x{w}", [((r, w), dtype)],
+                   lambda x: torch.softmax(x, -1), padding=lane_padding(w))
+            for w in widths for r in rows]
+
+
 def op_cases(scale: str) -> list[OpCase]:
     """The cases of a sweep: scale is "tiny" (tests), "cpu", "quick" or "full" (GPU)."""
     if scale == "tiny":
         rows, widths, attn, decode = [2, 64], [96], [(2, 48, 16)], [(1, 2, 2, 80, 16)]
-        soft, vocab = [24], [(300, 48, 40)]
+        soft, soft_rows, vocab = [24, 40], [8, 96], [(300, 48, 40)]
+        rope = [(2, 24, 16)]
     elif scale == "cpu":
         rows, widths, attn, decode = [3, 300], [384, 1000], [(6, 192, 64)], [(1, 6, 2, 500, 64)]
-        soft, vocab = [96, 384], [(5000, 384, 200)]
+        soft, soft_rows, vocab = [96, 384], [64, 1500], [(5000, 384, 200)]
+        rope = [(6, 300, 64)]
     else:
         rows = [3, 96, 1000, 6000] + ([20000] if scale == "full" else [])
         widths = [1024, 3072, 5120]
         attn = [(16, 384, 128), (16, 1536, 128), (12, 1000, 64), (12, 3000, 64), (24, 768, 128),
                 (16, 3072, 128), (40, 2560, 128), (8, 6144, 128), (16, 4096, 64)]
         decode = [(1, 16, 16, 768, 128), (1, 16, 16, 6000, 128), (4, 16, 16, 1536, 128),
-                  (1, 24, 8, 2500, 128), (1, 12, 4, 700, 64), (2, 16, 4, 12000, 64)]
-        soft, vocab = [128, 384, 1024, 1536, 2560, 3072], [(50000, 1024, 700), (100000, 768, 6000),
-                                                (50000, 1024, 3)]
+                  (1, 24, 8, 2500, 128), (1, 12, 4, 700, 64), (2, 16, 4, 12000, 64),
+                  (8, 16, 16, 3000, 128), (16, 8, 8, 5000, 128)]
+        soft, soft_rows = [200, 384, 1024, 1536, 2560, 3072, 4096], [300, 5000, 40000]
+        vocab = [(50000, 1024, 700), (100000, 768, 6000), (50000, 1024, 3)]
+        rope = [(12, 64, 64), (12, 700, 64), (12, 6000, 64), (24, 300, 128), (24, 3000, 128),
+                (40, 1500, 96), (8, 20000, 128)]
         if scale == "quick":
-            attn, decode, widths = attn[::2], decode[::2], widths[::2]
+            attn, decode, widths, soft, rope = attn[::2], decode[::2], widths[::2], soft[::2], \
+                rope[::2]
     cases: list[OpCase] = []
     for w in widths:
         for r in rows:
@@ -85,18 +135,16 @@ def op_cases(scale: str) -> list[OpCase]:
                                 torch.add))
             cases.append(OpCase("elementwise", f"silu bf16 {r}x{w + 8}",
                                 [((r, w + 8), "bf16")], F.silu))
-            cases.append(OpCase("elementwise", f"mul fp32 {r}x{w}",
+            cases.append(OpCase("strided", f"mul fp32 {r}x{w} bcast",
                                 [((r, w), "fp32"), ((w,), "fp32")], torch.mul))
             cases.append(OpCase("reduction", f"mean fp32 {r}x{w}", [((r, w), "fp32")],
                                 lambda x: x.mean(-1, keepdim=True)))
             cases.append(OpCase("norm", f"rms_norm bf16 {r}x{w}",
                                 [((r, w), "bf16"), ((w,), "bf16")], _rms_norm))
-    for s in soft:
-        cases.append(OpCase("softmax", f"softmax bf16 16x{s}x{s}", [((1, 16, s, s), "bf16")],
-                            lambda x: torch.softmax(x, -1)))
-        if scale in ("tiny", "cpu"):
-            cases.append(OpCase("softmax", f"softmax fp32 {4 * s}x{s + 40}",
-                                [((4 * s, s + 40), "fp32")], lambda x: torch.softmax(x, -1)))
+    cases += softmax_cases(soft, soft_rows, "bf16")
+    if scale in ("tiny", "cpu"):
+        cases += softmax_cases([s + 40 for s in soft], soft_rows[-1:], "fp32")
+    cases += strided_cases(rope)
     for n, d, tokens in vocab:
         cases.append(OpCase("gather", f"embedding {n}x{d} ids={tokens}",
                             [((1, tokens), "int64"), ((n, d), "bf16")], _embedding))
@@ -122,6 +170,8 @@ def _make(spec: Spec, device: str, n: int) -> torch.Tensor:
 def case_bytes(case: OpCase) -> float:
     """Bytes as the estimate's rule counts them (inputs once, output once; a gather reads
     only the rows it copies), from a meta-device run."""
+    if case.nbytes:
+        return case.nbytes
     vocab = case.inputs[-1][0][0]
     metas = [_make(s, "meta", vocab) for s in case.inputs]
     out = case.fn(*metas)
@@ -147,7 +197,7 @@ def measure_op_classes(cases: list[OpCase], device: str, target: float,
             kernels_of[kind] = max(round(count_kernels(calls[0])), 1) if device == "cuda" else 1
         seconds = device_seconds(calls, device, target)
         samples.append(OpSample(case.op_class, case.label, moved, case.flops, kernels_of[kind],
-                                seconds))
+                                seconds, case.padding))
         step()
     return samples
 
