@@ -60,6 +60,7 @@ CONFIGS.update(
         "SparseGPT 50% owl l=0.04 M=3": dict(OWL, sparsity=0.5, owl_lambda=0.04, owl_threshold=3.0),
         "SparseGPT 70%": dict(method="sparsegpt", sparsity=0.7),
         "SparseGPT 70% owl": dict(OWL, sparsity=0.7),
+        "magnitude 50% owl": dict(method="magnitude", sparsity=0.5, sparsity_profile="owl"),
     }
 )
 
