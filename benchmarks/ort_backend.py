@@ -10,6 +10,7 @@ is saved as a local Hugging Face folder with a WordLevel tokenizer. Then, one se
 (each in try/except, results appended to DIR/ort_backend.json as they come):
 - peakc: `--task generate` decoder (prefill and decode_step programs) compiled with the default
   pipeline to the ort backend, run by peakc's Generator (I/O binding on the device);
+  `peakc-nograph`: that artifact loaded with cuda_graph=false (shared buffers, fixed binding);
   `peakc-int4`: the same after `quantize{method=rtn,bits=4,group_size=32}` (MatMulNBits);
 - eager: the transformers model with its DynamicCache, prefill then greedy decode;
 - optimize_model: the same KV-cache decoder as plain torch (the cache-attention op as its
@@ -197,6 +198,7 @@ def bench_peakc(folder: Path, work: Path, args, device: str, pipeline: str, tag:
         parity=False,
     )
     directory = compiled.save(work / tag, force=True)
+    LAST_ARTIFACT[tag] = directory
     row: dict = {"compile_s": round(time.perf_counter() - start, 1)}
     report = compiled.contents.report["ort"]
     row["provider"] = report["provider"]
@@ -209,11 +211,34 @@ def bench_peakc(folder: Path, work: Path, args, device: str, pipeline: str, tag:
     program = artifact.program("decoder")
     if isinstance(program, OrtProgram):
         row["session_providers"] = program.session.get_providers()
+    if isinstance(program, OrtProgram):
+        row["cuda_graph"] = program.cuda_graph
+        row["shared_kv_buffers"] = report.get("shared_kv_buffers")
     generator = Generator.from_artifact(artifact, device)
+    row["step"] = type(generator.step).__name__
     row.update(time_generator(generator, args, device))
     del generator, artifact, program
     gc.collect()
     _ = check_parity  # parity is measured at compile time (report) on the example inputs
+    return row
+
+
+def bench_peakc_without_graph(args, device: str, tag: str) -> dict:
+    """The artifact the peakc section compiled, loaded with cuda_graph=false (same buffers and
+    fixed-address binding, no graph capture/replay)."""
+    import peakc
+    from peakc.backends.ort.session import OrtProgram
+    from peakc.runtime.generate import Generator
+
+    directory = LAST_ARTIFACT[tag]
+    layout = peakc.load(directory).manifest["generation"]
+    program = OrtProgram(directory / "decoder.onnx", device, cuda_graph="false")
+    step = program.cache_owning_step(layout) or program
+    generator = Generator(step, layout, device)
+    row = {"cuda_graph": program.cuda_graph, "step": type(step).__name__}
+    row.update(time_generator(generator, args, device))
+    del generator, program, step
+    gc.collect()
     return row
 
 
@@ -472,6 +497,7 @@ def run_section(results: dict, key: str, fn, out_file: Path) -> None:
 
 
 RESULTS: dict = {}
+LAST_ARTIFACT: dict[str, Path] = {}
 
 
 def main() -> None:
@@ -540,6 +566,7 @@ def main() -> None:
         common = (folder, work, args, device)
         table = {
             "peakc": partial(bench_peakc, *common, "default", "peakc"),
+            "peakc-nograph": partial(bench_peakc_without_graph, args, device, "peakc"),
             "peakc-int4": partial(bench_peakc, *common, INT4_PIPELINE, "peakc-int4"),
             "optimize_model": partial(bench_optimize_model, *common, name),
             "genai": partial(bench_genai, *common, "fp32" if args.quick else "fp16"),

@@ -285,7 +285,7 @@ class LoadedArtifact:
                 from peakc.backends.ort.session import OrtProgram
 
                 self._programs[name] = OrtProgram(
-                    self.directory / info["file"], info.get("runtime", {}).get("device", "auto")
+                    self.directory / info["file"], **info.get("runtime", {})
                 )
             else:
                 self._programs[name] = _load_program(self.directory / info["file"])

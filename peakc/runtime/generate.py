@@ -2,9 +2,12 @@
 
 The decoder program (see peakc/models/kv_cache.py) maps (input_ids, positions, k_cache,
 v_cache) to (logits, new_k, new_v); the generator writes new_k/new_v into the cache slots
-given by `positions` after each step. Prompts of different lengths are right-padded in one
-prefill: padded slots hold garbage that no real query can see (a query at position p sees
-slots <= p, and decode overwrites slot p before reading it).
+given by `positions` after each step. A program may instead offer a step that keeps the cache
+itself (`CacheOwningStep`, e.g. the ort backend's shared GroupQueryAttention buffers): then
+the generator calls `begin(batch)` and `step(ids, positions) -> logits`. Prompts of
+different lengths are right-padded in one prefill: padded slots hold garbage that no real
+query can see (a query at position p sees slots <= p, and decode overwrites slot p before
+reading it).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -58,6 +61,15 @@ class GenerationResult:
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+@runtime_checkable
+class CacheOwningStep(Protocol):
+    """A decoder step that holds the KV cache: begin(batch), then (ids, positions) -> logits."""
+
+    def begin(self, batch: int) -> None: ...
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+
+
 class Generator:
     """Generate from a decoder step function and its cache layout (an artifact or a module)."""
 
@@ -84,13 +96,18 @@ class Generator:
             )
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         program = place_on_device(artifact.program("decoder"), device)
+        owning = getattr(program, "cache_owning_step", None)
+        step = owning(layout) if owning is not None else None
+        if step is not None:
+            return cls(step, layout, device, load_tokenizer(artifact.directory))
         weights = [w.to(device) for w in artifact.weight_list("decoder")]
         decode = program
         if "decode_step" in artifact.manifest["programs"]:  # one token per sequence
             decode = place_on_device(artifact.program("decode_step"), device)
-            if artifact.manifest["programs"]["decode_step"]["weights"] != artifact.manifest[
-                "programs"
-            ]["decoder"]["weights"]:
+            if (
+                artifact.manifest["programs"]["decode_step"]["weights"]
+                != artifact.manifest["programs"]["decoder"]["weights"]
+            ):
                 raise PeakcError(f"artifact {artifact.directory}: programs disagree on weights")
 
         def step(ids, positions, k_cache, v_cache):
@@ -144,8 +161,12 @@ class Generator:
             self.layout["max_seq_len"],
             self.layout["head_dim"],
         )
-        k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        if isinstance(self.step, CacheOwningStep):
+            self.step.begin(batch)
+            k_cache = v_cache = None
+        else:
+            k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         generator = None
         if config.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -153,8 +174,7 @@ class Generator:
         stop = set(config.stop_tokens)
 
         start = _now(self.device)
-        logits, new_k, new_v = self.step(ids, positions, k_cache, v_cache)
-        write_cache(k_cache, v_cache, new_k, new_v, positions)
+        logits = self.run_step(ids, positions, k_cache, v_cache)
         last = logits[torch.arange(batch, device=self.device), lengths - 1]
         tokens = sample(last, config, generator)
         prefill_seconds = _now(self.device) - start
@@ -180,13 +200,20 @@ class Generator:
             if all(done):
                 break
             positions = current.view(batch, 1)
-            logits, new_k, new_v = self.step(tokens.view(batch, 1), positions, k_cache, v_cache)
-            write_cache(k_cache, v_cache, new_k, new_v, positions)
+            logits = self.run_step(tokens.view(batch, 1), positions, k_cache, v_cache)
             tokens = sample(logits[:, -1], config, generator)
             current += 1
             steps += 1
         decode_seconds = _now(self.device) - start
         return GenerationResult(out, prefill_seconds, decode_seconds, steps)
+
+    def run_step(self, ids, positions, k_cache, v_cache) -> torch.Tensor:
+        """One decoder call; the cache is written by the step itself or from new_k/new_v."""
+        if k_cache is None:
+            return self.step(ids, positions)
+        logits, new_k, new_v = self.step(ids, positions, k_cache, v_cache)
+        write_cache(k_cache, v_cache, new_k, new_v, positions)
+        return logits
 
     def generate_text(
         self, prompts: Sequence[str], config: SamplingConfig, on_text: Callable | None = None

@@ -139,9 +139,10 @@ def test_quantized_generation_matches_eager(tmp_path):
     assert tokens["ort"] == tokens["eager"]
 
 
-def test_cuda_export_uses_multi_head_attention_and_cuda_bit_widths(tmp_path):
-    """The export for CUDA (checked here without a GPU: export and checker only) keeps
-    attention_cache as MultiHeadAttention and makes 2-bit weights a float MatMul."""
+def test_cuda_export_uses_shared_gqa_and_cuda_bit_widths(tmp_path):
+    """The export for CUDA (checked here without a GPU: export and checker only) has
+    attention_cache as GroupQueryAttention over shared buffers, as on the CPU, and makes 2-bit
+    weights a float MatMul."""
     from peakc.backends.ort.export import export_onnx
 
     source = load_source_for_task("demo:llama", "generate", 32, 2)
@@ -154,8 +155,8 @@ def test_cuda_export_uses_multi_head_attention_and_cuda_bit_widths(tmp_path):
         parity=False,
     )
     cuda = export_onnx(compiled.graph, tmp_path / "cuda.onnx", "cuda")
-    assert cuda.contrib_ops["MultiHeadAttention"] == 2
-    assert "GroupQueryAttention" not in cuda.contrib_ops and "MatMulNBits" not in cuda.contrib_ops
+    assert cuda.contrib_ops["GroupQueryAttention"] == 2 and len(cuda.shared_cache.buffers) == 4
+    assert "MultiHeadAttention" not in cuda.contrib_ops and "MatMulNBits" not in cuda.contrib_ops
     assert len(cuda.matmul_nbits.not_rewritten) == 14
     cpu = export_onnx(compiled.graph, tmp_path / "cpu.onnx", "cpu")
     assert cpu.contrib_ops["GroupQueryAttention"] == 2 and cpu.contrib_ops["MatMulNBits"] == 14

@@ -20,30 +20,24 @@ import onnxscript.optimizer
 import torch
 import torch.fx as fx
 
-from peakc.backends.ort.contrib import (
-    CONTRIB_OPS,
-    MS_DOMAIN,
-    TRANSLATIONS,
-    attention_cache_mha,
-)
+from peakc.backends.ort.contrib import CONTRIB_OPS, MS_DOMAIN, TRANSLATIONS
 from peakc.backends.ort.matmul_nbits import (
     SUPPORTED_BITS,
     MatMulNBitsReport,
     rewrite_to_matmul_nbits,
 )
+from peakc.backends.ort.shared_cache import SharedCacheLayout, share_gqa_cache
 from peakc.errors import PeakcError
 from peakc.ir.capture import export_dynamic_shapes
 from peakc.ir.graph import Graph
 from peakc.ir.ops import OPS, peakc_op_name
 
 OPSET = 18  # the onnxscript opset contrib.py writes against
-# Per-device overrides of contrib.TRANSLATIONS. CUDA: GroupQueryAttention over peakc's cache
-# disagreed with the reference on onnxruntime-gpu 1.31.1 (H100, fp16: relative error 1.5, while
-# the CPU kernel matches), so attention_cache keeps the MultiHeadAttention form there
-# (benchmarks/ort_backend.py's diagnose section measures both on the device).
-DEVICE_TRANSLATIONS: dict[str, dict[str, Callable]] = {
-    "cuda": {"attention_cache": attention_cache_mha}
-}
+# Per-device overrides of contrib.TRANSLATIONS (none now: GroupQueryAttention's earlier
+# disagreement on CUDA was a max-length past without a shared present buffer, which the spec
+# does not allow; shared_cache.py rewrites the export into the shared-buffer form). The
+# MultiHeadAttention form stays available as contrib.attention_cache_mha.
+DEVICE_TRANSLATIONS: dict[str, dict[str, Callable]] = {}
 TWO_GB = 2**31
 EXTERNAL_DATA_SUFFIX = ".data"
 
@@ -63,6 +57,7 @@ class OnnxExport:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     matmul_nbits: MatMulNBitsReport = field(default_factory=MatMulNBitsReport)
+    shared_cache: SharedCacheLayout | None = None
 
 
 @functools.cache
@@ -89,7 +84,8 @@ def translations_for(device: str) -> dict[str, Callable]:
 
 def export_onnx(graph: Graph, path: Path, device: str = "cpu") -> OnnxExport:
     """Export for `device` ('cpu' or 'cuda': its translations and MatMulNBits bit widths),
-    clean up, set the IR version, save (external data past 2 GB) and check."""
+    clean up, share GroupQueryAttention's cache buffers, set the IR version, save (external
+    data past 2 GB) and check."""
     translations = translations_for(device)
     gm, reference_ops, nbits_report = graph_for_export(graph, SUPPORTED_BITS[device], translations)
     table = {OPS[name].overload: fn for name, fn in translations.items() if name in OPS}
@@ -115,6 +111,7 @@ def export_onnx(graph: Graph, path: Path, device: str = "cpu") -> OnnxExport:
     model = program.model
     before = _count_nodes(model)
     onnxscript.optimizer.optimize_ir(model)  # constant folding, dead nodes, unused functions
+    shared_cache = share_gqa_cache(model)  # past/present as one buffer per layer (GQA spec)
     after = _count_nodes(model)
     model.ir_version = max_ir_version()
     model.opset_imports.setdefault(MS_DOMAIN, 1)  # translations call contrib ops by schema only
@@ -138,6 +135,7 @@ def export_onnx(graph: Graph, path: Path, device: str = "cpu") -> OnnxExport:
         input_names=input_names,
         output_names=output_names,
         matmul_nbits=nbits_report,
+        shared_cache=shared_cache,
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from peakc.backends.base import op_lowering_report, program_name, register_backend
 from peakc.backends.ort.contrib import TRANSLATIONS
 from peakc.backends.ort.export import EXTERNAL_DATA_SUFFIX, OnnxExport, export_onnx
-from peakc.backends.ort.session import OrtProgram, resolve_device
+from peakc.backends.ort.session import OrtProgram, resolve_cuda_graph, resolve_device
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
 from peakc.passes.base import PassContext
@@ -30,18 +30,20 @@ PARITY_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 class OrtBackend:
     name: ClassVar[str] = "ort"
 
-    def __init__(self, device: str = "auto") -> None:
+    def __init__(self, device: str = "auto", cuda_graph: str = "false") -> None:
         self.device = device
+        self.cuda_graph = cuda_graph  # decode steps replayed as CUDA graphs (needs device=cuda)
 
     def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents:
         device = resolve_device(self.device)
+        cuda_graph = resolve_cuda_graph(self.cuda_graph, device)
         program = program_name(graph)
         folder = Path(tempfile.mkdtemp(prefix="peakc-ort-"))
         path = folder / f"{program}.onnx"
         exported = export_onnx(graph, path, device)
-        parity = check_parity(graph, OrtProgram(path, device))
+        parity = check_parity(graph, OrtProgram(path, device, cuda_graph="false"))
         info = program_signature(graph, weights=[], format="onnx")
-        info.runtime = {"device": self.device}
+        info.runtime = {"device": self.device, "cuda_graph": self.cuda_graph}
         extra: dict[str, Any] = {}
         if exported.external_data:
             extra[path.name + EXTERNAL_DATA_SUFFIX] = folder / (path.name + EXTERNAL_DATA_SUFFIX)
@@ -60,7 +62,7 @@ class OrtBackend:
             weights={},
             example_inputs=graph.example_inputs,
             programs={program: (data, info)},
-            report={"ops": ops, "ort": ort_report(exported, device, parity)},
+            report={"ops": ops, "ort": ort_report(exported, device, parity, cuda_graph)},
             extra_files=extra,
         )
 
@@ -97,7 +99,10 @@ def linear_wq_status(exported: OnnxExport) -> str:
     return f"contrib/onnx (MatMulNBits); {floats}" if done else floats
 
 
-def ort_report(exported: OnnxExport, device: str, parity: float) -> dict[str, Any]:
+def ort_report(
+    exported: OnnxExport, device: str, parity: float, cuda_graph: bool
+) -> dict[str, Any]:
+    shared = exported.shared_cache
     return {
         "onnxruntime": onnxruntime.__version__,
         "provider": "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider",
@@ -109,6 +114,8 @@ def ort_report(exported: OnnxExport, device: str, parity: float) -> dict[str, An
         "nodes_before_cleanup": exported.nodes_before_cleanup,
         "nodes_after_cleanup": exported.nodes_after_cleanup,
         "parity_rel_error": parity,
+        "shared_kv_buffers": len(shared.buffers) if shared else 0,
+        "cuda_graph_decode": cuda_graph,
         "matmul_nbits": {
             "rewritten": exported.matmul_nbits.rewritten,
             "reordered_act_order": exported.matmul_nbits.reordered,

@@ -3,6 +3,11 @@
 One code path on every device: inputs are bound by data pointer (IOBinding), outputs are
 allocated by onnxruntime on the session's device and handed to torch through DLPack.
 The CUDA execution provider is used when onnxruntime-gpu provides it, the CPU one otherwise.
+A program whose GroupQueryAttention cache was rewritten to shared buffers (shared_cache.py)
+is still called with the original inputs (the cache layers are copied into buffers for the
+call); the Generator instead uses `cache_owning_step()`, which keeps the buffers across steps.
+With cuda_graph, the CUDA provider is created with enable_cuda_graph and only runs that ask
+for a graph id (fixed-address decode steps, decode_binding.py) are captured and replayed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 
+from peakc.backends.ort.shared_cache import read_layout
 from peakc.errors import PeakcError
 
 CUDA = "CUDAExecutionProvider"
@@ -38,6 +44,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_cuda_graph(cuda_graph: str | bool, device: str) -> bool:
+    """cuda_graph=true|false (default false: onnxruntime-gpu 1.31.1 refused the exported decoder,
+    whose shape computations it places on the CPU); true on the CPU is an error."""
+    value = str(cuda_graph).lower()
+    if value not in ("true", "false", "1", "0"):
+        raise PeakcError(f"backend ort: cuda_graph must be true or false, got '{cuda_graph}'")
+    if value in ("true", "1") and device != "cuda":
+        raise PeakcError("backend ort: cuda_graph=true needs device=cuda")
+    return value in ("true", "1")
+
+
+def run_options(graph_id: int) -> onnxruntime.RunOptions:
+    """Run options naming the CUDA graph to capture/replay; -1 runs without a graph."""
+    options = onnxruntime.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
+
+
 class OrtProgram:
     """An InferenceSession called with (*inputs) and returning a tuple of torch tensors.
 
@@ -45,14 +69,16 @@ class OrtProgram:
     Outputs come back on the device of the first input (copied when the session's differs).
     """
 
-    def __init__(self, path: Path, device: str = "auto") -> None:
+    def __init__(self, path: Path, device: str = "auto", cuda_graph: str | bool = "false") -> None:
         self.device = resolve_device(device)
         self.provider = CUDA if self.device == "cuda" else CPU
+        self.cuda_graph = resolve_cuda_graph(cuda_graph, self.device)
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
+        provider = (CUDA, {"enable_cuda_graph": "1"}) if self.cuda_graph else self.provider
         try:
             self.session = onnxruntime.InferenceSession(
-                str(path), sess_options=options, providers=[self.provider]
+                str(path), sess_options=options, providers=[provider]
             )
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             text = str(exc).strip().splitlines()
@@ -61,34 +87,67 @@ class OrtProgram:
             ) from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.shared_cache = read_layout(self.session.get_modelmeta().custom_metadata_map)
+        self.call_inputs = self.shared_cache.original_inputs if self.shared_cache else []
+        presents = {b.present for b in self.shared_cache.buffers} if self.shared_cache else ()
+        self.call_outputs = [n for n in self.output_names if n not in presents]
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if len(inputs) != len(self.input_names):
-            raise PeakcError(
-                f"ONNX program takes {len(self.input_names)} inputs, got {len(inputs)}"
-            )
+        expected = self.call_inputs or self.input_names
+        if len(inputs) != len(expected):
+            raise PeakcError(f"ONNX program takes {len(expected)} inputs, got {len(inputs)}")
         target = torch.device(self.device)
         back_to = inputs[0].device if inputs else target
-        bound = [t.detach().to(target).contiguous() for t in inputs]  # kept alive for the run
+        named = {n: t.detach().to(target).contiguous() for n, t in zip(expected, inputs)}
+        buffers: dict[str, torch.Tensor] = {}
+        if self.shared_cache is not None:
+            named, buffers = self.shared_inputs(named)
         binding = self.session.io_binding()
-        for name, t in zip(self.input_names, bound):
-            binding.bind_input(
-                name,
-                self.device,
-                _device_id(t),
-                _numpy_dtype(t.dtype),
-                list(t.shape),
-                t.data_ptr(),
-            )
-        for name in self.output_names:
+        for name in self.input_names:
+            bind_tensor(binding.bind_input, name, named[name])
+        for name in self.call_outputs:
             binding.bind_output(name, self.device, _device_id_for(target))
+        for buffer in self.shared_cache.buffers if self.shared_cache else ():
+            bind_tensor(binding.bind_output, buffer.present, buffers[buffer.past])
         if self.device == "cuda":
-            binding.synchronize_inputs()
-        self.session.run_with_iobinding(binding)
-        if self.device == "cuda":
-            binding.synchronize_outputs()
+            torch.cuda.current_stream().synchronize()  # torch's writes before ORT's stream reads
+        self.session.run_with_iobinding(binding, run_options(-1) if self.cuda_graph else None)
         outputs = [torch.from_dlpack(v._ortvalue) for v in binding.get_outputs()]
-        return tuple(o.to(back_to) for o in outputs)
+        return tuple(o.to(back_to) for o in outputs[: len(self.call_outputs)])
+
+    def shared_inputs(
+        self, named: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The rewritten program's inputs for a call with the original ones: each cache layer
+        copied into its own past/present buffer, the total length from the positions."""
+        layout = self.shared_cache
+        buffers = {}
+        for buffer in layout.buffers:
+            source = named[buffer.source]
+            layer = source if buffer.index is None else source[buffer.index]
+            buffers[buffer.past] = layer.clone().contiguous()
+        total = int(named[layout.positions].max()) + 1
+        named = {**named, **buffers, layout.total_length: host_int32(total)}
+        return named, buffers
+
+    def cache_owning_step(self, layout: dict):
+        """A Generator step keeping the KV cache in shared buffers, or None (no shared cache)."""
+        if self.shared_cache is None:
+            return None
+        from peakc.backends.ort.decode_binding import SharedCacheStep
+
+        return SharedCacheStep(self, layout)
+
+
+def host_int32(value: int) -> torch.Tensor:
+    """An int32 scalar in host memory (GroupQueryAttention reads total_sequence_length there)."""
+    return torch.tensor(value, dtype=torch.int32)
+
+
+def bind_tensor(bind, name: str, t: torch.Tensor) -> None:
+    """Bind a torch tensor by pointer (input or output; host tensors as CPU memory)."""
+    device = "cuda" if t.device.type == "cuda" else "cpu"
+    bind(name, device, _device_id(t), _numpy_dtype(t.dtype), list(t.shape), t.data_ptr())
 
 
 def _device_id(t: torch.Tensor) -> int:
