@@ -260,7 +260,7 @@ def attention_cache(q, k, v, k_cache, v_cache, positions, scale: float):
 def attention_cache_mha(q, k, v, k_cache, v_cache, positions, scale: float):
     """peakc::attention_cache for any positions (not only contiguous ones): ScatterElements
     into a copy of the cache, then MultiHeadAttention with a position bias and KV heads
-    repeated. Used on CUDA (export.DEVICE_TRANSLATIONS), where GroupQueryAttention disagreed."""
+    repeated. Not used by default: a per-device override through export.DEVICE_TRANSLATIONS."""
     kv_shape = op.Shape(k)
     slots = op.Expand(op.Unsqueeze(positions, op.Constant(value_ints=[1, 3])), kv_shape)
     keys = op.ScatterElements(k_cache, slots, op.CastLike(k, k_cache), axis=2)
