@@ -43,11 +43,15 @@ def _matmul_nbits_reference(
 ) -> torch.Tensor:
     """MatMulNBits semantics: y = x[..., perm] @ Wᵀ + bias, W dequantized from B's blocks."""
     rows, n_blocks = b.shape[0], b.shape[1]
-    q = unpack_bits(b.reshape(rows, -1), bits, n_blocks * block_size)[:, :in_features]
-    z = unpack_bits(zero_points.reshape(rows, -1), bits, n_blocks)
-    s = scales.reshape(rows, n_blocks)
-    block = torch.arange(in_features, device=b.device) // block_size
-    w = (q - z[:, block]).to(s.dtype) * s[:, block]
+    w = dequantize_weight(
+        b.reshape(rows, -1),
+        scales.reshape(rows, n_blocks),
+        zero_points.reshape(rows, -1),
+        None,
+        bits,
+        block_size,
+        n_blocks * block_size,
+    )[:, :in_features]
     if perm is not None:
         x = x.index_select(-1, perm.long())
     return torch.nn.functional.linear(x, w.to(x.dtype), bias)
