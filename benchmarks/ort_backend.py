@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import statistics
 import subprocess
@@ -138,6 +139,7 @@ def time_generator(generator, args, device: str) -> dict:
             pre.append(r.prefill_seconds)
             dec.append(r.decode_seconds / max(r.decode_steps, 1))
         out[f"b{batch}"] = rates(pre, dec, batch)
+        out[f"b{batch}"]["tokens_sha"] = hashlib.sha1(str(r.tokens).encode()).hexdigest()[:12]
     return out
 
 
@@ -176,7 +178,9 @@ def time_eager(model, args, device: str) -> dict:
     return out
 
 
-def bench_peakc(folder: Path, work: Path, args, device: str, pipeline: str, tag: str) -> dict:
+def bench_peakc(
+    folder: Path, work: Path, args, device: str, pipeline: str, tag: str, options: str = ""
+) -> dict:
     import peakc
     from peakc.backends.ort.lower import check_parity
     from peakc.backends.ort.session import OrtProgram
@@ -191,7 +195,7 @@ def bench_peakc(folder: Path, work: Path, args, device: str, pipeline: str, tag:
         source.module,
         source.example_inputs,
         pipeline=pipeline,
-        backend=f"ort{{device={device}}}",
+        backend=f"ort{{device={device}{options}}}",
         dynamic=source.dynamic,
         generation=source.generation,
         source=tag,
@@ -205,6 +209,7 @@ def bench_peakc(folder: Path, work: Path, args, device: str, pipeline: str, tag:
     row["ops"] = op_counts(directory / "decoder.onnx")
     row["ort_parity_rel_error_at_compile"] = report["parity_rel_error"]
     row["matmul_nbits"] = report.get("matmul_nbits")
+    row["static_decode_batches"] = report.get("static_decode_batches")
     del compiled, source
     gc.collect()
     artifact = peakc.load(directory)
@@ -217,26 +222,33 @@ def bench_peakc(folder: Path, work: Path, args, device: str, pipeline: str, tag:
     generator = Generator.from_artifact(artifact, device)
     row["step"] = type(generator.step).__name__
     row.update(time_generator(generator, args, device))
+    if isinstance(program, OrtProgram):
+        row["decode_sessions_used"] = sorted(program.decode_sessions)
     del generator, artifact, program
     gc.collect()
     _ = check_parity  # parity is measured at compile time (report) on the example inputs
     return row
 
 
-def bench_peakc_without_graph(args, device: str, tag: str) -> dict:
+def bench_peakc_without_graph(args, device: str, tag: str, static: bool = True) -> dict:
     """The artifact the peakc section compiled, loaded with cuda_graph=false (same buffers and
-    fixed-address binding, no graph capture/replay)."""
+    fixed-address binding, no graph capture/replay): decode on the static decode programs, or
+    with static=False on the dynamic decoder (run C's configuration)."""
     import peakc
     from peakc.backends.ort.session import OrtProgram
     from peakc.runtime.generate import Generator
 
     directory = LAST_ARTIFACT[tag]
-    layout = peakc.load(directory).manifest["generation"]
-    program = OrtProgram(directory / "decoder.onnx", device, cuda_graph="false")
+    manifest = peakc.load(directory).manifest
+    layout = manifest["generation"]
+    runtime = manifest["programs"]["decoder"].get("runtime", {})
+    decode_programs = runtime.get("decode_programs") if static else None
+    program = OrtProgram(directory / "decoder.onnx", device, "false", decode_programs)
     step = program.cache_owning_step(layout) or program
     generator = Generator(step, layout, device)
     row = {"cuda_graph": program.cuda_graph, "step": type(step).__name__}
     row.update(time_generator(generator, args, device))
+    row["decode_sessions_used"] = sorted(program.decode_sessions)
     del generator, program, step
     gc.collect()
     return row
@@ -564,9 +576,11 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         common = (folder, work, args, device)
+        graph = ",decode_batches=1+8" + ("" if args.quick else ",cuda_graph=true")
         table = {
-            "peakc": partial(bench_peakc, *common, "default", "peakc"),
+            "peakc": partial(bench_peakc, *common, "default", "peakc", graph),
             "peakc-nograph": partial(bench_peakc_without_graph, args, device, "peakc"),
+            "peakc-dynamic": partial(bench_peakc_without_graph, args, device, "peakc", False),
             "peakc-int4": partial(bench_peakc, *common, INT4_PIPELINE, "peakc-int4"),
             "optimize_model": partial(bench_optimize_model, *common, name),
             "genai": partial(bench_genai, *common, "fp32" if args.quick else "fp16"),

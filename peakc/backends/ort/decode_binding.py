@@ -5,9 +5,11 @@ present of its GroupQueryAttention (the op writes the new tokens in place: no ca
 no scatter). Prefill binds the prompt's ids/positions as given. Decode (one token per
 sequence) binds once per batch size: ids, positions, logits and the other outputs live in
 fixed buffers that each step updates in place, and total_sequence_length is the cache
-length (a constant; GroupQueryAttention reads the real lengths from seqlens_k). That makes
-the decode run a candidate for ONNX Runtime's CUDA graphs (graph id = batch size), used when
-the program was loaded with cuda_graph. The same code runs on the CPU provider.
+length (a constant; GroupQueryAttention reads the real lengths from seqlens_k, on the device).
+Decode runs on the batch's static decode program when the artifact has one (static_decode.py),
+else on the dynamic program. With cuda_graph the static program's session captures the first
+run after its warm-up and replays it (graph id = batch size): every bound address and the host
+total length stay fixed. The same code runs on the CPU provider.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ ORT_DTYPES = {
 class DecodeBinding:
     """One batch size's fixed-address decode run: the IOBinding and the tensors it points to."""
 
+    session: Any
     binding: Any
     ids: torch.Tensor
     positions: torch.Tensor
@@ -56,7 +59,6 @@ class SharedCacheStep:
         self.batch = 0
         inputs = {i.name: i for i in program.session.get_inputs()}
         self.cache_dtype = ORT_DTYPES[inputs[self.cache.buffers[0].past].type]
-        self.outputs = {o.name: o for o in program.session.get_outputs()}
 
     @property
     def cuda_graph(self) -> bool:
@@ -95,8 +97,7 @@ class SharedCacheStep:
         for buffer in self.cache.buffers:
             bind_tensor(binding.bind_output, buffer.present, self.buffers[buffer.past])
         self.sync()
-        graph = run_options(-1) if self.cuda_graph else None
-        session.run_with_iobinding(binding, graph)
+        session.run_with_iobinding(binding)
         return torch.from_dlpack(binding.get_outputs()[0]._ortvalue)
 
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -107,30 +108,32 @@ class SharedCacheStep:
         run.positions.copy_(positions)
         self.sync()
         options = run_options(self.batch) if self.cuda_graph else None
-        self.program.session.run_with_iobinding(run.binding, options)
+        run.session.run_with_iobinding(run.binding, options)
         run.runs += 1
         return run.outputs[self.program.call_outputs[0]]
 
     def bind_decode(self) -> DecodeBinding:
-        binding = self.program.session.io_binding()
+        session = self.program.decode_session(self.batch) or self.program.session
+        binding = session.io_binding()
         ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         positions = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         total = host_int32(self.max_len)
-        self.bind_inputs(binding.bind_input, ids, positions, total)
+        self.bind_inputs(binding.bind_input, ids, positions, total, session)
         outputs = {}
         for name in self.program.call_outputs:
-            outputs[name] = self.output_buffer(name)
+            outputs[name] = self.output_buffer(name, session)
             bind_tensor(binding.bind_output, name, outputs[name])
         for buffer in self.cache.buffers:
             bind_tensor(binding.bind_output, buffer.present, self.buffers[buffer.past])
-        run = DecodeBinding(binding, ids, positions, outputs, total)
+        run = DecodeBinding(session, binding, ids, positions, outputs, total)
         self.decode[self.batch] = run
         return run
 
-    def bind_inputs(self, bind, ids, positions, total) -> None:
+    def bind_inputs(self, bind, ids, positions, total, session=None) -> None:
         """ids/positions by the program's original input order, cache buffers, total length."""
         given = {self.cache.original_inputs[0]: ids, self.cache.positions: positions}
-        for name in self.program.input_names:
+        session = session or self.program.session
+        for name in [i.name for i in session.get_inputs()]:
             if name in given:
                 bind_tensor(bind, name, given[name])
             elif name == self.cache.total_length:
@@ -140,9 +143,9 @@ class SharedCacheStep:
             else:
                 raise PeakcError(f"decoder step: no value for ONNX input '{name}'")
 
-    def output_buffer(self, name: str) -> torch.Tensor:
+    def output_buffer(self, name: str, session) -> torch.Tensor:
         """A fixed buffer for a decode output: its symbolic dims resolved (batch, seq=1)."""
-        info = self.outputs[name]
+        info = {o.name: o for o in session.get_outputs()}[name]
         batch_dim, seq_dim = self.program.session.get_inputs()[0].shape[:2]  # input_ids
         sizes = {batch_dim: self.batch, seq_dim: 1}
         shape = []

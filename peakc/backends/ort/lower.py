@@ -18,6 +18,7 @@ from peakc.backends.base import op_lowering_report, program_name, register_backe
 from peakc.backends.ort.contrib import TRANSLATIONS
 from peakc.backends.ort.export import EXTERNAL_DATA_SUFFIX, OnnxExport, export_onnx
 from peakc.backends.ort.session import OrtProgram, resolve_cuda_graph, resolve_device
+from peakc.backends.ort.static_decode import decode_program_name, specialize_decode
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
 from peakc.passes.base import PassContext
@@ -30,9 +31,14 @@ PARITY_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 class OrtBackend:
     name: ClassVar[str] = "ort"
 
-    def __init__(self, device: str = "auto", cuda_graph: str = "false") -> None:
+    def __init__(
+        self, device: str = "auto", cuda_graph: str = "false", decode_batches: str = "auto"
+    ) -> None:
         self.device = device
         self.cuda_graph = cuda_graph  # decode steps replayed as CUDA graphs (needs device=cuda)
+        # static decode programs (static_decode.py): "auto" = 1..max_batch with cuda_graph,
+        # none without; "none"; or sizes joined by '+' like "1+8" (',' separates options)
+        self.decode_batches = decode_batches
 
     def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents:
         device = resolve_device(self.device)
@@ -42,9 +48,18 @@ class OrtBackend:
         path = folder / f"{program}.onnx"
         exported = export_onnx(graph, path, device)
         parity = check_parity(graph, OrtProgram(path, device, cuda_graph="false"))
+        batches = resolve_decode_batches(self.decode_batches, graph, cuda_graph, exported)
+        extra: dict[str, Any] = {}
+        decode_programs = {}
+        for batch in batches:
+            name = decode_program_name(program, batch)
+            specialize_decode(path, batch, folder / name)
+            decode_programs[str(batch)] = name
+            extra[name] = folder / name if exported.external_data else (folder / name).read_bytes()
         info = program_signature(graph, weights=[], format="onnx")
         info.runtime = {"device": self.device, "cuda_graph": self.cuda_graph}
-        extra: dict[str, Any] = {}
+        if decode_programs:
+            info.runtime["decode_programs"] = decode_programs
         if exported.external_data:
             extra[path.name + EXTERNAL_DATA_SUFFIX] = folder / (path.name + EXTERNAL_DATA_SUFFIX)
         data = path.read_bytes()
@@ -62,9 +77,46 @@ class OrtBackend:
             weights={},
             example_inputs=graph.example_inputs,
             programs={program: (data, info)},
-            report={"ops": ops, "ort": ort_report(exported, device, parity, cuda_graph)},
+            report={
+                "ops": ops,
+                "ort": {
+                    **ort_report(exported, device, parity, cuda_graph),
+                    "static_decode_batches": batches,
+                },
+            },
             extra_files=extra,
         )
+
+
+def resolve_decode_batches(
+    value: str, graph: Graph, cuda_graph: bool, exported: OnnxExport
+) -> list[int]:
+    """The batch sizes that get a static decode program: 'auto' is 1..max_batch when decode
+    runs as CUDA graphs (a graph needs static shapes) and none otherwise."""
+    generation = graph.info.get("generation")
+    if value == "none" or (value == "auto" and not cuda_graph):
+        return []
+    if generation is None or exported.shared_cache is None:
+        if value == "auto":
+            return []
+        raise PeakcError(
+            "backend ort: decode_batches needs a --task generate decoder whose attention is "
+            "GroupQueryAttention over a shared cache"
+        )
+    max_batch = int(generation["max_batch"])
+    if value == "auto":
+        return list(range(1, max_batch + 1))
+    try:
+        batches = sorted({int(b) for b in value.split("+") if b.strip()})
+    except ValueError:
+        raise PeakcError(
+            f"backend ort: decode_batches must be auto, none or sizes like 1+8; got '{value}'"
+        ) from None
+    if not batches or batches[0] < 1 or batches[-1] > max_batch:
+        raise PeakcError(
+            f"backend ort: decode_batches '{value}' must lie in 1..{max_batch} (max_batch)"
+        )
+    return batches
 
 
 def check_parity(graph: Graph, session: OrtProgram) -> float:

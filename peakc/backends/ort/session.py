@@ -6,8 +6,10 @@ The CUDA execution provider is used when onnxruntime-gpu provides it, the CPU on
 A program whose GroupQueryAttention cache was rewritten to shared buffers (shared_cache.py)
 is still called with the original inputs (the cache layers are copied into buffers for the
 call); the Generator instead uses `cache_owning_step()`, which keeps the buffers across steps.
-With cuda_graph, the CUDA provider is created with enable_cuda_graph and only runs that ask
-for a graph id (fixed-address decode steps, decode_binding.py) are captured and replayed.
+Decode can run on static programs (static_decode.py: one per batch size, every node on the
+CUDA provider): `decode_session(batch)` loads one on first use. With cuda_graph, those sessions
+are created with enable_cuda_graph and their fixed-address runs (decode_binding.py) are captured
+and replayed; the main (dynamic, prefill) session never uses CUDA graphs.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_cuda_graph(cuda_graph: str | bool, device: str) -> bool:
-    """cuda_graph=true|false (default false: onnxruntime-gpu 1.31.1 refused the exported decoder,
-    whose shape computations it places on the CPU); true on the CPU is an error."""
+    """cuda_graph=true|false (decode steps on the static decode programs as CUDA graphs);
+    true on the CPU is an error."""
     value = str(cuda_graph).lower()
     if value not in ("true", "false", "1", "0"):
         raise PeakcError(f"backend ort: cuda_graph must be true or false, got '{cuda_graph}'")
@@ -69,22 +71,20 @@ class OrtProgram:
     Outputs come back on the device of the first input (copied when the session's differs).
     """
 
-    def __init__(self, path: Path, device: str = "auto", cuda_graph: str | bool = "false") -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: str = "auto",
+        cuda_graph: str | bool = "false",
+        decode_programs: dict[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
         self.device = resolve_device(device)
         self.provider = CUDA if self.device == "cuda" else CPU
         self.cuda_graph = resolve_cuda_graph(cuda_graph, self.device)
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        provider = (CUDA, {"enable_cuda_graph": "1"}) if self.cuda_graph else self.provider
-        try:
-            self.session = onnxruntime.InferenceSession(
-                str(path), sess_options=options, providers=[provider]
-            )
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            text = str(exc).strip().splitlines()
-            raise PeakcError(
-                f"{path.name}: onnxruntime cannot load it: {text[0] if text else exc}"
-            ) from exc
+        self.decode_programs = {int(b): name for b, name in (decode_programs or {}).items()}
+        self.decode_sessions: dict[int, onnxruntime.InferenceSession] = {}
+        self.session = load_session(self.path, self.provider)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.shared_cache = read_layout(self.session.get_modelmeta().custom_metadata_map)
@@ -111,7 +111,7 @@ class OrtProgram:
             bind_tensor(binding.bind_output, buffer.present, buffers[buffer.past])
         if self.device == "cuda":
             torch.cuda.current_stream().synchronize()  # torch's writes before ORT's stream reads
-        self.session.run_with_iobinding(binding, run_options(-1) if self.cuda_graph else None)
+        self.session.run_with_iobinding(binding)
         outputs = [torch.from_dlpack(v._ortvalue) for v in binding.get_outputs()]
         return tuple(o.to(back_to) for o in outputs[: len(self.call_outputs)])
 
@@ -130,6 +130,23 @@ class OrtProgram:
         named = {**named, **buffers, layout.total_length: host_int32(total)}
         return named, buffers
 
+    def decode_session(self, batch: int) -> onnxruntime.InferenceSession | None:
+        """The static decode program's session for `batch` (CUDA graphs with cuda_graph), or
+        None when the artifact has none (the dynamic session decodes; not with cuda_graph)."""
+        if batch not in self.decode_programs:
+            if self.cuda_graph:
+                raise PeakcError(
+                    f"{self.path.name}: cuda_graph decode at batch {batch} needs a static decode "
+                    f"program; the artifact has batches {sorted(self.decode_programs)} "
+                    "(compile with ort{decode_batches=...})"
+                )
+            return None
+        if batch not in self.decode_sessions:
+            path = self.path.parent / self.decode_programs[batch]
+            provider = (CUDA, {"enable_cuda_graph": "1"}) if self.cuda_graph else self.provider
+            self.decode_sessions[batch] = load_session(path, provider)
+        return self.decode_sessions[batch]
+
     def cache_owning_step(self, layout: dict):
         """A Generator step keeping the KV cache in shared buffers, or None (no shared cache)."""
         if self.shared_cache is None:
@@ -137,6 +154,19 @@ class OrtProgram:
         from peakc.backends.ort.decode_binding import SharedCacheStep
 
         return SharedCacheStep(self, layout)
+
+
+def load_session(path: Path, provider) -> onnxruntime.InferenceSession:
+    """An InferenceSession on one provider; load failures as a one-line PeakcError."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return onnxruntime.InferenceSession(str(path), sess_options=options, providers=[provider])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        text = str(exc).strip().splitlines()
+        raise PeakcError(
+            f"{path.name}: onnxruntime cannot load it: {text[0] if text else exc}"
+        ) from exc
 
 
 def host_int32(value: int) -> torch.Tensor:
