@@ -72,6 +72,18 @@ def default_targets(module: str) -> bool:
     return bool(_NUMBERED_LAYER.search(module))
 
 
+def target_selector(targets: str, owner: str) -> Callable[[str], bool]:
+    """The linears a calibrating pass compresses: `targets` as a regex searched in the module
+    path, or default_targets when empty; a bad regex is an error naming the pass's option."""
+    if not targets:
+        return default_targets
+    try:
+        pattern = re.compile(targets)
+    except re.error as exc:
+        raise PeakcError(f"pass '{owner}': option 'targets' is not a regex: {exc}") from None
+    return lambda module: bool(pattern.search(module))
+
+
 def linear_sites(
     graph: Graph, nodes: list[fx.Node], select: Callable[[str], bool]
 ) -> list[LinearSite]:

@@ -11,7 +11,6 @@ length (capture with `peakc compile --seq-len N` to calibrate on N-token windows
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -27,8 +26,8 @@ from peakc.passes.calibration import (
     calibrate_blocks,
     calibration_samples,
     compute_device,
-    default_targets,
     linear_sites,
+    target_selector,
 )
 from peakc.passes.prune.magnitude import magnitude_prune
 from peakc.passes.prune.owl import outlier_ratio, owl_sparsities
@@ -87,16 +86,12 @@ class PrunePass(Pass):
             raise PeakcError("pass 'prune': options 'nsamples' >= 1 and 'seq_len' >= 0 required")
         if o.sparsity_profile == "owl" and pattern.structured:
             raise PeakcError("pass 'prune': sparsity_profile=owl applies to unstructured patterns")
-        if o.targets:
-            try:
-                re.compile(o.targets)
-            except re.error as exc:
-                raise PeakcError(f"pass 'prune': option 'targets' is not a regex: {exc}") from None
+        target_selector(o.targets, "prune")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         pattern = parse_pattern(o.pattern)
-        select = _selector(o.targets)
+        select = target_selector(o.targets, "prune")
         sites = linear_sites(graph, list(graph.graph.nodes), select)
         if not sites:
             return PassResult(graph, False, {"layers": 0})
@@ -136,13 +131,6 @@ class PrunePass(Pass):
         return calibration_samples(
             graph, ctx.calibration_data, o.nsamples, o.seq_len, o.seed, "prune"
         )
-
-
-def _selector(targets: str) -> Callable[[str], bool]:
-    if not targets:
-        return default_targets
-    pattern = re.compile(targets)
-    return lambda module: bool(pattern.search(module))
 
 
 def _sparsegpt_compressor(

@@ -14,7 +14,6 @@ length (capture with `peakc compile --seq-len N` to calibrate on N-token windows
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -30,8 +29,8 @@ from peakc.passes.calibration import (
     calibrate_blocks,
     calibration_samples,
     compute_device,
-    default_targets,
     linear_sites,
+    target_selector,
 )
 from peakc.passes.prune.sparsegpt import reconstruction_error
 from peakc.passes.quantize.gptq import QuantizedWeight, gptq_quantize, rtn_quantize
@@ -93,17 +92,11 @@ class QuantizePass(Pass):
             raise PeakcError(
                 f"pass 'quantize': option 'kernel' must be one of {KERNELS}, got {o.kernel!r}"
             )
-        if o.targets:
-            try:
-                re.compile(o.targets)
-            except re.error as exc:
-                raise PeakcError(
-                    f"pass 'quantize': option 'targets' is not a regex: {exc}"
-                ) from None
+        target_selector(o.targets, "quantize")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        select = _selector(o.targets)
+        select = target_selector(o.targets, "quantize")
         sites = linear_sites(graph, list(graph.graph.nodes), select)
         if not sites:
             what = f"'{o.targets}'" if o.targets else "the default (linears in numbered layers)"
@@ -169,13 +162,6 @@ class QuantizePass(Pass):
         return calibration_samples(
             graph, ctx.calibration_data, o.nsamples, o.seq_len, o.seed, "quantize"
         )
-
-
-def _selector(targets: str) -> Callable[[str], bool]:
-    if not targets:
-        return default_targets
-    pattern = re.compile(targets)
-    return lambda module: bool(pattern.search(module))
 
 
 def _gptq_compressor(
