@@ -14,12 +14,18 @@ total length stay fixed. The same code runs on the CPU provider.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from peakc.backends.ort.session import OrtProgram, bind_tensor, host_int32, run_options
+from peakc.backends.ort.session import (
+    OrtProgram,
+    bind_tensor,
+    device_index,
+    host_int32,
+    run_options,
+)
 from peakc.errors import PeakcError
 
 ORT_DTYPES = {
@@ -42,7 +48,6 @@ class DecodeBinding:
     outputs: dict[str, torch.Tensor]
     total: torch.Tensor
     runs: int = 0
-    keep: list[torch.Tensor] = field(default_factory=list)
 
 
 class SharedCacheStep:
@@ -90,10 +95,8 @@ class SharedCacheStep:
         ids, positions = ids.to(self.device).contiguous(), positions.to(self.device).contiguous()
         total = host_int32(int(positions.max()) + 1)
         self.bind_inputs(binding.bind_input, ids, positions, total)
-        logits_name = self.program.call_outputs[0]
-        binding.bind_output(logits_name, self.program.device, 0)
-        for name in self.program.call_outputs[1:]:
-            binding.bind_output(name, self.program.device, 0)
+        for name in self.program.call_outputs:
+            binding.bind_output(name, self.program.device, device_index(self.device))
         for buffer in self.cache.buffers:
             bind_tensor(binding.bind_output, buffer.present, self.buffers[buffer.past])
         self.sync()

@@ -106,7 +106,7 @@ class OrtProgram:
         for name in self.input_names:
             bind_tensor(binding.bind_input, name, named[name])
         for name in self.call_outputs:
-            binding.bind_output(name, self.device, _device_id_for(target))
+            binding.bind_output(name, self.device, device_index(target))
         for buffer in self.shared_cache.buffers if self.shared_cache else ():
             bind_tensor(binding.bind_output, buffer.present, buffers[buffer.past])
         if self.device == "cuda":
@@ -184,7 +184,8 @@ def _device_id(t: torch.Tensor) -> int:
     return t.device.index or 0 if t.device.type == "cuda" else 0
 
 
-def _device_id_for(device: torch.device) -> int:
+def device_index(device: torch.device) -> int:
+    """The device id onnxruntime binds for a torch device (0 for the CPU)."""
     return device.index or 0 if device.type == "cuda" else 0
 
 
