@@ -113,19 +113,17 @@ def gptq_quantize(
     keep_t = keep.T[perm].contiguous()
     ints_t = torch.empty_like(wt)
     deq_t = torch.empty_like(wt)
-    if static_groups and n_groups > 1:
+    if static_groups:  # each (permuted) column's grid, [cols, rows]
         scale_t = static_scales.T[perm // gs].contiguous()
         zero_t = static_zeros.T[perm // gs].contiguous()
     dyn_scales = torch.zeros(rows, n_groups, device=w.device)
     dyn_zeros = torch.zeros(rows, n_groups, device=w.device)
     for i1, i2 in column_blocks(cols, block_size, None if static_groups else gs):
         width = i2 - i1
-        if static_groups and n_groups > 1:
+        if static_groups:
             s, z = scale_t[i1:i2], zero_t[i1:i2]
         else:
-            if static_groups:
-                grid = static_scales[:, 0], static_zeros[:, 0]
-            elif i1 % gs == 0:  # a block never spans two groups here (column_blocks)
+            if i1 % gs == 0:  # a block never spans two groups here (column_blocks)
                 grid = fit_grid(wt[i1 : i1 + gs].T, spec)
                 dyn_scales[:, i1 // gs], dyn_zeros[:, i1 // gs] = grid
             s, z = grid[0].expand(width, rows), grid[1].expand(width, rows)
