@@ -179,11 +179,15 @@ class Generator:
         tokens = sample(last, config, generator)
         prefill_seconds = _now(self.device) - start
 
+        start = _now(self.device)
+        current = lengths.clone()
+        if not stop and on_tokens is None:
+            out = self.decode_fixed(tokens, current, config, generator, k_cache, v_cache)
+            steps = config.max_new_tokens - 1
+            return GenerationResult(out, prefill_seconds, _now(self.device) - start, steps)
         out: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         steps = 0
-        start = _now(self.device)
-        current = lengths.clone()
         while True:
             step_tokens = tokens.tolist()
             shown: list[int | None] = []
@@ -206,6 +210,20 @@ class Generator:
             steps += 1
         decode_seconds = _now(self.device) - start
         return GenerationResult(out, prefill_seconds, decode_seconds, steps)
+
+    def decode_fixed(
+        self, tokens, current, config: SamplingConfig, generator, k_cache, v_cache
+    ) -> list[list[int]]:
+        """max_new_tokens for every sequence (no stop tokens, no streaming): the tokens stay on
+        the device until the end, so the host never waits on a step to read them."""
+        batch = tokens.shape[0]
+        new = [tokens]
+        for _ in range(config.max_new_tokens - 1):
+            logits = self.run_step(tokens.view(batch, 1), current.view(batch, 1), k_cache, v_cache)
+            tokens = sample(logits[:, -1], config, generator)
+            new.append(tokens)
+            current += 1
+        return torch.stack(new, dim=1).tolist()
 
     def run_step(self, ids, positions, k_cache, v_cache) -> torch.Tensor:
         """One decoder call; the cache is written by the step itself or from new_k/new_v."""
