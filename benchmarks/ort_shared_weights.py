@@ -5,10 +5,13 @@ create the decoder's OrtProgram (prefill session) and every static decode sessio
 measure the memory they took: on CUDA the device memory (torch.cuda.mem_get_info, free
 before minus free after), on the CPU the process's resident set (VmRSS). Then greedy-generate
 a few tokens at batch 1 and 2 (the static programs decode them); the tokens of both runs must
-be equal. Without --artifact, a demo Llama with a large random embedding is compiled first.
+be equal. Without --artifact, a model is compiled first: --config NAME, a random
+Llama of benchmarks/ort_backend.py's CONFIGS (fp16 on CUDA, with cuda_graph), or else a demo
+Llama with a large random embedding.
 
     python benchmarks/ort_shared_weights.py --device cpu --out results.json
-    python benchmarks/ort_shared_weights.py --device cuda --artifact /path/to/llama-1b-ort
+    python benchmarks/ort_shared_weights.py --device cuda --config llama-1b --out results.json
+    python benchmarks/ort_shared_weights.py --device cuda --artifact /path/to/ort-artifact
 """
 
 from __future__ import annotations
@@ -40,6 +43,40 @@ def build_demo(folder: Path, device: str, vocab: int, batches: str) -> Path:
         generation=layout.to_dict(),
     )
     return compiled.save(folder / "artifact")
+
+
+def build_config(folder: Path, name: str, device: str, batches: str) -> Path:
+    """A generation artifact of one of ort_backend.py's random Llama configs."""
+    import peakc
+    from peakc.models import load_source_for_task
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch
+    from ort_backend import make_hf_folder
+
+    dtype = "float16" if device == "cuda" else "float32"
+    make_hf_folder(name, folder / "hf", device, getattr(torch, dtype))  # the model is dropped
+    max_batch = max(int(b) for b in batches.split("+"))
+    source = load_source_for_task(f"hf:{folder / 'hf'}", "generate", 64, max_batch, dtype)
+    graph = ",cuda_graph=true" if device == "cuda" else ""
+    compiled = peakc.compile(
+        source.module,
+        source.example_inputs,
+        backend=f"ort{{device={device},decode_batches={batches}{graph}}}",
+        dynamic=source.dynamic,
+        generation=source.generation,
+        parity=False,
+    )
+    return compiled.save(folder / "artifact")
+
+
+def release_build_memory() -> None:
+    """Give back what building took on the GPU (the measurements run in other processes)."""
+    import gc
+
+    gc.collect()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        sys.modules["torch"].cuda.empty_cache()
 
 
 def device_used(device: str) -> int:
@@ -95,6 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path, help="an ort generation artifact")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--config", help="a random Llama of ort_backend.py (e.g. llama-1b)")
     parser.add_argument("--vocab", type=int, default=131072, help="demo model's vocabulary")
     parser.add_argument("--decode-batches", default="1+2")
     parser.add_argument("--out", type=Path, default=Path("ort_shared_weights.json"))
@@ -105,9 +143,13 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.device, args.share == "true")))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        directory = args.artifact or build_demo(
-            Path(tmp), args.device, args.vocab, args.decode_batches
-        )
+        if args.artifact:
+            directory = args.artifact
+        elif args.config:
+            directory = build_config(Path(tmp), args.config, args.device, args.decode_batches)
+        else:
+            directory = build_demo(Path(tmp), args.device, args.vocab, args.decode_batches)
+        release_build_memory()
         data = sum(p.stat().st_size for p in directory.glob("*.onnx.data"))
         rows = []
         for share in ("true", "false"):
