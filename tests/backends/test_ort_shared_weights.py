@@ -81,6 +81,8 @@ def test_programs_reference_one_data_file(artifacts):
     assert weights["external_data_file"] == DATA and weights["programs"] == 3
     assert weights["shareable_initializers"] == len(external["decoder.onnx"]) >= 10
     assert files[DATA] >= weights["shareable_bytes"] > 0.9 * files[DATA]
+    assert set(weights["embedded_bytes"]) == set(PROGRAMS)
+    assert all(0 < size < 4096 for size in weights["embedded_bytes"].values())
 
 
 def test_sessions_get_the_same_values(artifacts, monkeypatch):

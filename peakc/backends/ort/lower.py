@@ -24,7 +24,7 @@ from peakc.backends.ort.session import (
     resolve_device,
     resolve_share_weights,
 )
-from peakc.backends.ort.shared_weights import common_initializers
+from peakc.backends.ort.shared_weights import common_initializers, embedded_bytes
 from peakc.backends.ort.static_decode import decode_program_name, specialize_decode
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
@@ -152,6 +152,7 @@ def weights_report(data_file: Path, programs: list[Path]) -> dict[str, Any]:
         "programs": len(programs),
         "shareable_initializers": len(common),
         "shareable_bytes": sum(init.nbytes for init in common),
+        "embedded_bytes": {p.name: embedded_bytes(p) for p in programs},  # constants inside
     }
 
 

@@ -106,6 +106,16 @@ def external_initializers(path: Path) -> dict[str, ExternalInitializer]:
     return found
 
 
+def embedded_bytes(path: Path) -> int:
+    """Bytes of initializer data stored inside an ONNX file (not in external data)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(
+        len(t.raw_data)
+        for t in model.graph.initializer
+        if t.data_location != onnx.TensorProto.EXTERNAL
+    )
+
+
 def common_initializers(paths: list[Path]) -> list[ExternalInitializer]:
     """The external initializers that every program holds identically (name, dtype, shape,
     file, offset and length), in the first program's order; empty ones are left out."""
