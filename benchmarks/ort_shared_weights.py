@@ -11,6 +11,8 @@ Llama with a large random embedding.
 
     python benchmarks/ort_shared_weights.py --device cpu --out results.json
     python benchmarks/ort_shared_weights.py --device cuda --config llama-1b --out results.json
+    python benchmarks/ort_shared_weights.py --device cuda --config llama-1b --out int4.json \
+        --pipeline 'quantize{method=rtn,bits=4,group_size=32},fuse'
     python benchmarks/ort_shared_weights.py --device cuda --artifact /path/to/ort-artifact
 """
 
@@ -45,7 +47,7 @@ def build_demo(folder: Path, device: str, vocab: int, batches: str) -> Path:
     return compiled.save(folder / "artifact")
 
 
-def build_config(folder: Path, name: str, device: str, batches: str) -> Path:
+def build_config(folder: Path, name: str, device: str, batches: str, pipeline: str) -> Path:
     """A generation artifact of one of ort_backend.py's random Llama configs."""
     import peakc
     from peakc.models import load_source_for_task
@@ -62,6 +64,7 @@ def build_config(folder: Path, name: str, device: str, batches: str) -> Path:
     compiled = peakc.compile(
         source.module,
         source.example_inputs,
+        pipeline=pipeline,
         backend=f"ort{{device={device},decode_batches={batches}{graph}}}",
         dynamic=source.dynamic,
         generation=source.generation,
@@ -133,6 +136,7 @@ def main() -> None:
     parser.add_argument("--artifact", type=Path, help="an ort generation artifact")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--config", help="a random Llama of ort_backend.py (e.g. llama-1b)")
+    parser.add_argument("--pipeline", default="default", help="with --config (int4: ort_backend's)")
     parser.add_argument("--vocab", type=int, default=131072, help="demo model's vocabulary")
     parser.add_argument("--decode-batches", default="1+2")
     parser.add_argument("--out", type=Path, default=Path("ort_shared_weights.json"))
@@ -146,7 +150,9 @@ def main() -> None:
         if args.artifact:
             directory = args.artifact
         elif args.config:
-            directory = build_config(Path(tmp), args.config, args.device, args.decode_batches)
+            directory = build_config(
+                Path(tmp), args.config, args.device, args.decode_batches, args.pipeline
+            )
         else:
             directory = build_demo(Path(tmp), args.device, args.vocab, args.decode_batches)
         release_build_memory()
