@@ -1,9 +1,9 @@
 """The transformed Graph as an ONNX model: torch.onnx's dynamo exporter with peakc's
 contrib-op translations, onnxscript's optimizer for cleanup, then the ONNX checker.
 
-Weights are initializers (external data next to the model once it passes 2 GB). A peakc op
-without a translation is exported through its reference implementation; when that does not
-export either, the error names the op.
+Weights are initializers in one external data file next to the model (`<model>.onnx.data`).
+A peakc op without a translation is exported through its reference implementation; when that
+does not export either, the error names the op.
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ OPSET = 18  # the onnxscript opset contrib.py writes against
 # does not allow; shared_cache.py rewrites the export into the shared-buffer form). The
 # MultiHeadAttention form stays available as contrib.attention_cache_mha.
 DEVICE_TRANSLATIONS: dict[str, dict[str, Callable]] = {}
-TWO_GB = 2**31
 EXTERNAL_DATA_SUFFIX = ".data"
+# Initializers past this size go to the external data file (smaller ones stay in the model);
+# each starts at a page boundary, so onnxruntime and numpy can map it in place.
+EXTERNAL_MIN_BYTES = 256
+EXTERNAL_ALIGNMENT = 4096
 
 
 @dataclass
@@ -85,8 +88,8 @@ def translations_for(device: str) -> dict[str, Callable]:
 
 def export_onnx(graph: Graph, path: Path, device: str = "cpu") -> OnnxExport:
     """Export for `device` ('cpu' or 'cuda': its translations and MatMulNBits bit widths),
-    clean up, share GroupQueryAttention's cache buffers, set the IR version, save (external
-    data past 2 GB) and check."""
+    clean up, share GroupQueryAttention's cache buffers, set the IR version, save (weights in
+    one external data file) and check."""
     translations = translations_for(device)
     gm, reference_ops, nbits_report = graph_for_export(graph, SUPPORTED_BITS[device], translations)
     table = {OPS[name].overload: fn for name, fn in translations.items() if name in OPS}
@@ -116,18 +119,13 @@ def export_onnx(graph: Graph, path: Path, device: str = "cpu") -> OnnxExport:
     after = _count_nodes(model)
     model.ir_version = max_ir_version()
     model.opset_imports.setdefault(MS_DOMAIN, 1)  # translations call contrib ops by schema only
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
-    external = size >= TWO_GB
     contiguous_initializers(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if external:
-        onnx_ir.save(model, path, external_data=path.name + EXTERNAL_DATA_SUFFIX)
-    else:
-        onnx_ir.save(model, path)
+    save_with_external_data(model, path)
     check_onnx(path)
     return OnnxExport(
         path=path,
-        external_data=external,
+        external_data=True,
         ir_version=model.ir_version,
         opset=OPSET,
         contrib_ops=count_contrib_ops(model),
@@ -139,6 +137,22 @@ def export_onnx(graph: Graph, path: Path, device: str = "cpu") -> OnnxExport:
         matmul_nbits=nbits_report,
         shared_cache=shared_cache,
     )
+
+
+def save_with_external_data(model: onnx_ir.Model, path: Path) -> Path:
+    """Save `model` to `path` with its initializers in one external data file beside it
+    (whatever the model's size: the static decode programs reference the same file, and
+    session.py loads it once per device for all of them). Returns the data file's path."""
+    data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+    onnx_ir.save(
+        model,
+        path,
+        external_data=data.name,
+        size_threshold_bytes=EXTERNAL_MIN_BYTES,
+        alignment=EXTERNAL_ALIGNMENT,
+        align_threshold=0,
+    )
+    return data
 
 
 def graph_for_export(

@@ -1,7 +1,8 @@
 """ort backend: export the transformed graph to ONNX, check it, run it once for parity.
 
 resolve the device -> export (contrib ops, cleanup, IR version, checker) -> parity on the
-example inputs against the graph -> artifact contents (weights live in the ONNX file)
+example inputs against the graph -> static decode programs -> artifact contents (weights in
+one external data file that every ONNX program of the artifact references)
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ import torch
 from peakc.backends.base import op_lowering_report, program_name, register_backend
 from peakc.backends.ort.contrib import TRANSLATIONS
 from peakc.backends.ort.export import EXTERNAL_DATA_SUFFIX, OnnxExport, export_onnx
-from peakc.backends.ort.session import OrtProgram, resolve_cuda_graph, resolve_device
+from peakc.backends.ort.session import (
+    OrtProgram,
+    resolve_cuda_graph,
+    resolve_device,
+    resolve_share_weights,
+)
+from peakc.backends.ort.shared_weights import common_initializers, embedded_bytes
 from peakc.backends.ort.static_decode import decode_program_name, specialize_decode
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
 from peakc.passes.base import PassContext
 from peakc.runtime.artifact import ArtifactContents, program_signature
 
+IN_MEMORY_BYTES = 2**31  # a smaller external data file is held as bytes until saved, not moved
 PARITY_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
@@ -32,38 +40,52 @@ class OrtBackend:
     name: ClassVar[str] = "ort"
 
     def __init__(
-        self, device: str = "auto", cuda_graph: str = "false", decode_batches: str = "auto"
+        self,
+        device: str = "auto",
+        cuda_graph: str = "false",
+        decode_batches: str = "auto",
+        share_weights: str = "auto",
     ) -> None:
         self.device = device
         self.cuda_graph = cuda_graph  # decode steps replayed as CUDA graphs (needs device=cuda)
         # static decode programs (static_decode.py): "auto" = 1..max_batch with cuda_graph,
         # none without; "none"; or sizes joined by '+' like "1+8" (',' separates options)
         self.decode_batches = decode_batches
+        # auto|true|false: the sessions of a program take the weights from one OrtValue each on
+        # the device (shared_weights.py; auto: on CUDA only); false: a copy per session
+        self.share_weights = share_weights
 
     def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents:
         device = resolve_device(self.device)
         cuda_graph = resolve_cuda_graph(self.cuda_graph, device)
+        share = resolve_share_weights(self.share_weights, device)
         program = program_name(graph)
         folder = Path(tempfile.mkdtemp(prefix="peakc-ort-"))
         path = folder / f"{program}.onnx"
         exported = export_onnx(graph, path, device)
-        parity = check_parity(graph, OrtProgram(path, device, cuda_graph="false"))
+        parity = check_parity(graph, OrtProgram(path, device, "false", share_weights=share))
         batches = resolve_decode_batches(self.decode_batches, graph, cuda_graph, exported)
         extra: dict[str, Any] = {}
         decode_programs = {}
-        for batch in batches:
+        for batch in batches:  # each references the decoder's external data file
             name = decode_program_name(program, batch)
             specialize_decode(path, batch, folder / name)
             decode_programs[str(batch)] = name
-            extra[name] = folder / name if exported.external_data else (folder / name).read_bytes()
+            extra[name] = (folder / name).read_bytes()
         info = program_signature(graph, weights=[], format="onnx")
-        info.runtime = {"device": self.device, "cuda_graph": self.cuda_graph}
+        info.runtime = {
+            "device": self.device,
+            "cuda_graph": self.cuda_graph,
+            "share_weights": self.share_weights,
+        }
         if decode_programs:
             info.runtime["decode_programs"] = decode_programs
-        if exported.external_data:
-            extra[path.name + EXTERNAL_DATA_SUFFIX] = folder / (path.name + EXTERNAL_DATA_SUFFIX)
+        data_file = folder / (path.name + EXTERNAL_DATA_SUFFIX)
+        weights = weights_report(data_file, [path] + [folder / n for n in decode_programs.values()])
+        in_memory = data_file.stat().st_size < IN_MEMORY_BYTES
+        extra[data_file.name] = data_file.read_bytes() if in_memory else data_file
         data = path.read_bytes()
-        if not exported.external_data:
+        if in_memory:
             shutil.rmtree(folder, ignore_errors=True)
         ops = op_lowering_report(graph, self.name)
         for name in ops:
@@ -82,6 +104,7 @@ class OrtBackend:
                 "ort": {
                     **ort_report(exported, device, parity, cuda_graph),
                     "static_decode_batches": batches,
+                    "weights": weights,
                 },
             },
             extra_files=extra,
@@ -117,6 +140,20 @@ def resolve_decode_batches(
             f"backend ort: decode_batches '{value}' must lie in 1..{max_batch} (max_batch)"
         )
     return batches
+
+
+def weights_report(data_file: Path, programs: list[Path]) -> dict[str, Any]:
+    """The external data file's size and the initializers in it that every program holds alike
+    (what a loaded program's sessions share, shared_weights.py)."""
+    common = common_initializers(programs)
+    return {
+        "external_data_file": data_file.name,
+        "external_data_bytes": data_file.stat().st_size,
+        "programs": len(programs),
+        "shareable_initializers": len(common),
+        "shareable_bytes": sum(init.nbytes for init in common),
+        "embedded_bytes": {p.name: embedded_bytes(p) for p in programs},  # constants inside
+    }
 
 
 def check_parity(graph: Graph, session: OrtProgram) -> float:

@@ -10,6 +10,8 @@ Decode can run on static programs (static_decode.py: one per batch size, every n
 CUDA provider): `decode_session(batch)` loads one on first use. With cuda_graph, those sessions
 are created with enable_cuda_graph and their fixed-address runs (decode_binding.py) are captured
 and replayed; the main (dynamic, prefill) session never uses CUDA graphs.
+All sessions of a program take the weights the programs hold alike from one OrtValue each on
+the device (shared_weights.py; by default on CUDA only, see resolve_share_weights).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ import onnxruntime
 import torch
 
 from peakc.backends.ort.shared_cache import read_layout
+from peakc.backends.ort.shared_weights import (
+    SharedWeights,
+    common_initializers,
+    load_shared_weights,
+)
 from peakc.errors import PeakcError
 
 CUDA = "CUDAExecutionProvider"
@@ -57,6 +64,19 @@ def resolve_cuda_graph(cuda_graph: str | bool, device: str) -> bool:
     return value in ("true", "1")
 
 
+def resolve_share_weights(share_weights: str | bool, device: str) -> bool:
+    """share_weights=auto|true|false: whether the sessions of a program share one copy of the
+    weights on the device. auto shares on CUDA, where each session would copy them to the GPU,
+    not on the CPU, where onnxruntime maps the external data file itself (its sessions share
+    the file's pages) and shared values only keep the pages that prepacking read resident."""
+    value = str(share_weights).lower()
+    if value not in ("auto", "true", "false", "1", "0"):
+        raise PeakcError(
+            f"backend ort: share_weights must be auto, true or false, got '{share_weights}'"
+        )
+    return value in ("true", "1") or (value == "auto" and device == "cuda")
+
+
 def run_options(graph_id: int) -> onnxruntime.RunOptions:
     """Run options naming the CUDA graph to capture/replay; -1 runs without a graph."""
     options = onnxruntime.RunOptions()
@@ -77,6 +97,7 @@ class OrtProgram:
         device: str = "auto",
         cuda_graph: str | bool = "false",
         decode_programs: dict[str, str] | None = None,
+        share_weights: str | bool = "auto",
     ) -> None:
         self.path = Path(path)
         self.device = resolve_device(device)
@@ -84,7 +105,10 @@ class OrtProgram:
         self.cuda_graph = resolve_cuda_graph(cuda_graph, self.device)
         self.decode_programs = {int(b): name for b, name in (decode_programs or {}).items()}
         self.decode_sessions: dict[int, onnxruntime.InferenceSession] = {}
-        self.session = load_session(self.path, self.provider)
+        self.shared_weights = None  # SharedWeights: one OrtValue per weight for all sessions
+        if resolve_share_weights(share_weights, self.device):
+            self.shared_weights = self.load_shared_weights()
+        self.session = load_session(self.path, self.provider, self.shared_weights)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.shared_cache = read_layout(self.session.get_modelmeta().custom_metadata_map)
@@ -144,8 +168,15 @@ class OrtProgram:
         if batch not in self.decode_sessions:
             path = self.path.parent / self.decode_programs[batch]
             provider = (CUDA, {"enable_cuda_graph": "1"}) if self.cuda_graph else self.provider
-            self.decode_sessions[batch] = load_session(path, provider)
+            self.decode_sessions[batch] = load_session(path, provider, self.shared_weights)
         return self.decode_sessions[batch]
+
+    def load_shared_weights(self) -> SharedWeights:
+        """The weights every program (this one and its static decode programs) holds alike,
+        read once onto the session device (device 0 on CUDA, where the sessions run)."""
+        paths = [self.path] + [self.path.parent / n for n in self.decode_programs.values()]
+        initializers = common_initializers(paths)
+        return load_shared_weights(self.path.parent, initializers, self.device, 0)
 
     def cache_owning_step(self, layout: dict):
         """A Generator step keeping the KV cache in shared buffers, or None (no shared cache)."""
@@ -156,10 +187,15 @@ class OrtProgram:
         return SharedCacheStep(self, layout)
 
 
-def load_session(path: Path, provider) -> onnxruntime.InferenceSession:
-    """An InferenceSession on one provider; load failures as a one-line PeakcError."""
+def load_session(
+    path: Path, provider, shared: SharedWeights | None = None
+) -> onnxruntime.InferenceSession:
+    """An InferenceSession on one provider, using the `shared` weights' values in place of its
+    own copies; load failures as a one-line PeakcError."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    if shared is not None:
+        shared.add_to(options)
     try:
         return onnxruntime.InferenceSession(str(path), sess_options=options, providers=[provider])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
