@@ -210,14 +210,16 @@ def rates(pre: list[float], dec: list[float], batch: int) -> dict:
     }
 
 
-def time_eager(model, args, device: str) -> tuple[dict, dict]:
-    """Eager timings per batch and its greedy tokens (the reference for every peer)."""
+def time_eager(model, args, device: str, timed: bool = True) -> tuple[dict, dict]:
+    """Eager timings per batch (when `timed`) and its greedy tokens (every peer's reference)."""
     row: dict = {}
     tokens: dict = {}
     vocab = model.config.vocab_size
     for batch in args.batches:
         ids = torch.tensor(prompts(vocab, batch, args.prompt_len), device=device)
         _, _, tokens[f"b{batch}"] = eager_decode(model, ids, args.gen_len, device)
+        if not timed:
+            continue
         runs = [eager_decode(model, ids, args.gen_len, device) for _ in range(args.repeats)]
         row[f"b{batch}"] = rates([r[0] for r in runs], [r[1] for r in runs], batch)
     return row, tokens
