@@ -155,13 +155,24 @@ def write_state(work: Path, state: dict) -> None:
     state_path(work).write_text(json.dumps(state, indent=1, default=str))
 
 
+RESERVED: dict[str, int] = {}  # bytes a running build step may still write, by step
+
+
 def disk_check(work: Path, need: int, what: str) -> None:
-    """Refuse a build step that would not fit on the disk (plus 2 GB to spare)."""
+    """Refuse a build step that would not fit on the disk (2 GiB to spare) beside what the
+    build steps running at the same time may still write; reserve its bytes until release."""
     free = shutil.disk_usage(work).free
-    if free < need + 2**31:
+    others = sum(n for k, n in RESERVED.items() if k != what)
+    if free - others < need + 2**31:
         raise RuntimeError(
-            f"{what}: {gib(free)} GiB free on {work}, needs about {gib(need)} GiB (+2)"
+            f"{what}: {gib(free)} GiB free on {work}, {gib(others)} GiB reserved by steps "
+            f"running beside it, needs about {gib(need)} GiB (+2)"
         )
+    RESERVED[what] = need
+
+
+def disk_free() -> float:
+    return gib(shutil.disk_usage("/tmp").free)
 
 
 def budget_check(args, what: str) -> None:
@@ -244,6 +255,7 @@ def build_peakc(
     gc.collect()
     log(f"{tag}: compiled in {time.perf_counter() - start:.1f} s")
     directory = compiled.save(work / tag, force=True)
+    RESERVED.pop(tag, None)
     report = compiled.contents.report["ort"]
     row: dict = {"compile_s": round(time.perf_counter() - start, 1)}
     row["pipeline"] = pipeline
@@ -264,10 +276,10 @@ def build_peakc(
 def built(state: dict, key: str, path: Path) -> dict:
     """The build record of a peer, or an error saying what is missing."""
     record = state.get(key)
+    if record is not None and "error" in record:
+        raise RuntimeError(f"build failed: {record['error'][:300]}")
     if record is None or not path.exists():
         raise RuntimeError(f"nothing built for {key} at {path}: run --phase build with it")
-    if "error" in record:
-        raise RuntimeError(f"build failed: {record['error'][:300]}")
     return {k: v for k, v in record.items() if k != "section_s"}
 
 
@@ -451,9 +463,12 @@ class GenaiBuilders:
         log(f"genai builder {key}: {' '.join(command[1:])}")
         start = time.perf_counter()
         log_path = self.work / f"{key}.log"
-        with open(log_path, "w") as sink:
-            self.proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-            code = self.proc.wait()
+        try:
+            with open(log_path, "w") as sink:
+                self.proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+                code = self.proc.wait()
+        finally:
+            RESERVED.pop(f"{key} builder", None)
         if code != 0:
             raise RuntimeError(f"builder exit {code}: {log_path.read_text()[-1500:]}")
         model = next(out.glob("*.onnx"))
@@ -641,6 +656,7 @@ def run_section(results: dict, key: str, fn, out_file: Path) -> None:
         traceback.print_exc()
         results[key] = {"error": f"{type(exc).__name__}: {str(exc)[:1500]}"}
     results[key]["section_s"] = round(time.perf_counter() - start, 1)
+    results[key]["disk_free_gib"] = disk_free()
     log(f"done {key} in {results[key]['section_s']} s: {json.dumps(results[key])[:400]}")
     out_file.write_text(json.dumps(RESULTS, indent=1, default=str))
     if torch.cuda.is_available():
@@ -678,24 +694,21 @@ def build_config(name: str, work: Path, args, device: str, results: dict, out: P
         info["gpu_gib_model"] = gib(gpu_used_bytes() - base)
         return info
 
-    run_section(results, "hf", hf_step, out)
-    state["hf"] = results["hf"]
-    if "model" not in holder:
-        write_state(work, state)
+    weights = list(folder.glob("*.safetensors"))
+    if (
+        args.reuse_hf
+        and weights
+        and "eager_tokens" in state
+        and "error" not in state.get("hf", {"error": 1})
+    ):
+        log(f"reusing {folder} and its eager reference tokens (--reuse-hf)")
+        results["hf"] = state["hf"]
+        results["eager"] = state.get("eager", {})
+    else:
+        _make_hf_and_eager(state, holder, hf_step, results, out, work, args, device)
+    if "error" in state["hf"]:
         return
 
-    def eager_step() -> dict:
-        timed = "eager" in sections  # the reference tokens are needed either way
-        row, tokens = time_eager(holder["model"], args, device, timed)
-        state["eager_tokens"] = tokens
-        row["gpu_gib_model"] = state["hf"]["gpu_gib_model"]
-        return row
-
-    run_section(results, "eager", eager_step, out)
-    state["eager"] = results["eager"]
-    del holder["model"]
-    gc.collect()
-    write_state(work, state)
     precision = GENAI_PRECISION[args.dtype]
     jobs = {k: p for k, p in (("genai", precision), ("genai-int4", "int4")) if k in sections}
     builders = GenaiBuilders(folder, work, args, device, jobs, state["hf"]) if jobs else None
@@ -711,6 +724,7 @@ def build_config(name: str, work: Path, args, device: str, results: dict, out: P
     for key in sections:
         if key in table:
             run_section(results, f"build {key}", table[key], out)
+            RESERVED.pop(key, None)
             state[key] = results[f"build {key}"]
             write_state(work, state)
     if builders is not None:
@@ -719,12 +733,35 @@ def build_config(name: str, work: Path, args, device: str, results: dict, out: P
         for key, record in builders.wait(None if left is None else max(left, 5.0)).items():
             results[f"build {key}"] = state[key] = record
         write_state(work, state)
-    keep = args.keep_hf if args.keep_hf is not None else name != "llama-8b"
+    failed = [k for k in sections if k in BUILT and "error" in state.get(k, {})]
+    keep = args.keep_hf if args.keep_hf is not None else name != "llama-8b" or bool(failed)
     if not keep:
         for file in folder.glob("*.safetensors*"):
             file.unlink()
         log(f"deleted the HF folder's weights ({folder}); --keep-hf keeps them")
     state["hf_weights_kept"] = keep
+    write_state(work, state)
+
+
+def _make_hf_and_eager(state, holder, hf_step, results, out, work, args, device) -> None:
+    """The hf section, then eager's timing (with --sections eager) and reference tokens."""
+    run_section(results, "hf", hf_step, out)
+    state["hf"] = results["hf"]
+    if "model" not in holder:
+        write_state(work, state)
+        return
+
+    def eager_step() -> dict:
+        timed = "eager" in args.sections  # the reference tokens are needed either way
+        row, tokens = time_eager(holder["model"], args, device, timed)
+        state["eager_tokens"] = tokens
+        row["gpu_gib_model"] = state["hf"]["gpu_gib_model"]
+        return row
+
+    run_section(results, "eager", eager_step, out)
+    state["eager"] = results["eager"]
+    del holder["model"]
+    gc.collect()
     write_state(work, state)
 
 
@@ -764,7 +801,16 @@ def main() -> None:
     parser.add_argument("--phase", choices=("build", "time", "all"), default="all")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
     parser.add_argument("--gguf", default="", help="SmolLM2-135M GGUF: smollm2-135m's weights")
-    parser.add_argument("--keep-hf", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--keep-hf",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the HF folder's weights after the build (default: kept unless llama-8b "
+        "built everything it was asked to)",
+    )
+    parser.add_argument(
+        "--reuse-hf", action="store_true", help="build from the HF folder an earlier build left"
+    )
     parser.add_argument("--optimize-model-8b", action="store_true")
     parser.add_argument("--budget-s", type=float, default=0, help="start no build step after")
     parser.add_argument("--prompt-len", type=int, default=1024)
