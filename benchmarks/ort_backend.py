@@ -845,7 +845,9 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "gen_len": args.gen_len,
         "repeats": args.repeats,
+        "disk_free_gib": disk_free(),
     }
+    log(f"{RESULTS['meta']['device']}, {disk_free()} GiB free on /tmp, sections {args.sections}")
     if args.variant:
         apply_variant(translation_variants()[args.variant])
         RESULTS["meta"]["variant"] = args.variant
@@ -900,8 +902,11 @@ def print_table() -> None:
         if name in ("meta", "diagnose"):
             continue
         for who, row in results.items():
+            build_row = who.startswith("build ")
             if not isinstance(row, dict) or who == "hf":
                 continue
+            if build_row and RESULTS["meta"]["phase"] != "build":
+                continue  # the timed row says "build failed" when it did
             if "error" in row:
                 print(f"{name:<13}{who:<15} ERROR {row['error'][:110]}")
                 continue
@@ -926,8 +931,7 @@ def print_table() -> None:
             for key in ("compile_s", "build_s", "export_s", "load_s"):
                 if key in row:
                     extra.append(f"{key} {row[key]}")
-            build_row = who.startswith("build ")
-            if extra and (not build_row or RESULTS["meta"]["phase"] == "build"):
+            if extra:
                 print(f"{'':<13}{who:<15} " + "; ".join(extra)[:150])
         hf = results.get("hf", {})
         if "weights_bytes" in hf:
