@@ -146,9 +146,18 @@ def state_path(work: Path) -> Path:
     return work / "build.json"
 
 
+def record_path(work: Path, key: str) -> Path:
+    return work / f"{key}.record.json"
+
+
 def read_state(work: Path) -> dict:
+    """build.json, with the GenAI builders' records written beside it as they finish."""
     path = state_path(work)
-    return json.loads(path.read_text()) if path.exists() else {}
+    state = json.loads(path.read_text()) if path.exists() else {}
+    for key in ("genai", "genai-int4"):
+        if record_path(work, key).exists():  # the latest builder run's own record
+            state[key] = json.loads(record_path(work, key).read_text())
+    return state
 
 
 def write_state(work: Path, state: dict) -> None:
@@ -448,6 +457,8 @@ class GenaiBuilders:
             except Exception as exc:  # noqa: BLE001 - a failed build is reported, not raised
                 self.records[key] = {"error": f"{type(exc).__name__}: {str(exc)[:1500]}"}
             self.records[key]["section_s"] = round(time.perf_counter() - start, 1)
+            # on disk at once: a call cut off before build.json is written still keeps it
+            record_path(self.work, key).write_text(json.dumps(self.records[key], default=str))
             log(f"genai builder {key} done: {json.dumps(self.records[key])[:300]}")
 
     def _build(self, key: str, precision: str) -> dict:
@@ -455,6 +466,7 @@ class GenaiBuilders:
         disk_check(self.work, int(need), f"{key} builder")
         out = self.work / key
         shutil.rmtree(out, ignore_errors=True)
+        record_path(self.work, key).unlink(missing_ok=True)
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m"]
         command += [str(self.folder), "-o", str(out), "-p", precision, "-e", self.device]
         command += ["-c", str(self.work / "genai-cache")]
