@@ -5,6 +5,7 @@ comparison of a peer's tokens with it, and GPU memory in use as the driver sees 
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -135,6 +136,7 @@ def make_hf_folder(
     model = gguf_model(gguf, name, device, dtype) if gguf else random_model(name, device, dtype)
     model.config.use_cache = True
     model.save_pretrained(folder)
+    _legacy_rope_theta(folder / "config.json")
     tokenizer = gguf_tokenizer(gguf) if gguf else None
     kind = "gguf" if tokenizer is not None else "word-level"
     saved_ok = False
@@ -155,6 +157,16 @@ def make_hf_folder(
         "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     return model, info
+
+
+def _legacy_rope_theta(path: Path) -> None:
+    """Also write rope_theta at the top level of config.json: transformers 5 keeps it only in
+    rope_parameters, and builders written for 4.x read `config.rope_theta` (else 10000)."""
+    settings = json.loads(path.read_text())
+    theta = (settings.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in settings:
+        settings["rope_theta"] = theta
+        path.write_text(json.dumps(settings, indent=2))
 
 
 def _loads_tokenizer(folder: Path) -> bool:
