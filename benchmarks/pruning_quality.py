@@ -36,7 +36,7 @@ from peakc.data import (
 )
 from peakc.ir.capture import capture
 from peakc.passes.base import PassContext
-from peakc.passes.prune import PruneOptions, PrunePass
+from peakc.passes.prune import SPARSITY_KEY, PruneOptions, PrunePass
 from peakc.runtime.evaluate import perplexity
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -113,35 +113,101 @@ def run_config(name: str, graph, ctx: PassContext, evaluation: torch.Tensor, dev
 OWL_GRID = [
     dict(owl_lambda=lam, owl_threshold=m) for lam in (0.02, 0.05, 0.1) for m in (3.0, 5.0, 7.0)
 ] + [dict(owl_lambda=lam, owl_threshold=5.0, owl_granularity="linear") for lam in (0.02, 0.05, 0.1)]
+# Third session: the OBS outlier score (what SparseGPT prunes by), the rank-based allocation
+# (no single extreme block stretching the range: the OBS ratios of SmolLM2 have one, block 11),
+# smaller λ around the earlier best, and M=2 (at 50 % the top few % of scores are kept in
+# every block whatever its sparsity in [S − λ, S + λ], so M ≥ 3 counts weights never at risk).
+OWL_GRID_V3 = (
+    [
+        dict(owl_score="obs", owl_shape="rank", owl_lambda=lam, owl_threshold=m)
+        for lam in (0.01, 0.02, 0.04)
+        for m in (2.0, 3.0, 5.0, 7.0)
+    ]
+    + [
+        dict(owl_score="wanda", owl_shape="rank", owl_lambda=lam, owl_threshold=m)
+        for lam in (0.01, 0.02)
+        for m in (2.0, 5.0)
+    ]
+    + [dict(owl_score="obs", owl_lambda=lam) for lam in (0.01, 0.02)]
+    + [
+        dict(owl_score="obs", owl_shape="rank", owl_lambda=lam, owl_granularity="linear")
+        for lam in (0.01, 0.02)
+    ]
+    + [dict(owl_lambda=0.01, owl_threshold=3.0)]
+)
+GRIDS = {"v2": OWL_GRID, "v3": OWL_GRID_V3}
 
 
-def owl_study(graph, data: dict[str, torch.Tensor], device: str, sparsity: float) -> list[dict]:
-    """Uniform against OWL at one sparsity, with OWL's (λ, M) picked on held-out data.
+def owl_label(tag: str, grid: dict) -> str:
+    """e.g. 'owl 50% obs rank l=0.02 M=5 per-linear' (defaults: wanda, linear map, per block)."""
+    label = f"owl {tag}"
+    if grid.get("owl_score", "wanda") != "wanda":
+        label += f" {grid['owl_score']}"
+    if grid.get("owl_shape", "linear") != "linear":
+        label += f" {grid['owl_shape']}"
+    label += f" l={grid['owl_lambda']} M={grid.get('owl_threshold', 5.0):g}"
+    return label + (" per-linear" if grid.get("owl_granularity") == "linear" else "")
 
-    Every OWL setting of OWL_GRID prunes with the seed-0 calibration windows; the one with the
+
+def block_profile(graph) -> list[float]:
+    """Achieved sparsity per numbered block (all its pruned linears together), in order."""
+    zeros: dict[str, list[int]] = {}
+    for node in graph.call_nodes():
+        rec = node.meta.get(SPARSITY_KEY)
+        if rec is None:
+            continue
+        block = ".".join(node.meta["peakc_module"].split(".")[:3])
+        n = graph.get_weight(rec["weight"]).numel()
+        z = zeros.setdefault(block, [0, 0])
+        z[0] += round(rec["sparsity"] * n)
+        z[1] += n
+    return [round(z / n, 4) for z, n in zeros.values()]
+
+
+def owl_study(
+    graph,
+    data: dict[str, torch.Tensor],
+    device: str,
+    sparsity: float,
+    grid: list[dict] = OWL_GRID,
+    nsamples: int = NSAMPLES,
+    budget_s: float = float("inf"),
+    targets: str = "",
+) -> list[dict]:
+    """Uniform against OWL at one sparsity, with OWL's settings picked on held-out data.
+
+    Every OWL setting of `grid` prunes with the seed-0 calibration windows; the one with the
     lowest perplexity on the validation windows (library/, seed 100: same domain as the
     calibration, not the evaluation text) is then re-run with the seed-1 and seed-2 calibration
     windows, as is uniform, so both are compared on the evaluation text as means over 3 seeds.
+    Grid points that would leave less than the time of two runs inside `budget_s` (seconds
+    since the study started) are skipped, so one bounded GPU call always reaches the verdict.
     """
     rows = []
+    started = time.perf_counter()
 
     def one(label: str, options: dict, seed: int) -> dict:
         key = "calibration" if seed == 0 else f"calibration_s{seed}"
         ctx = PassContext(calibration_data=data[key], device=device, settings={"progress": False})
-        p = PrunePass(PruneOptions(nsamples=NSAMPLES, sparsity=sparsity, **options))
+        p = PrunePass(
+            PruneOptions(nsamples=nsamples, sparsity=sparsity, targets=targets, **options)
+        )
         t0 = time.perf_counter()
         pruned = p.run(graph.copy(), ctx)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
         row = dict(
             config=label,
             seed=seed,
-            seconds=time.perf_counter() - t0,
+            seconds=seconds,
             validation=perplexity(pruned.graph, data["validation"], device).ppl,
             ppl=perplexity(pruned.graph, data["evaluation"], device).ppl,
             **{k: v for k, v in pruned.stats.items() if k.startswith("sparsity")},
         )
-        print(json.dumps(row), flush=True)
+        row["run_s"] = time.perf_counter() - t0
+        row["blocks"] = block_profile(pruned.graph)
+        print(json.dumps({k: v for k, v in row.items() if k != "blocks"}), flush=True)
         rows.append(row)
         return row
 
@@ -149,11 +215,17 @@ def owl_study(graph, data: dict[str, torch.Tensor], device: str, sparsity: float
     for seed in (0, 1, 2):
         one(f"uniform {tag}", dict(method="sparsegpt"), seed)
     trials = []
-    for grid in OWL_GRID:
-        label = f"owl {tag} l={grid['owl_lambda']} M={grid['owl_threshold']:g}"
-        label += " per-linear" if grid.get("owl_granularity") == "linear" else ""
-        options = dict(method="sparsegpt", sparsity_profile="owl", **grid)
+    for grid_point in grid:
+        label = owl_label(tag, grid_point)
+        longest = max(r["run_s"] for r in rows)
+        if time.perf_counter() - started + 3 * longest > budget_s:
+            print(f"{label}: skipped (time budget {budget_s:.0f} s)", flush=True)
+            continue
+        options = dict(method="sparsegpt", sparsity_profile="owl", **grid_point)
         trials.append((one(label, options, 0)["validation"], label, options))
+    if not trials:
+        print("no OWL setting ran inside the time budget", flush=True)
+        return rows
     _, label, options = min(trials, key=lambda t: t[0])
     for seed in (1, 2):
         one(label + " (picked)", options, seed)
@@ -173,6 +245,15 @@ def main() -> None:
         default="",
         help="comma-separated sparsities: uniform vs OWL with (λ, M) picked on validation data",
     )
+    parser.add_argument("--owl-grid", choices=sorted(GRIDS), default="v2", help="OWL settings")
+    parser.add_argument(
+        "--owl-budget-s", type=float, default=float("inf"), help="skip grid points past this"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the study end to end: 2 windows of each kind, 2 blocks, 2 grid points",
+    )
     args = parser.parse_args()
 
     from peakc.models.hf import load_hf
@@ -190,8 +271,21 @@ def main() -> None:
     print(f"captured at (1, {SEQ_LEN}) in {time.perf_counter() - started:.1f} s on {args.device}")
     if args.owl_study:
         study = []
+        grid, nsamples, targets = GRIDS[args.owl_grid], NSAMPLES, ""
+        if args.smoke:  # every code path, in minutes on a CPU: 2 windows, 2 blocks, 2 settings
+            grid, nsamples, targets = grid[:2], 2, r"layers\.[01]\."
+            data = {k: v[:2] for k, v in data.items()}
         for sparsity in args.owl_study.split(","):
-            study += owl_study(graph, data, args.device, float(sparsity))
+            study += owl_study(
+                graph,
+                data,
+                args.device,
+                float(sparsity),
+                grid,
+                nsamples,
+                args.owl_budget_s,
+                targets,
+            )
         print_study(study)
         if args.out:
             args.out.write_text(json.dumps({"owl_study": study}, indent=2))
@@ -242,6 +336,18 @@ def print_study(rows: list[dict]) -> None:
             val = sum(r["validation"] for r in group) / len(group)
             ppl = sum(r["ppl"] for r in group) / len(group)
             print(f"| {name} | {len(group)} | {val:.2f} | {ppl:.2f} |")
+    uniform = [r["ppl"] for r in rows if r["config"].startswith("uniform")]
+    picked = [r for r in rows if r["config"].endswith("(picked)")]
+    if uniform and picked:
+        name = picked[0]["config"].removesuffix(" (picked)")
+        owl = [r["ppl"] for r in by_config[name]]
+        delta = sum(owl) / len(owl) - sum(uniform) / len(uniform)
+        print(
+            f"\npicked {name}: mean eval ppl {delta:+.3f} against uniform "
+            f"(uniform seeds {min(uniform):.2f}-{max(uniform):.2f}, picked {min(owl):.2f}-"
+            f"{max(owl):.2f}); runs took {sum(r['run_s'] for r in rows):.0f} s in all"
+        )
+        print(f"picked setting's sparsity per block (seed 1): {picked[0]['blocks']}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from peakc.passes.calibration import (
     target_selector,
 )
 from peakc.passes.prune.magnitude import magnitude_prune
-from peakc.passes.prune.owl import outlier_ratio, owl_sparsities
+from peakc.passes.prune.owl import measure_outliers, owl_allocation
 from peakc.passes.prune.pattern import Pattern, check_divides, parse_pattern
 from peakc.passes.prune.sparsegpt import Segment, reconstruction_error, sparsegpt_prune
 
@@ -52,6 +52,8 @@ class PruneOptions:
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
     owl_granularity: Literal["block", "linear"] = "block"
+    owl_score: Literal["wanda", "obs"] = "wanda"  # obs: sqrt of SparseGPT's w²/[H⁻¹]_jj
+    owl_shape: Literal["linear", "rank"] = "linear"  # ratios → sparsities: min-max or by rank
 
 
 @register_pass
@@ -84,6 +86,14 @@ class PrunePass(Pass):
             raise PeakcError(f"pass 'prune': option 'damp' must be >= 0, got {o.damp}")
         if o.nsamples < 1 or o.seq_len < 0:
             raise PeakcError("pass 'prune': options 'nsamples' >= 1 and 'seq_len' >= 0 required")
+        if not 0.0 <= o.owl_lambda < 0.5:
+            raise PeakcError(
+                f"pass 'prune': option 'owl_lambda' must be in [0, 0.5), got {o.owl_lambda}"
+            )
+        if o.owl_threshold <= 0:
+            raise PeakcError(
+                f"pass 'prune': option 'owl_threshold' must be > 0, got {o.owl_threshold}"
+            )
         if o.sparsity_profile == "owl" and pattern.structured:
             raise PeakcError("pass 'prune': sparsity_profile=owl applies to unstructured patterns")
         target_selector(o.targets, "prune")
@@ -105,7 +115,18 @@ class PrunePass(Pass):
         if self.requires:
             samples = self._samples(graph, ctx)
         if o.sparsity_profile == "owl":
-            sparsity = _owl_allocation(graph, samples, select, o, device, progress)
+            profile = measure_outliers(
+                graph,
+                samples,
+                select,
+                threshold=o.owl_threshold,
+                score=o.owl_score,
+                granularity=o.owl_granularity,
+                damp=o.damp,
+                device=device,
+                progress=progress,
+            )
+            sparsity = owl_allocation(profile, o.sparsity, o.owl_lambda, o.owl_shape)
         records: dict[str, dict] = {}
         if o.method == "magnitude":
             for site in sites:
@@ -161,42 +182,6 @@ def _sparsegpt_compressor(
         return new
 
     return compress
-
-
-def _owl_allocation(
-    graph: Graph,
-    samples: list[tuple[torch.Tensor, ...]],
-    select: Callable[[str], bool],
-    o: PruneOptions,
-    device: torch.device,
-    progress: bool,
-) -> dict[str, float]:
-    """Measure the outlier ratio of each block (or of each linear, with
-    `owl_granularity=linear`) on the dense model, then spread the sparsity."""
-    ratios: list[float] = []
-    params: list[int] = []
-    members: list[list[str]] = []
-
-    def measure(cal: BlockCalibration) -> None:
-        units = [cal.sites] if o.owl_granularity == "block" else [[s] for s in cal.sites]
-        for unit in units:
-            weights = [cal.weight(s) for s in unit]
-            hessians = [cal.hessians[s.module] for s in unit]
-            ratios.append(outlier_ratio(weights, hessians, o.owl_threshold))
-            params.append(sum(w.numel() for w in weights))
-            members.append([s.module for s in unit])
-
-    calibrate_blocks(
-        graph,
-        samples,
-        measure,
-        select=select,
-        device=device,
-        progress=progress,
-        description="prune (owl)",
-    )
-    per_block = owl_sparsities(ratios, params, o.sparsity, o.owl_lambda)
-    return {m: s for block, s in zip(members, per_block) for m in block}
 
 
 def _annotate(
