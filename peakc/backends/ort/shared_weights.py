@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime
+import torch
 
 from peakc.errors import PeakcError
 
@@ -37,6 +38,14 @@ SHAREABLE_TYPES = {
     onnx.TensorProto.INT8: np.int8,
 }
 NUMPY_NATIVE = {t for t in SHAREABLE_TYPES if t != onnx.TensorProto.BFLOAT16}
+TORCH_TYPES = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.FLOAT16: torch.float16,
+    onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.UINT8: torch.uint8,
+    onnx.TensorProto.INT8: torch.int8,
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class SharedWeights:
     nbytes: int
     sessions: int = 0  # sessions created with them
     host_arrays: list[np.ndarray] = field(default_factory=list, repr=False)  # CPU values' memory
+    device_tensors: list[torch.Tensor] = field(default_factory=list, repr=False)  # CUDA values'
 
     def add_to(self, options: onnxruntime.SessionOptions) -> None:
         """Make a session created with `options` use the shared values."""
@@ -137,7 +147,7 @@ def load_shared_weights(
     shared = SharedWeights(device=name, values={}, nbytes=0)
     for init in initializers:
         array = read_initializer(folder, init)
-        shared.values[init.name] = ort_value(array, init, device, index)
+        shared.values[init.name] = ort_value(array, init, device, index, shared.device_tensors)
         shared.nbytes += init.nbytes
         if device == "cpu":
             shared.host_arrays.append(array)
@@ -171,17 +181,17 @@ def read_initializer(folder: Path, init: ExternalInitializer) -> np.ndarray:
 
 
 def ort_value(
-    array: np.ndarray, init: ExternalInitializer, device: str, index: int
+    array: np.ndarray, init: ExternalInitializer, device: str, index: int, keep: list
 ) -> onnxruntime.OrtValue:
     """An OrtValue of the initializer's element type: on the CPU over `array` itself, on CUDA
-    a copy on GPU `index`."""
+    over one copy on GPU `index` held in torch memory (appended to `keep`). ORT takes a shared
+    initializer only over memory the caller owns, so the CUDA copy comes in through DLPack."""
     OrtValue = onnxruntime.OrtValue
     if device == "cpu":
         if init.data_type in NUMPY_NATIVE:
             return OrtValue.ortvalue_from_numpy(array)
         return OrtValue.ortvalue_from_numpy_with_onnx_type(array, init.data_type)
-    if init.data_type in NUMPY_NATIVE:
-        return OrtValue.ortvalue_from_numpy(array, device, index)
-    value = OrtValue.ortvalue_from_shape_and_type(list(init.dims), init.data_type, device, index)
-    value.update_inplace(OrtValue.ortvalue_from_numpy_with_onnx_type(array, init.data_type))
-    return value
+    raw = torch.from_numpy(np.ascontiguousarray(array).view(np.uint8))
+    tensor = raw.to(f"cuda:{index}").view(TORCH_TYPES[init.data_type]).view(list(init.dims))
+    keep.append(tensor)
+    return OrtValue.from_dlpack(tensor.__dlpack__())
