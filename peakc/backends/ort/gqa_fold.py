@@ -88,8 +88,8 @@ def fold_gqa(model: ir.Model, positions: str) -> GqaFoldReport:
     nodes = [n for n in model.graph if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]
     for node in nodes:
         sources = match_qkv(node)
-        if sources is None:
-            report.not_folded[node.name] = "q/k/v are not Reshape/Transpose chains from [B,S,H*D]"
+        if isinstance(sources, str):
+            report.not_folded[node.name] = sources
             continue
         reason = check_rotary(node, sources)
         caches = None
@@ -120,26 +120,48 @@ def fold_gqa(model: ir.Model, positions: str) -> GqaFoldReport:
     return report
 
 
-def match_qkv(node: ir.Node) -> QkvSources | None:
+def match_qkv(node: ir.Node) -> QkvSources | str:
     """Pattern: each of q/k/v is Reshape(Transpose_0213(x)) with x = [RotaryEmbedding(]
-    Transpose_0213(Reshape(bsd))[)]; None when a chain differs."""
+    Transpose_0213(Reshape(bsd))[)]; the reason when a chain differs."""
     found = []
-    for slot in (QUERY, KEY, VALUE):
+    for slot, name in ((QUERY, "q"), (KEY, "k"), (VALUE, "v")):
         bnsh = from_bsd(node.inputs[slot])
         if bnsh is None:
-            return None
+            return f"{name} is not Reshape(Transpose(x, 0,2,1,3))"
         rotary = None
-        if bnsh.producer() is not None and bnsh.producer().op_type == "RotaryEmbedding":
-            rotary = bnsh.producer()
+        producer = bnsh.producer()
+        if producer is not None and producer.op_type == "RotaryEmbedding":
+            rotary = producer
             bnsh = rotary.inputs[0]
+        elif producer is not None and producer.op_type == "Concat":
+            partial = [i.producer() for i in producer.inputs if i is not None and i.producer()]
+            if any(p.op_type == "RotaryEmbedding" for p in partial):
+                return f"{name}: partial rotary ({rotary_width(producer)} of head dim " + (
+                    f"{head_dim_of(bnsh)}; RotaryEmbedding on a slice, then Concat)"
+                )
         bsd = to_bnsh_source(bnsh)
         if bsd is None or not same_last_dim(bsd, node.inputs[slot]):
-            return None
+            return f"{name} before rotary is not Transpose(Reshape([B,S,H*D]), 0,2,1,3)"
         found.append((bsd, rotary))
     (q, rq), (k, rk), (v, rv) = found
     if rv is not None:
-        return None
+        return "v goes through RotaryEmbedding"
     return QkvSources(q, k, v, rq, rk)
+
+
+def rotary_width(concat: ir.Node) -> str:
+    """The channels a partial rotary's RotaryEmbedding covers (its input's last dim)."""
+    for value in concat.inputs:
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.op_type == "RotaryEmbedding":
+            return str(head_dim_of(producer.inputs[0]))
+    return "?"
+
+
+def head_dim_of(value: ir.Value) -> int | str:
+    shape = value.shape
+    dim = shape[-1] if shape is not None and len(shape) == 4 else None
+    return dim if isinstance(dim, int) else "?"
 
 
 def from_bsd(value: ir.Value | None) -> ir.Value | None:
