@@ -220,3 +220,29 @@ def test_partial_rotary_is_left_apart_and_correct(tmp_path):
 def test_fold_rotary_option_is_validated(tmp_path):
     with pytest.raises(PeakcError, match="fold_rotary must be true or false; got 'maybe'"):
         compile_ort(decoder(), "ort{device=cpu,fold_rotary=maybe}", tmp_path / "a")
+
+
+def test_transformers_llama_rotary_is_folded(tmp_path):
+    """transformers computes cos/sin as Cos/Sin(positions * inv_freq): the tables come from
+    evaluating that subgraph (the form the llama-1b benchmark exports)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    causal_lm = transformers.LlamaForCausalLM(config).eval()
+    module, layout = kv_cache.wrap_for_generation(causal_lm, MAX_LEN, MAX_BATCH, "hf-llama")
+    inputs, dynamic = kv_cache.example_inputs(layout), kv_cache.dynamic_shapes(layout)
+    model = (module, inputs, dynamic, layout.to_dict())
+    compiled, artifact = compile_ort(model, "ort{device=cpu,decode_batches=1}", tmp_path / "a")
+    report = compiled.contents.report["ort"]["gqa_fold"]
+    assert report["rotary_folded"] == 2 and report["packed_qkv"] == 2
+    decode = ir.load(artifact.directory / "decoder.decode_b1.onnx")
+    assert not {"RotaryEmbedding", "Cos", "Sin", "Transpose"} & {n.op_type for n in decode.graph}
+    assert_prefill_and_decode_match(module, artifact.program("decoder"))

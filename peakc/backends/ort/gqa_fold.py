@@ -9,8 +9,10 @@ The rewrite, per node (pattern, check, rewrite):
 - rotary: q and k are RotaryEmbedding outputs over the whole head (R == D) with the same
   cos/sin caches and layout -> GroupQueryAttention gets the un-rotated q/k, `do_rotary=1`,
   `rotary_interleaved`, and cos_cache/sin_cache [max_len, D/2] as initializers. The tables are
-  the export's cos/sin subgraph (a function of the `positions` input alone, checked) evaluated
-  at positions 0..max_len-1. GroupQueryAttention derives the rotary positions itself (first
+  the export's cos/sin subgraph (a function of the `positions` input alone, checked: a gathered
+  table for demo:llama, Cos/Sin of positions * inv_freq for transformers' Llama) evaluated at
+  positions 0..max_len-1: contrib.rotary_embedding feeds RotaryEmbedding one cache row per
+  token, so row p is position p's. GroupQueryAttention derives the rotary positions itself (first
   prompt: 0..S-1; later: seqlens_k[b] + 1 - S onwards), which equals peakc's positions under
   the Generator's layout that contrib.attention_cache already assumes (each sequence's tokens
   at contiguous slots from 0).
@@ -18,10 +20,11 @@ The rewrite, per node (pattern, check, rewrite):
   Hkv*D (the horizontal fusion's output) -> that value is the query; key and value are absent.
   Otherwise q/k/v are passed in their [B, S, heads*D] form, without the transposes.
 
-A node whose q/k are not both rotated by a full-head RotaryEmbedding keeps its RotaryEmbedding
-nodes (the report says why) and still takes the [B, S, heads*D] inputs. Transpose pairs that
-cancel go, then nodes nobody reads. The rotated k stays computed where a program output (new_k)
-reads it; static_decode.py drops those outputs from the decode programs.
+A node whose rotary cannot move (partial rotary, head dim not a multiple of 16, caches not
+computable) is left as exported; the report says why. Without any rotary, q/k/v are still
+rewired. Transpose pairs that cancel go, then nodes nobody reads. The rotated k stays
+computed where a program output (new_k) reads it; static_decode.py drops those outputs from
+the decode programs.
 """
 
 from __future__ import annotations
@@ -213,6 +216,10 @@ def check_rotary(node: ir.Node, sources: QkvSources) -> str | None:
     for rotary in (rq, rk):
         if rotary.attributes.get_int("rotary_embedding_dim", 0) not in (0, head_dim(rotary)):
             return "rotary_embedding_dim is not the head dim"
+        if rotary.attributes.get_float("scale", 1.0) != 1.0:
+            return "RotaryEmbedding has a scale"
+    if not isinstance(head_dim(rq), int) or head_dim(rq) % 16:
+        return f"head dim {head_dim(rq)} is not a multiple of 16 (GroupQueryAttention's rotary)"
     cos = rq.inputs[2]
     half = cos.shape[-1] if cos.shape is not None and len(cos.shape) == 2 else None
     if not isinstance(half, int) or 2 * half != head_dim(rq):
@@ -251,6 +258,8 @@ def rotary_caches(
             return None, reason
     cos_table, sin_table = evaluate_tables(model, [cos, sin], positions, length)
     dtype = sources.query.dtype
+    if dtype is None:
+        return None, "q has no known dtype for the cos/sin caches"
     values = []
     for name, table in (("cos_cache", cos_table), ("sin_cache", sin_table)):
         tensor = ir.tensor(table.astype(dtype.numpy()), name=f"gqa_{name}.{len(tables)}")
