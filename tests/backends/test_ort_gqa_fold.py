@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import peakc
+from peakc.backends.ort.gqa_fold import cancel_transpose_pairs
 from peakc.errors import PeakcError
 from peakc.models import kv_cache
 from peakc.models.demo import demo_llama
@@ -246,3 +247,20 @@ def test_transformers_llama_rotary_is_folded(tmp_path):
     decode = ir.load(artifact.directory / "decoder.decode_b1.onnx")
     assert not {"RotaryEmbedding", "Cos", "Sin", "Transpose"} & {n.op_type for n in decode.graph}
     assert_prefill_and_decode_match(module, artifact.program("decoder"))
+
+
+def test_transpose_pairs_that_cancel_are_bypassed():
+    x = ir.Value(name="x", shape=ir.Shape([1, 2, 3, 4]), type=ir.TensorType(ir.DataType.FLOAT))
+    first = ir.node("Transpose", [x], {"perm": [0, 2, 1, 3]})
+    second = ir.node("Transpose", [first.outputs[0]], {"perm": [0, 2, 1, 3]})
+    other = ir.node("Transpose", [first.outputs[0]], {"perm": [0, 1, 3, 2]})  # no identity
+    relu = ir.node("Relu", [second.outputs[0]])
+    sigmoid = ir.node("Sigmoid", [other.outputs[0]])
+    graph = ir.Graph(
+        [x],
+        [relu.outputs[0], sigmoid.outputs[0]],
+        nodes=[first, second, other, relu, sigmoid],
+        opset_imports={"": 18},
+    )
+    assert cancel_transpose_pairs(ir.Model(graph, ir_version=10)) == 1
+    assert relu.inputs[0] is x and sigmoid.inputs[0] is other.outputs[0]

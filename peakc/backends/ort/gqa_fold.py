@@ -118,6 +118,7 @@ def fold_gqa(model: ir.Model, positions: str) -> GqaFoldReport:
             node.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 1)
             node.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", interleaved)
             report.rotary_folded += 1
+    remove_dead(model)  # first, so that only pairs something still reads are counted
     report.transposes_cancelled = cancel_transpose_pairs(model)
     remove_dead(model)
     return report
