@@ -48,8 +48,14 @@ def test_gqa_node_follows_the_spec(artifacts):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["num_heads"] == HEADS and attrs["kv_num_heads"] == KV_HEADS
         assert attrs["scale"] == pytest.approx(HEAD_DIM**-0.5)
-        assert attrs.get("do_rotary", 0) == 0 and attrs.get("local_window_size", -1) == -1
-        query, key, value, past_k, past_v, seqlens, total_len = node.input[:7]
+        assert attrs.get("local_window_size", -1) == -1
+        # gqa_fold: the rotary and the packed QKV of the fused linear moved into the node
+        assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0
+        query, key, value, past_k, past_v, seqlens, total_len, cos, sin = node.input[:9]
+        assert producers[query].op_type == "MatMul" and key == "" and value == ""
+        tables = {t.name: t for t in graph.initializer}
+        for table in (cos, sin):
+            assert list(tables[table].dims) == [MAX_LEN, HEAD_DIM // 2]
         # past BNSH at the cache's max length, present the same graph value shape (one buffer)
         assert (past_k, past_v) == (f"past_key.{layer}", f"past_value.{layer}")
         assert node.output[1:3] == [f"present_key.{layer}", f"present_value.{layer}"]

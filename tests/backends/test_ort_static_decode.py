@@ -56,7 +56,9 @@ def test_static_programs_have_no_shape_computation(artifacts):
         assert shape_dependent_nodes(model) == []
         assert not any(n.op_type in ("Shape", "Size", "Range") for n in model.graph)
         ops = {n.op_type for n in model.graph}
-        assert {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= ops
+        assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+        assert not ops & {"RotaryEmbedding", "Transpose"}  # gqa_fold: inside GQA
+        assert [o.name for o in model.graph.outputs][0] == "output_0"  # logits + presents only
         checked = onnx.load(str(path))
         onnx.checker.check_model(checked)
         for value in list(checked.graph.input) + list(checked.graph.output):

@@ -123,7 +123,8 @@ class SharedCacheStep:
         total = host_int32(self.max_len)
         self.bind_inputs(binding.bind_input, ids, positions, total, session)
         outputs = {}
-        for name in self.program.call_outputs:
+        produced = {o.name for o in session.get_outputs()}  # static programs: logits only
+        for name in [n for n in self.program.call_outputs if n in produced]:
             outputs[name] = self.output_buffer(name, session)
             bind_tensor(binding.bind_output, name, outputs[name])
         for buffer in self.cache.buffers:

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from peakc.backends.ort.contrib import CONTRIB_OPS, MS_DOMAIN, TRANSLATIONS
+from peakc.backends.ort.gqa_fold import GqaFoldReport, fold_gqa
 from peakc.backends.ort.matmul_nbits import (
     SUPPORTED_BITS,
     MatMulNBitsReport,
@@ -62,6 +63,7 @@ class OnnxExport:
     output_names: list[str] = field(default_factory=list)
     matmul_nbits: MatMulNBitsReport = field(default_factory=MatMulNBitsReport)
     shared_cache: SharedCacheLayout | None = None
+    gqa_fold: GqaFoldReport | None = None  # None when the fold was off or had no GQA node
 
 
 @functools.cache
@@ -86,10 +88,13 @@ def translations_for(device: str) -> dict[str, Callable]:
     return {**TRANSLATIONS, **DEVICE_TRANSLATIONS.get(device, {})}
 
 
-def export_onnx(graph: Graph, path: Path, device: str = "cpu") -> OnnxExport:
+def export_onnx(
+    graph: Graph, path: Path, device: str = "cpu", fold_rotary: bool = True
+) -> OnnxExport:
     """Export for `device` ('cpu' or 'cuda': its translations and MatMulNBits bit widths),
-    clean up, share GroupQueryAttention's cache buffers, set the IR version, save (weights in
-    one external data file) and check."""
+    clean up, share GroupQueryAttention's cache buffers, move rotary and packed QKV into
+    GroupQueryAttention (`fold_rotary`), set the IR version, save (weights in one external
+    data file) and check."""
     translations = translations_for(device)
     gm, reference_ops, nbits_report = graph_for_export(graph, SUPPORTED_BITS[device], translations)
     table = {OPS[name].overload: fn for name, fn in translations.items() if name in OPS}
@@ -116,6 +121,9 @@ def export_onnx(graph: Graph, path: Path, device: str = "cpu") -> OnnxExport:
     before = _count_nodes(model)
     onnxscript.optimizer.optimize_ir(model)  # constant folding, dead nodes, unused functions
     shared_cache = share_gqa_cache(model)  # past/present as one buffer per layer (GQA spec)
+    folded = None
+    if fold_rotary and shared_cache is not None:
+        folded = fold_gqa(model, shared_cache.positions)  # do_rotary, packed QKV
     after = _count_nodes(model)
     model.ir_version = max_ir_version()
     model.opset_imports.setdefault(MS_DOMAIN, 1)  # translations call contrib ops by schema only
@@ -136,6 +144,7 @@ def export_onnx(graph: Graph, path: Path, device: str = "cpu") -> OnnxExport:
         output_names=output_names,
         matmul_nbits=nbits_report,
         shared_cache=shared_cache,
+        gqa_fold=folded,
     )
 
 

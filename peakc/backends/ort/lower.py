@@ -45,6 +45,7 @@ class OrtBackend:
         cuda_graph: str = "false",
         decode_batches: str = "auto",
         share_weights: str = "auto",
+        fold_rotary: str = "true",
     ) -> None:
         self.device = device
         self.cuda_graph = cuda_graph  # decode steps replayed as CUDA graphs (needs device=cuda)
@@ -54,6 +55,8 @@ class OrtBackend:
         # auto|true|false: the sessions of a program take the weights from one OrtValue each on
         # the device (shared_weights.py; auto: on CUDA only); false: a copy per session
         self.share_weights = share_weights
+        # rotary and packed QKV inside GroupQueryAttention (gqa_fold.py): "true" or "false"
+        self.fold_rotary = resolve_flag("fold_rotary", fold_rotary)
 
     def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents:
         device = resolve_device(self.device)
@@ -62,7 +65,7 @@ class OrtBackend:
         program = program_name(graph)
         folder = Path(tempfile.mkdtemp(prefix="peakc-ort-"))
         path = folder / f"{program}.onnx"
-        exported = export_onnx(graph, path, device)
+        exported = export_onnx(graph, path, device, self.fold_rotary)
         parity = check_parity(graph, OrtProgram(path, device, "false", share_weights=share))
         batches = resolve_decode_batches(self.decode_batches, graph, cuda_graph, exported)
         extra: dict[str, Any] = {}
@@ -109,6 +112,14 @@ class OrtBackend:
             },
             extra_files=extra,
         )
+
+
+def resolve_flag(option: str, value: str) -> bool:
+    """A true/false backend option; anything else is a one-line error naming the option."""
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise PeakcError(f"backend ort: {option} must be true or false; got '{value}'")
+    return text == "true"
 
 
 def resolve_decode_batches(
@@ -179,6 +190,20 @@ def check_parity(graph: Graph, session: OrtProgram) -> float:
     return worst
 
 
+def gqa_fold_report(exported: OnnxExport) -> dict[str, Any]:
+    """How many GroupQueryAttention nodes took their rotary / packed QKV, and why not."""
+    fold = exported.gqa_fold
+    if fold is None:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "rotary_folded": fold.rotary_folded,
+        "packed_qkv": fold.packed_qkv,
+        "not_folded": fold.not_folded,
+        "transposes_cancelled": fold.transposes_cancelled,
+    }
+
+
 def linear_wq_status(exported: OnnxExport) -> str:
     """How the quantized linears were exported: MatMulNBits and/or dequantized float MatMul."""
     done, left = exported.matmul_nbits.rewritten, len(exported.matmul_nbits.not_rewritten)
@@ -204,6 +229,7 @@ def ort_report(
         "nodes_after_cleanup": exported.nodes_after_cleanup,
         "parity_rel_error": parity,
         "shared_kv_buffers": len(shared.buffers) if shared else 0,
+        "gqa_fold": gqa_fold_report(exported),
         "cuda_graph_decode": cuda_graph,
         "matmul_nbits": {
             "rewritten": exported.matmul_nbits.rewritten,

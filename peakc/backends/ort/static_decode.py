@@ -7,7 +7,10 @@ them runs on the CPU provider, and ORT refuses CUDA graphs for a session with an
 Here the `batch` and `seq` dims of every value become `batch` and 1, stale inferred shapes are
 dropped, and onnxscript's optimizer (constant folding with ONNX shape inference) folds the
 shape arithmetic into initializers. `shape_dependent_nodes` lists what would still compute a
-shape at run time; the lowering refuses a specialization that leaves any.
+shape at run time; the lowering refuses a specialization that leaves any. A decode program
+serves decode_binding.SharedCacheStep only, which reads the logits and the shared buffers: the
+other outputs (new_k/new_v, copies of what GroupQueryAttention wrote into the buffers) are
+dropped with the nodes only they read (the rotated k once GroupQueryAttention rotates).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxscript.optimizer
 
+from peakc.backends.ort.shared_cache import read_layout
 from peakc.errors import PeakcError
 
 BATCH_DIM, SEQ_DIM = "batch", "seq"  # the exporter's names (peakc.models.kv_cache dims)
@@ -53,6 +57,7 @@ def specialize_decode(path: Path, batch: int, out: Path) -> list[str]:
     if out.parent != path.parent:
         raise PeakcError(f"static decode program {out.name} must be written beside {path.name}")
     model = ir.load(path)
+    drop_cache_copies(model)
     static_shapes(model, {BATCH_DIM: batch, SEQ_DIM: 1})
     onnxscript.optimizer.optimize_ir(model)
     left = shape_dependent_nodes(model)
@@ -65,6 +70,18 @@ def specialize_decode(path: Path, batch: int, out: Path) -> list[str]:
         output.shape = shape
     ir.save(model, out)
     return [v.name for v in model.graph.outputs if not _is_static(v.shape)]
+
+
+def drop_cache_copies(model: ir.Model) -> None:
+    """Keep output 0 (logits) and the shared buffers' present outputs; the optimizer then
+    removes what only the dropped outputs read. No change without a shared cache."""
+    layout = read_layout(dict(model.metadata_props))
+    if layout is None:
+        return
+    presents = {b.present for b in layout.buffers}
+    kept = [v for i, v in enumerate(model.graph.outputs) if i == 0 or v.name in presents]
+    model.graph.outputs.clear()
+    model.graph.outputs.extend(kept)
 
 
 def static_shapes(model: ir.Model, sizes: dict[str, int]) -> None:
