@@ -62,9 +62,11 @@ from ort_bench_models import (
 )
 
 # Same footing as GenAI's builder -p int4 (its defaults, passed explicitly in GENAI_INT4):
-# round-to-nearest, blocks of 32, symmetric, every linear including lm_head.
+# round-to-nearest, blocks of 32, symmetric, every linear including lm_head. Fused first: RTN
+# rounds each output row on its own, so quantizing the fused q|k|v and gate|up weights gives
+# the same codes, and the decode step reads one packed-QKV MatMulNBits per layer as GenAI's.
 INT4_PIPELINE = (
-    "cleanup,quantize{method=rtn,bits=4,group_size=32,sym=true,targets=layers|lm_head},fuse"
+    "cleanup,fuse,quantize{method=rtn,bits=4,group_size=32,sym=true,targets=layers|lm_head}"
 )
 GENAI_INT4 = ["int4_block_size=32", "int4_is_symmetric=true", "int4_accuracy_level=0"]
 GENAI_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}

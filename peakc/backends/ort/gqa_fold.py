@@ -40,8 +40,14 @@ from peakc.backends.ort.shared_cache import PAST_KEY, remove_dead
 
 QUERY, KEY, VALUE, COS_CACHE, SIN_CACHE = 0, 1, 2, 7, 8  # GroupQueryAttention input slots
 TO_BNSH = (0, 2, 1, 3)
-# ops the cos/sin subgraph may use: each row depends only on its own token's position
+# ops the cos/sin subgraph may use (rotary_caches also checks that each row depends only on
+# its own token's position: MatMul and Transpose could mix positions in general)
 TABLE_OPS = {
+    "MatMul",
+    "Transpose",
+    "Expand",
+    "Slice",
+    "Neg",
     "Unsqueeze",
     "Squeeze",
     "Cast",
@@ -258,6 +264,9 @@ def rotary_caches(
         if reason is not None:
             return None, reason
     cos_table, sin_table = evaluate_tables(model, [cos, sin], positions, length)
+    backwards = evaluate_tables(model, [cos, sin], positions, length, reverse=True)
+    if not all(np.allclose(b[::-1], t) for b, t in zip(backwards, (cos_table, sin_table))):
+        return None, "the rotary cache rows depend on other tokens' positions"
     dtype = sources.query.dtype
     if dtype is None:
         return None, "q has no known dtype for the cos/sin caches"
@@ -296,10 +305,10 @@ def check_table_subgraph(value: ir.Value, positions: str) -> str | None:
 
 
 def evaluate_tables(
-    model: ir.Model, values: list[ir.Value], positions: str, length: int
+    model: ir.Model, values: list[ir.Value], positions: str, length: int, reverse: bool = False
 ) -> list[np.ndarray]:
-    """The values' subgraph run by onnxruntime (CPU) on positions = [[0..length-1]]: one row
-    per position."""
+    """The values' subgraph run by onnxruntime (CPU) on positions = [[0..length-1]] (or that
+    reversed): one row per position."""
     import onnxruntime
 
     nodes, constants, todo, seen = [], {}, list(values), set()
@@ -329,7 +338,8 @@ def evaluate_tables(
     session = onnxruntime.InferenceSession(
         proto.SerializeToString(), providers=["CPUExecutionProvider"]
     )
-    feed = {positions: np.arange(length, dtype=np.int64).reshape(1, length)}
+    steps = np.arange(length, dtype=np.int64)
+    feed = {positions: (steps[::-1] if reverse else steps).reshape(1, length).copy()}
     return [np.asarray(t).reshape(length, -1) for t in session.run(None, feed)]
 
 
