@@ -71,15 +71,18 @@ def test_programs_reference_one_data_file(artifacts):
                 external.setdefault(name, {})[tensor.name] = info
             else:  # only small constants stay inside a model
                 assert len(tensor.raw_data) <= 256, (name, tensor.name)
-    assert external["decoder.onnx"] == external["decoder.decode_b1.onnx"]
-    assert external["decoder.onnx"] == external["decoder.decode_b2.onnx"]
+    # a decode program reads a subset of the decoder's weights at the same places (it drops the
+    # rotary tables that only the decoder's new_k output needs, see gqa_fold/static_decode)
+    for name in ("decoder.decode_b1.onnx", "decoder.decode_b2.onnx"):
+        assert external[name].items() <= external["decoder.onnx"].items()
+        assert len(external[name]) >= len(external["decoder.onnx"]) - 2
     # the weights are on disk once: each program file is small next to the data file, which
     # every program used to embed (about 3x the data before)
     assert all(files[name] < files[DATA] / 4 for name in PROGRAMS)
     assert sum(files.values()) < 1.6 * files[DATA]
     weights = compiled.contents.report["ort"]["weights"]
     assert weights["external_data_file"] == DATA and weights["programs"] == 3
-    assert weights["shareable_initializers"] == len(external["decoder.onnx"]) >= 10
+    assert weights["shareable_initializers"] == len(external["decoder.decode_b1.onnx"]) >= 10
     assert files[DATA] >= weights["shareable_bytes"] > 0.9 * files[DATA]
     assert set(weights["embedded_bytes"]) == set(PROGRAMS)
     assert all(0 < size < 4096 for size in weights["embedded_bytes"].values())
@@ -104,7 +107,8 @@ def test_sessions_get_the_same_values(artifacts, monkeypatch):
     assert all(value is values[name] for _, name, value in given)
     report = shared.shared_weights.report()
     assert report["sessions"] == 3 and report["device"] == "cpu"
-    assert report["bytes"] == (artifact.directory / DATA).stat().st_size
+    size = (artifact.directory / DATA).stat().st_size  # also holds the decoder-only rotary tables
+    assert 0.9 * size <= report["bytes"] <= size
     for array, value in zip(shared.shared_weights.host_arrays, values.values()):
         assert value.data_ptr() == array.ctypes.data  # the mapped file itself, no copy
     assert program(artifact, False).shared_weights is None

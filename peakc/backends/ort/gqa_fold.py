@@ -300,6 +300,8 @@ def check_table_subgraph(value: ir.Value, positions: str) -> str | None:
             continue
         if producer.op_type not in TABLE_OPS:
             return f"the rotary cache is computed by {producer.op_type} {producer.name}"
+        if producer.op_type == "Shape" and producer.inputs[0].is_graph_input():
+            continue  # reads a graph input's shape only (an exporter takes `batch` from any)
         todo.extend(producer.inputs)
     return None
 
@@ -312,9 +314,14 @@ def evaluate_tables(
     import onnxruntime
 
     nodes, constants, todo, seen = [], {}, list(values), set()
+    shaped: dict[str, ir.Value] = {}  # graph inputs the subgraph reads the shape of
     while todo:
         current = todo.pop()
-        if current is None or id(current) in seen or current.is_graph_input():
+        if current is None or id(current) in seen:
+            continue
+        if current.is_graph_input():
+            if current.name != positions:
+                shaped[current.name] = current
             continue
         seen.add(id(current))
         producer = current.producer()
@@ -325,10 +332,24 @@ def evaluate_tables(
         todo.extend(producer.inputs)
     order = {id(n): i for i, n in enumerate(model.graph)}
     protos = [ir.serde.serialize_node(n) for n in sorted(set(nodes), key=lambda n: order[id(n)])]
+    position_dims = dict(
+        zip([str(d) for d in positions_value(model, positions).shape], (1, length))
+    )
+    feeds = {
+        name: np.zeros(
+            [position_dims.get(str(d), 1) if not isinstance(d, int) else d for d in value.shape],
+            dtype=value.dtype.numpy(),
+        )
+        for name, value in shaped.items()
+    }
     graph = onnx.helper.make_graph(
         protos,
         "rotary_tables",
-        [onnx.helper.make_tensor_value_info(positions, onnx.TensorProto.INT64, [1, length])],
+        [onnx.helper.make_tensor_value_info(positions, onnx.TensorProto.INT64, [1, length])]
+        + [
+            onnx.helper.make_tensor_value_info(n, shaped[n].dtype.value, list(a.shape))
+            for n, a in feeds.items()
+        ],
         [onnx.helper.make_empty_tensor_value_info(v.name) for v in values],
         initializer=[named_tensor(name, t) for name, t in constants.items()],
     )
@@ -339,8 +360,13 @@ def evaluate_tables(
         proto.SerializeToString(), providers=["CPUExecutionProvider"]
     )
     steps = np.arange(length, dtype=np.int64)
-    feed = {positions: (steps[::-1] if reverse else steps).reshape(1, length).copy()}
+    feed = {positions: (steps[::-1] if reverse else steps).reshape(1, length).copy(), **feeds}
     return [np.asarray(t).reshape(length, -1) for t in session.run(None, feed)]
+
+
+def positions_value(model: ir.Model, positions: str) -> ir.Value:
+    """The graph input named `positions`."""
+    return next(v for v in model.graph.inputs if v.name == positions)
 
 
 def named_tensor(name: str, tensor: ir.TensorProtocol) -> onnx.TensorProto:
