@@ -264,3 +264,49 @@ def test_transpose_pairs_that_cancel_are_bypassed():
     )
     assert cancel_transpose_pairs(ir.Model(graph, ir_version=10)) == 1
     assert relu.inputs[0] is x and sigmoid.inputs[0] is other.outputs[0]
+
+
+def test_cos_table_reading_a_cache_shape_is_evaluated_per_position():
+    """torch 2.11's export takes the batch size for the rotary's inv_freq Expand from a cache
+    input (Shape(past)): the table subgraph is accepted and evaluated with zeros of its shape,
+    and a subgraph mixing positions is refused."""
+    from onnx import TensorProto, helper
+
+    from peakc.backends.ort.gqa_fold import check_table_subgraph, evaluate_tables
+
+    inv = torch.tensor([1.0, 0.5, 0.25, 0.125]).view(1, 4, 1)
+    nodes = [
+        helper.make_node("Shape", ["past"], ["batch"], start=0, end=1),
+        helper.make_node("Concat", ["batch", "one", "one"], ["shape"], axis=0),
+        helper.make_node("Expand", ["inv", "shape"], ["inv_b"]),
+        helper.make_node("Unsqueeze", ["positions", "one"], ["pos3"]),
+        helper.make_node("Cast", ["pos3"], ["posf"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["inv_b", "posf"], ["freqs"]),  # [B, 4, S]
+        helper.make_node("Transpose", ["freqs"], ["freqs_t"], perm=[0, 2, 1]),
+        helper.make_node("Cos", ["freqs_t"], ["cos"]),
+        helper.make_node("Reshape", ["cos", "rows"], ["cos_rows"]),
+        helper.make_node("ReduceSum", ["posf", "one"], ["total"], keepdims=1),  # mixes positions
+        helper.make_node("Mul", ["cos_rows", "total"], ["mixed"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rotary",
+        [
+            helper.make_tensor_value_info("positions", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", 2, 8, 8]),
+        ],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("cos_rows", "mixed")],
+        initializer=[
+            helper.make_tensor("inv", TensorProto.FLOAT, [1, 4, 1], inv.flatten().tolist()),
+            helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("rows", TensorProto.INT64, [2], [-1, 4]),
+        ],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    cos = next(v for v in model.graph.outputs if v.name == "cos_rows")
+    assert check_table_subgraph(cos, "positions") is None
+    (table,) = evaluate_tables(model, [cos], "positions", 8)
+    expected = torch.cos(torch.arange(8.0).view(8, 1) * inv.view(1, 4))
+    torch.testing.assert_close(torch.from_numpy(table), expected)
+    mixed = next(v for v in model.graph.outputs if v.name == "mixed")
+    assert "ReduceSum" in check_table_subgraph(mixed, "positions")
