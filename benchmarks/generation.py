@@ -68,11 +68,8 @@ def compile_decoder(spec: str, pipeline: str, dtype: str, windows, max_seq_len: 
     )
     started = time.perf_counter()
     compiled = peakc.compile(
-        source.module,
-        source.example_inputs,
+        source,
         pipeline=pipeline,
-        dynamic=source.dynamic,
-        generation=source.generation,
         calibration_data=windows,
         extra_files=source.tokenizer_files,
         source=spec,

@@ -620,11 +620,8 @@ def diagnose_parity(work: Path, args, device: str) -> dict:
             try:
                 source = load_source_for_task(f"hf:{folder}", "generate", 64, 2, dtype)
                 compiled = peakc.compile(
-                    source.module,
-                    source.example_inputs,
+                    source,
                     backend=f"ort{{device={device}}}",
-                    dynamic=source.dynamic,
-                    generation=source.generation,
                     parity=False,
                 )
                 error = compiled.contents.report["ort"]["parity_rel_error"]
@@ -645,11 +642,8 @@ def diagnose_parity(work: Path, args, device: str) -> dict:
     for backend in ("eager", f"ort{{device={device}}}"):
         source = load_source_for_task(f"hf:{folder}", "generate", 64, 2, dtype)
         compiled = peakc.compile(
-            source.module,
-            source.example_inputs,
+            source,
             backend=backend,
-            dynamic=source.dynamic,
-            generation=source.generation,
             parity=False,
         )
         artifact = peakc.load(compiled.save(work / "diag" / backend[:3], force=True))

@@ -57,11 +57,8 @@ def run(device: str) -> None:
     for name, backend in backends.items():
         source = load_source_for_task(f"hf:{folder}", "generate", 64, 3, dtype)
         compiled = peakc.compile(
-            source.module,
-            source.example_inputs,
+            source,
             backend=backend,
-            dynamic=source.dynamic,
-            generation=source.generation,
         )
         if name != "eager":
             reports[name] = compiled.contents.report["ort"]

@@ -62,12 +62,9 @@ def build_config(folder: Path, name: str, device: str, batches: str, pipeline: s
     source = load_source_for_task(f"hf:{folder / 'hf'}", "generate", 64, max_batch, dtype)
     graph = ",cuda_graph=true" if device == "cuda" else ""
     compiled = peakc.compile(
-        source.module,
-        source.example_inputs,
+        source,
         pipeline=pipeline,
         backend=f"ort{{device={device},decode_batches={batches}{graph}}}",
-        dynamic=source.dynamic,
-        generation=source.generation,
         parity=False,
     )
     return compiled.save(folder / "artifact")

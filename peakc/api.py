@@ -14,6 +14,7 @@ from peakc.cost_model.hardware import HardwareProfile, resolve_profile
 from peakc.errors import PeakcError
 from peakc.ir.capture import capture
 from peakc.ir.graph import Graph
+from peakc.models import ModelSource
 from peakc.passes.base import PassContext
 from peakc.passes.instruments import DumpIR, Parity, Reproducer, Timing, Verify
 from peakc.passes.pipeline import Pipeline
@@ -37,7 +38,7 @@ class Compiled:
 
 
 def compile(
-    model: torch.nn.Module | Graph,
+    model: torch.nn.Module | Graph | ModelSource,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
     *,
     pipeline: str | Pipeline = "default",
@@ -56,8 +57,23 @@ def compile(
     """Capture `model`, run the pipeline, and lower it with the backend.
 
     `dynamic` declares dynamic input dimensions (see ir.capture); `generation` marks the model
-    as a KV-cache decoder (peakc/models/kv_cache.py) with that cache layout.
+    as a KV-cache decoder (peakc/models/kv_cache.py) with that cache layout. A ModelSource
+    (peakc.models.load_source_for_task) brings its module or graph, example inputs, dynamic
+    dims, cache layout and tokenizer files itself.
     """
+    if isinstance(model, ModelSource):
+        if example_inputs is not None or dynamic is not None or generation is not None:
+            raise PeakcError(
+                "compile: a ModelSource carries its example inputs, dynamic dims and cache "
+                "layout; pass none of them"
+            )
+        extra_files = {**model.tokenizer_files, **(extra_files or {})}
+        model, example_inputs, dynamic, generation = (
+            model.graph if model.graph is not None else model.module,
+            model.example_inputs,
+            model.dynamic,
+            model.generation,
+        )
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
     profile = target if isinstance(target, HardwareProfile) else resolve_profile(target)
     lowerer = get_backend(backend)

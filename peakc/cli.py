@@ -128,10 +128,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             args.model, args.task, args.max_seq_len, args.max_batch, args.dtype
         )
         calibration = _calibration_text(args, source)
-        model = source.graph if source.graph is not None else source.module
         compiled = peakc.compile(
-            model,
-            source.example_inputs,
+            source,
             pipeline=pipeline,
             backend=args.backend,
             target=args.target,
@@ -139,10 +137,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             parity=not args.no_parity,
             reproducer_dir=Path(f"{output}.reproducer"),
             source=args.model,
-            extra_files=source.tokenizer_files,
             progress=lambda step: status.update(step),
-            dynamic=source.dynamic,
-            generation=source.generation,
             calibration_data=calibration,
         )
         status.update("writing artifact")

@@ -98,11 +98,8 @@ def test_generation_matches_eager(tmp_path):
     results = {}
     for backend in ("eager", "ort"):
         compiled = peakc.compile(
-            source.module,
-            source.example_inputs,
+            source,
             backend=backend,
-            dynamic=source.dynamic,
-            generation=source.generation,
         )
         artifact = peakc.load(compiled.save(tmp_path / backend))
         generator = Generator.from_artifact(artifact, "cpu")

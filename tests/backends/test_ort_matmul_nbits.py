@@ -125,12 +125,9 @@ def test_quantized_generation_matches_eager(tmp_path):
     tokens = {}
     for backend in ("eager", "ort"):
         compiled = peakc.compile(
-            source.module,
-            source.example_inputs,
+            source,
             pipeline=spec,
             backend=backend,
-            dynamic=source.dynamic,
-            generation=source.generation,
         )
         generator = Generator.from_artifact(peakc.load(compiled.save(tmp_path / backend)), "cpu")
         prompts = [[5, 17, 99, 3, 250, 7], [42, 8]]
@@ -147,11 +144,8 @@ def test_cuda_export_uses_shared_gqa_and_cuda_bit_widths(tmp_path):
 
     source = load_source_for_task("demo:llama", "generate", 32, 2)
     compiled = peakc.compile(
-        source.module,
-        source.example_inputs,
+        source,
         pipeline="quantize{method=rtn,bits=2,group_size=32},fuse",
-        dynamic=source.dynamic,
-        generation=source.generation,
         parity=False,
     )
     cuda = export_onnx(compiled.graph, tmp_path / "cuda.onnx", "cuda")

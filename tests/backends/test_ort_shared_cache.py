@@ -22,11 +22,8 @@ def artifacts(tmp_path_factory):
     out = {}
     for backend in ("eager", "ort"):
         compiled = peakc.compile(
-            source.module,
-            source.example_inputs,
+            source,
             backend=backend,
-            dynamic=source.dynamic,
-            generation=source.generation,
         )
         out[backend] = (compiled, peakc.load(compiled.save(folder / backend)))
     return out

@@ -32,11 +32,8 @@ def artifacts(tmp_path_factory):
         "ort": "ort{device=cpu,decode_batches=1+2,share_weights=true}",
     }.items():
         compiled = peakc.compile(
-            source.module,
-            source.example_inputs,
+            source,
             backend=backend,
-            dynamic=source.dynamic,
-            generation=source.generation,
         )
         out[name] = (compiled, peakc.load(compiled.save(folder / name)))
     return out
@@ -159,12 +156,9 @@ def test_matmul_nbits_weights_shared(tmp_path):
     session, from the shared value, and outputs stay equal to the unshared load."""
     source = load_source_for_task("demo:llama", "generate", 32, 2)
     compiled = peakc.compile(
-        source.module,
-        source.example_inputs,
+        source,
         pipeline="quantize{method=rtn,bits=4,group_size=32},fuse",
         backend="ort{device=cpu,decode_batches=1+2,share_weights=true}",
-        dynamic=source.dynamic,
-        generation=source.generation,
     )
     artifact = peakc.load(compiled.save(tmp_path / "q"))
     assert compiled.contents.report["ort"]["contrib_ops"]["MatMulNBits"] == 14

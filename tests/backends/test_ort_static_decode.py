@@ -22,11 +22,8 @@ def source():
 
 def compile_to(source, backend, folder):
     compiled = peakc.compile(
-        source.module,
-        source.example_inputs,
+        source,
         backend=backend,
-        dynamic=source.dynamic,
-        generation=source.generation,
     )
     return compiled, peakc.load(compiled.save(folder))
 

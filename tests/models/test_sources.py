@@ -69,3 +69,16 @@ def test_gguf_smollm2_compiles_and_runs(tmp_path, smollm2_gguf):
     ids = torch.nn.functional.pad(ids, (16 - ids.shape[1], 0), value=tokenizer.eos_token_id or 0)
     (logits,) = artifact(ids)
     assert logits.shape == (1, 16, 49152) and torch.isfinite(logits).all()
+
+
+def test_compile_takes_a_model_source_whole(tmp_path):
+    """peakc.compile(source): the source's inputs, dynamic dims and cache layout come along
+    (a generation artifact); passing them again beside it is an error."""
+    from peakc.models import load_source_for_task
+
+    source = load_source_for_task("demo:llama", "generate", 32, 2, "float32")
+    compiled = peakc.compile(source, backend="eager")
+    artifact = peakc.load(compiled.save(tmp_path / "art"))
+    assert artifact.manifest["generation"]["max_seq_len"] == 32
+    with pytest.raises(PeakcError, match="ModelSource carries"):
+        peakc.compile(source, source.example_inputs)
