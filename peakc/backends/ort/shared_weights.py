@@ -17,6 +17,7 @@ initializer must also lie inside the file with the size its dtype and shape give
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,9 @@ def ort_value(
         if init.data_type in NUMPY_NATIVE:
             return OrtValue.ortvalue_from_numpy(array)
         return OrtValue.ortvalue_from_numpy_with_onnx_type(array, init.data_type)
-    raw = torch.from_numpy(np.ascontiguousarray(array).view(np.uint8))
+    with warnings.catch_warnings():  # the memmap is read-only; it is only read, then copied
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(np.ascontiguousarray(array).view(np.uint8))
     tensor = raw.to(f"cuda:{index}").view(TORCH_TYPES[init.data_type]).view(list(init.dims))
     keep.append(tensor)
     return OrtValue.from_dlpack(tensor.__dlpack__())
