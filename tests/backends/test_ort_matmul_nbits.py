@@ -58,6 +58,20 @@ def test_layout_matches_linear_wq(bits, cols, group, act_order):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits,cols,group", [(4, 64, 32), (8, 128, 16), (2, 256, 128)])
+def test_blocks_of_one_group_reuse_the_packed_rows(bits, cols, group):
+    """When each block is one group, MatMulNBits' layout is linear_wq's packing itself: equal
+    to the unpack/re-pack path (forced here by an identity g_idx)."""
+    qweight, scales, qzeros, _ = _packed(bits, 8, cols, group, False)
+    fast = to_layout(qweight, scales, qzeros, None, bits, group, cols, torch.float16)
+    identity = (torch.arange(cols) // group).to(torch.int32)
+    slow = to_layout(qweight, scales, qzeros, identity, bits, group, cols, torch.float16)
+    assert fast.block_size == slow.block_size == group
+    assert torch.equal(fast.b, slow.b)
+    assert torch.equal(fast.scales, slow.scales)
+    assert torch.equal(fast.zero_points, slow.zero_points)
+
+
 def test_block_sizes():
     assert block_size_for(32, 64) == 32 and block_size_for(256, 512) == 128
     assert block_size_for(576, 576) == 128  # per channel: blocks repeat the channel's scale

@@ -130,6 +130,16 @@ def to_layout(
     """linear_wq weights re-expressed as MatMulNBits inputs (see the module docstring)."""
     rows = qweight.shape[0]
     block = block_size_for(group_size, in_features)
+    if g_idx is None and block == group_size and in_features % block == 0:
+        # pack_bits' rows (LSB first, each row padded on its own) are MatMulNBits' layout
+        # already when every block is one group: no unpacking, no re-packing
+        return MatMulNBitsLayout(
+            b=qweight.view(rows, in_features // block, block * bits // 8),
+            scales=scales.to(dtype).reshape(-1).contiguous(),
+            zero_points=qzeros.reshape(-1),
+            perm=None,
+            block_size=block,
+        )
     q = unpack_bits(qweight, bits, in_features)
     z = unpack_bits(qzeros, bits, scales.shape[1])
     perm = None
