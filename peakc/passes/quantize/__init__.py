@@ -107,10 +107,11 @@ class QuantizePass(Pass):
         errors: dict[str, float] = {}
         kernels: set[str] = set()
         if o.method == "rtn":
+            device = compute_device(ctx.device)  # the GPU when there is one, as GPTQ's
             for site in sites:
                 w = graph.get_weight(site.weight)
                 packed[site.module] = pack_layer(
-                    rtn_quantize(w, specs[site.module]),
+                    rtn_quantize(w.to(device), specs[site.module]),
                     o.bits,
                     specs[site.module].group_size,
                     w.dtype,

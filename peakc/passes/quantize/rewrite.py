@@ -35,14 +35,15 @@ class PackedLinear:
 
 
 def pack_layer(q: QuantizedWeight, bits: int, group_size: int, dtype: torch.dtype) -> PackedLinear:
-    """Pack a quantized layer on the CPU; scales are stored in the original weight's dtype."""
-    ints = q.ints.to("cpu", torch.int64)
-    zeros = q.zeros.to("cpu", torch.int64)
+    """Pack a quantized layer where it was quantized, keep the result on the CPU; scales are
+    stored in the original weight's dtype."""
+    ints = q.ints.to(torch.int64)
+    zeros = q.zeros.to(torch.int64)
     g_idx = None if q.g_idx is None else q.g_idx.to("cpu", torch.int32)
     return PackedLinear(
-        qweight=pack_bits(ints, bits),
+        qweight=pack_bits(ints, bits).cpu(),
         scales=q.scales.to("cpu", dtype),
-        qzeros=pack_bits(zeros, bits),
+        qzeros=pack_bits(zeros, bits).cpu(),
         g_idx=g_idx,
         bits=bits,
         group_size=group_size,
