@@ -331,26 +331,32 @@ def evaluate_tables(
         nodes.append(producer)
         todo.extend(producer.inputs)
     order = {id(n): i for i, n in enumerate(model.graph)}
-    protos = [ir.serde.serialize_node(n) for n in sorted(set(nodes), key=lambda n: order[id(n)])]
     position_dims = dict(
         zip([str(d) for d in positions_value(model, positions).shape], (1, length))
     )
-    feeds = {
-        name: np.zeros(
-            [position_dims.get(str(d), 1) if not isinstance(d, int) else d for d in value.shape],
-            dtype=value.dtype.numpy(),
-        )
-        for name, value in shaped.items()
-    }
+    protos = []
+    for node in sorted(set(nodes), key=lambda n: order[id(n)]):
+        source = node.inputs[0] if node.op_type == "Shape" else None
+        if source is not None and source.name in shaped:  # the shape, as a constant
+            dims = [d if isinstance(d, int) else position_dims.get(str(d), 1) for d in source.shape]
+            start = node.attributes.get_int("start", 0)
+            end = node.attributes.get_int("end", len(dims))
+            value = onnx.numpy_helper.from_array(np.array(dims[start:end], dtype=np.int64))
+            protos.append(
+                onnx.helper.make_node("Constant", [], [node.outputs[0].name], value=value)
+            )
+        else:
+            protos.append(ir.serde.serialize_node(node))
+    # read back as float32 (numpy has no bfloat16); the caller casts to q's dtype
+    protos += [
+        onnx.helper.make_node("Cast", [v.name], [f"{v.name}.f32"], to=onnx.TensorProto.FLOAT)
+        for v in values
+    ]
     graph = onnx.helper.make_graph(
         protos,
         "rotary_tables",
-        [onnx.helper.make_tensor_value_info(positions, onnx.TensorProto.INT64, [1, length])]
-        + [
-            onnx.helper.make_tensor_value_info(n, shaped[n].dtype.value, list(a.shape))
-            for n, a in feeds.items()
-        ],
-        [onnx.helper.make_empty_tensor_value_info(v.name) for v in values],
+        [onnx.helper.make_tensor_value_info(positions, onnx.TensorProto.INT64, [1, length])],
+        [onnx.helper.make_empty_tensor_value_info(f"{v.name}.f32") for v in values],
         initializer=[named_tensor(name, t) for name, t in constants.items()],
     )
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
@@ -360,7 +366,7 @@ def evaluate_tables(
         proto.SerializeToString(), providers=["CPUExecutionProvider"]
     )
     steps = np.arange(length, dtype=np.int64)
-    feed = {positions: (steps[::-1] if reverse else steps).reshape(1, length).copy(), **feeds}
+    feed = {positions: (steps[::-1] if reverse else steps).reshape(1, length).copy()}
     return [np.asarray(t).reshape(length, -1) for t in session.run(None, feed)]
 
 

@@ -211,7 +211,17 @@ def host_int32(value: int) -> torch.Tensor:
 
 
 def bind_tensor(bind, name: str, t: torch.Tensor) -> None:
-    """Bind a torch tensor by pointer (input or output; host tensors as CPU memory)."""
+    """Bind a torch tensor by pointer (input or output; host tensors as CPU memory). `bind` is
+    an IOBinding's bind_input or bind_output; bfloat16, which numpy lacks, goes in as an
+    OrtValue over the same memory (DLPack)."""
+    if t.dtype == torch.bfloat16:
+        binding = bind.__self__
+        by_value = {
+            "bind_input": binding.bind_ortvalue_input,
+            "bind_output": binding.bind_ortvalue_output,
+        }[bind.__name__]
+        by_value(name, onnxruntime.OrtValue.from_dlpack(t.__dlpack__()))
+        return
     device = "cuda" if t.device.type == "cuda" else "cpu"
     bind(name, device, _device_id(t), _numpy_dtype(t.dtype), list(t.shape), t.data_ptr())
 
