@@ -223,11 +223,7 @@ def bind_tensor(bind, name: str, t: torch.Tensor) -> None:
         by_value(name, onnxruntime.OrtValue.from_dlpack(t.__dlpack__()))
         return
     device = "cuda" if t.device.type == "cuda" else "cpu"
-    bind(name, device, _device_id(t), _numpy_dtype(t.dtype), list(t.shape), t.data_ptr())
-
-
-def _device_id(t: torch.Tensor) -> int:
-    return t.device.index or 0 if t.device.type == "cuda" else 0
+    bind(name, device, device_index(t.device), _numpy_dtype(t.dtype), list(t.shape), t.data_ptr())
 
 
 def device_index(device: torch.device) -> int:
