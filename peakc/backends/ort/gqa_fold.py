@@ -147,7 +147,7 @@ def match_qkv(node: ir.Node) -> QkvSources | str:
             partial = [i.producer() for i in producer.inputs if i is not None and i.producer()]
             if any(p.op_type == "RotaryEmbedding" for p in partial):
                 return f"{name}: partial rotary ({rotary_width(producer)} of head dim " + (
-                    f"{head_dim_of(bnsh)}; RotaryEmbedding on a slice, then Concat)"
+                    f"{head_dim_of(bnsh) or '?'}; RotaryEmbedding on a slice, then Concat)"
                 )
         bsd = to_bnsh_source(bnsh)
         if bsd is None or not same_last_dim(bsd, node.inputs[slot]):
@@ -164,14 +164,15 @@ def rotary_width(concat: ir.Node) -> str:
     for value in concat.inputs:
         producer = value.producer() if value is not None else None
         if producer is not None and producer.op_type == "RotaryEmbedding":
-            return str(head_dim_of(producer.inputs[0]))
+            return str(head_dim_of(producer.inputs[0]) or "?")
     return "?"
 
 
-def head_dim_of(value: ir.Value) -> int | str:
+def head_dim_of(value: ir.Value) -> int | None:
+    """The static last dim of a [B, H, S, D] value, or None."""
     shape = value.shape
     dim = shape[-1] if shape is not None and len(shape) == 4 else None
-    return dim if isinstance(dim, int) else "?"
+    return dim if isinstance(dim, int) else None
 
 
 def from_bsd(value: ir.Value | None) -> ir.Value | None:
@@ -221,25 +222,19 @@ def check_rotary(node: ir.Node, sources: QkvSources) -> str | None:
     if interleaved[0] != interleaved[1]:
         return "q and k use different rotary layouts"
     for rotary in (rq, rk):
-        if rotary.attributes.get_int("rotary_embedding_dim", 0) not in (0, head_dim(rotary)):
+        dim = head_dim_of(rotary.inputs[0])
+        if rotary.attributes.get_int("rotary_embedding_dim", 0) not in (0, dim):
             return "rotary_embedding_dim is not the head dim"
         if rotary.attributes.get_float("scale", 1.0) != 1.0:
             return "RotaryEmbedding has a scale"
-    if not isinstance(head_dim(rq), int) or head_dim(rq) % 16:
-        return f"head dim {head_dim(rq)} is not a multiple of 16 (GroupQueryAttention's rotary)"
+    dim = head_dim_of(rq.inputs[0])
+    if not isinstance(dim, int) or dim % 16:
+        return f"head dim {dim} is not a multiple of 16 (GroupQueryAttention's rotary)"
     cos = rq.inputs[2]
     half = cos.shape[-1] if cos.shape is not None and len(cos.shape) == 2 else None
-    if not isinstance(half, int) or 2 * half != head_dim(rq):
-        return f"rotary covers {2 * half if isinstance(half, int) else '?'} of head dim " + str(
-            head_dim(rq)
-        )
+    if not isinstance(half, int) or 2 * half != dim:
+        return f"rotary covers {2 * half if isinstance(half, int) else '?'} of head dim {dim}"
     return None
-
-
-def head_dim(rotary: ir.Node) -> int | None:
-    shape = rotary.inputs[0].shape
-    dim = shape[-1] if shape is not None and len(shape) == 4 else None
-    return dim if isinstance(dim, int) else None
 
 
 def rotary_caches(
