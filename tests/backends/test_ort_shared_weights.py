@@ -106,7 +106,7 @@ def test_sessions_get_the_same_values(artifacts, monkeypatch):
     assert report["sessions"] == 3 and report["device"] == "cpu"
     size = (artifact.directory / DATA).stat().st_size  # also holds the decoder-only rotary tables
     assert 0.9 * size <= report["bytes"] <= size
-    for array, value in zip(shared.shared_weights.host_arrays, values.values()):
+    for array, value in zip(shared.shared_weights.memory, values.values()):
         assert value.data_ptr() == array.ctypes.data  # the mapped file itself, no copy
     assert program(artifact, False).shared_weights is None
 

@@ -75,8 +75,8 @@ class SharedWeights:
     values: dict[str, onnxruntime.OrtValue]
     nbytes: int
     sessions: int = 0  # sessions created with them
-    host_arrays: list[np.ndarray] = field(default_factory=list, repr=False)  # CPU values' memory
-    device_tensors: list[torch.Tensor] = field(default_factory=list, repr=False)  # CUDA values'
+    # the memory under each value, in order (the mapped file on the CPU, a torch copy on CUDA)
+    memory: list[np.ndarray | torch.Tensor] = field(default_factory=list, repr=False)
 
     def add_to(self, options: onnxruntime.SessionOptions) -> None:
         """Make a session created with `options` use the shared values."""
@@ -148,10 +148,8 @@ def load_shared_weights(
     shared = SharedWeights(device=name, values={}, nbytes=0)
     for init in initializers:
         array = read_initializer(folder, init)
-        shared.values[init.name] = ort_value(array, init, device, index, shared.device_tensors)
+        shared.values[init.name] = ort_value(array, init, device, index, shared.memory)
         shared.nbytes += init.nbytes
-        if device == "cpu":
-            shared.host_arrays.append(array)
     return shared
 
 
@@ -185,10 +183,12 @@ def ort_value(
     array: np.ndarray, init: ExternalInitializer, device: str, index: int, keep: list
 ) -> onnxruntime.OrtValue:
     """An OrtValue of the initializer's element type: on the CPU over `array` itself, on CUDA
-    over one copy on GPU `index` held in torch memory (appended to `keep`). ORT takes a shared
-    initializer only over memory the caller owns, so the CUDA copy comes in through DLPack."""
+    over one copy on GPU `index` held in torch memory; the memory is appended to `keep`. ORT
+    takes a shared initializer only over memory the caller owns, so the CUDA copy comes in
+    through DLPack."""
     OrtValue = onnxruntime.OrtValue
     if device == "cpu":
+        keep.append(array)
         if init.data_type in NUMPY_NATIVE:
             return OrtValue.ortvalue_from_numpy(array)
         return OrtValue.ortvalue_from_numpy_with_onnx_type(array, init.data_type)
