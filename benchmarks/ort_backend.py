@@ -274,6 +274,7 @@ def build_peakc(
     row["provider"] = report["provider"]
     row["ops"] = op_counts(directory / "decoder.onnx")
     row["ort_parity_rel_error_at_compile"] = report["parity_rel_error"]
+    row["ort_parity_max_element_rel_error"] = report.get("parity_max_element_rel_error")
     row["static_decode_batches"] = report.get("static_decode_batches")
     row["shared_kv_buffers"] = report.get("shared_kv_buffers")
     if quantized:

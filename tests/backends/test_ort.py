@@ -265,3 +265,21 @@ def test_bfloat16_tensors_bind_by_value():
     bind_tensor(binding.bind_output, "y", y)
     session.run_with_iobinding(binding)
     assert torch.equal(y, x)
+
+
+def test_parity_failure_is_clear_and_leaves_no_export(tmp_path, monkeypatch):
+    """Parity is norm-wise (as the pipeline's checks), its worst element reported beside it; a
+    program over the tolerance is refused and its half-made export removed from the temp dir."""
+    import tempfile
+
+    from peakc.backends.ort import lower
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model, inputs = demo_llama()
+    ort = peakc.compile(model, inputs, backend="ort").contents.report["ort"]
+    assert 0 <= ort["parity_rel_error"] <= ort["parity_max_element_rel_error"] * 10
+    leftovers = list(tmp_path.glob("peakc-ort-*"))
+    monkeypatch.setitem(lower.PARITY_TOL, torch.float32, 0.0)
+    with pytest.raises(PeakcError, match=r"output_0 differs from the graph by .* \(norm-wise"):
+        peakc.compile(model, inputs, backend="ort")
+    assert list(tmp_path.glob("peakc-ort-*")) == leftovers
