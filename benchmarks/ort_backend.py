@@ -68,6 +68,10 @@ from ort_bench_models import (
 INT4_PIPELINE = (
     "cleanup,fuse,quantize{method=rtn,bits=4,group_size=32,sym=true,targets=layers|lm_head}"
 )
+# The compile-time parity of an int4 program: a deep random model amplifies fp16 rounding (the
+# 8B shape's int4 program measured 1.8e-2 norm-wise on the H100; its fp16 program 6.8e-3 by the
+# largest element), so these builds accept up to 5e-2 and record what they measured.
+INT4_PARITY = ",parity_tol=0.05"
 GENAI_INT4 = ["int4_block_size=32", "int4_is_symmetric=true", "int4_accuracy_level=0"]
 GENAI_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 FUSED = (
@@ -726,7 +730,7 @@ def build_config(name: str, work: Path, args, device: str, results: dict, out: P
     table = {
         "peakc": partial(build_peakc, *common, "default", "peakc", options, state["hf"]),
         "peakc-int4": partial(
-            build_peakc, *common, INT4_PIPELINE, "peakc-int4", options, state["hf"]
+            build_peakc, *common, INT4_PIPELINE, "peakc-int4", options + INT4_PARITY, state["hf"]
         ),
         "optimize_model": partial(build_optimize_model, *common, name),
     }

@@ -272,14 +272,14 @@ def test_parity_failure_is_clear_and_leaves_no_export(tmp_path, monkeypatch):
     program over the tolerance is refused and its half-made export removed from the temp dir."""
     import tempfile
 
-    from peakc.backends.ort import lower
-
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     model, inputs = demo_llama()
     ort = peakc.compile(model, inputs, backend="ort").contents.report["ort"]
     assert 0 <= ort["parity_rel_error"] <= ort["parity_max_element_rel_error"] * 10
+    assert ort["parity_tol"] == "auto"
     leftovers = list(tmp_path.glob("peakc-ort-*"))
-    monkeypatch.setitem(lower.PARITY_TOL, torch.float32, 0.0)
     with pytest.raises(PeakcError, match=r"output_0 differs from the graph by .* \(norm-wise"):
-        peakc.compile(model, inputs, backend="ort")
+        peakc.compile(model, inputs, backend="ort{parity_tol=0}")
     assert list(tmp_path.glob("peakc-ort-*")) == leftovers
+    with pytest.raises(PeakcError, match="parity_tol must be auto or a number >= 0; got 'x'"):
+        peakc.compile(model, inputs, backend="ort{parity_tol=x}")
