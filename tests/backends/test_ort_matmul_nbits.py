@@ -72,6 +72,21 @@ def test_blocks_of_one_group_reuse_the_packed_rows(bits, cols, group):
     assert torch.equal(fast.zero_points, slow.zero_points)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_symmetric_weights_leave_out_zero_points(act_order):
+    """Every zero at 2^(bits-1) is MatMulNBits' default: no zero_points input, same product."""
+    qweight, scales, _, g_idx = _packed(4, 16, 64, 16, act_order)
+    qzeros = pack_bits(torch.full((16, 4), 8), 4)
+    layout = to_layout(qweight, scales, qzeros, g_idx, 4, 16, 64, torch.float32)
+    assert layout.zero_points is None
+    x = torch.randn(3, 64)
+    want = _linear_wq_reference(x, qweight, scales, qzeros, g_idx, None, 4, 16, 64)
+    got = _matmul_nbits_reference(
+        x, layout.b, layout.scales, None, layout.perm, None, 4, layout.block_size, 64
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_block_sizes():
     assert block_size_for(32, 64) == 32 and block_size_for(256, 512) == 128
     assert block_size_for(576, 576) == 128  # per channel: blocks repeat the channel's scale
@@ -98,6 +113,11 @@ def _quantized(tmp_path, pipeline, name):
     ],
 )
 def test_quantized_model_uses_matmul_nbits(tmp_path, spec, reordered):
+    check_matmul_nbits(tmp_path, spec, reordered)
+
+
+def check_matmul_nbits(tmp_path, spec, reordered):
+    """Every linear as MatMulNBits, parity and outputs against the linear_wq reference."""
     model, inputs, compiled, artifact = _quantized(tmp_path, f"quantize{{{spec}}},fuse", "q")
     ort = compiled.contents.report["ort"]
     assert ort["contrib_ops"]["MatMulNBits"] == 14  # 7 linears in each of 2 layers
@@ -114,6 +134,15 @@ def test_quantized_model_uses_matmul_nbits(tmp_path, spec, reordered):
     want = compiled(*inputs)[0]  # peakc eager: the linear_wq reference op
     got = artifact(*inputs)[0]
     assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    return compiled, artifact
+
+
+def test_symmetric_quantized_model_has_no_zero_points(tmp_path):
+    spec = "method=rtn,bits=4,group_size=32,sym=true"
+    compiled, artifact = check_matmul_nbits(tmp_path, spec, 0)
+    nodes = onnx.load(str(artifact.directory / "forward.onnx")).graph.node
+    mnb = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(mnb) == 14 and all(len(n.input) == 3 for n in mnb)
 
 
 def test_three_bit_falls_back_with_a_reason(tmp_path):

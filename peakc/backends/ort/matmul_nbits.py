@@ -1,8 +1,9 @@
 """peakc::linear_wq as ONNX Runtime's MatMulNBits: a graph rewrite run just before export.
 
 MatMulNBits wants B uint8 [N, n_blocks, blob], scales [N*n_blocks] in the activation's dtype,
-zero points packed per row, and a block size that is a power of two >= 16. linear_wq's layout
-(peakc/ir/ops.py) is re-expressed on the host:
+zero points packed per row (left out when every zero is 2^(bits-1), the op's default: symmetric
+weights then skip one 4-bit zero per block of 32), and a block size that is a power of two
+>= 16. linear_wq's layout (peakc/ir/ops.py) is re-expressed on the host:
 - per-channel weights (group_size = in_features) get blocks of min(128, largest power of two
   <= K) columns that repeat the channel's scale and zero point (exact);
 - groups larger than 128 are split into blocks of 128 that repeat the group's scale (exact);
@@ -34,15 +35,19 @@ def _matmul_nbits_reference(
     x: torch.Tensor,
     b: torch.Tensor,
     scales: torch.Tensor,
-    zero_points: torch.Tensor,
+    zero_points: torch.Tensor | None,
     perm: torch.Tensor | None,
     bias: torch.Tensor | None,
     bits: int,
     block_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """MatMulNBits semantics: y = x[..., perm] @ Wᵀ + bias, W dequantized from B's blocks."""
+    """MatMulNBits semantics: y = x[..., perm] @ Wᵀ + bias, W dequantized from B's blocks
+    (without zero points every block's zero is 2^(bits-1), the contrib op's default)."""
     rows, n_blocks = b.shape[0], b.shape[1]
+    if zero_points is None:
+        middle = torch.full((rows, n_blocks), 1 << (bits - 1), device=b.device)
+        zero_points = pack_bits(middle, bits)
     w = dequantize_weight(
         b.reshape(rows, -1),
         scales.reshape(rows, n_blocks),
@@ -70,7 +75,7 @@ class MatMulNBitsLayout:
 
     b: torch.Tensor
     scales: torch.Tensor
-    zero_points: torch.Tensor
+    zero_points: torch.Tensor | None  # None: every zero is 2^(bits-1) (symmetric weights)
     perm: torch.Tensor | None
     block_size: int
 
@@ -130,18 +135,19 @@ def to_layout(
     """linear_wq weights re-expressed as MatMulNBits inputs (see the module docstring)."""
     rows = qweight.shape[0]
     block = block_size_for(group_size, in_features)
+    z = unpack_bits(qzeros, bits, scales.shape[1])
+    symmetric = bool((z == 1 << (bits - 1)).all())
     if g_idx is None and block == group_size and in_features % block == 0:
         # pack_bits' rows (LSB first, each row padded on its own) are MatMulNBits' layout
         # already when every block is one group: no unpacking, no re-packing
         return MatMulNBitsLayout(
             b=qweight.view(rows, in_features // block, block * bits // 8),
             scales=scales.to(dtype).reshape(-1).contiguous(),
-            zero_points=qzeros.reshape(-1),
+            zero_points=None if symmetric else qzeros.reshape(-1),
             perm=None,
             block_size=block,
         )
     q = unpack_bits(qweight, bits, in_features)
-    z = unpack_bits(qzeros, bits, scales.shape[1])
     perm = None
     if g_idx is None:
         groups = torch.arange(in_features) // group_size
@@ -155,7 +161,7 @@ def to_layout(
     return MatMulNBitsLayout(
         b=pack_bits(q, bits).view(rows, n_blocks, block * bits // 8),
         scales=scales[:, block_group].to(dtype).reshape(-1).contiguous(),
-        zero_points=pack_bits(z[:, block_group], bits).reshape(-1),
+        zero_points=None if symmetric else pack_bits(z[:, block_group], bits).reshape(-1),
         perm=None if perm is None else perm.to(torch.int64),
         block_size=block,
     )
@@ -186,7 +192,8 @@ def rewrite_to_matmul_nbits(graph: Graph, bits_supported: tuple[int, ...]) -> Ma
         )
         prefix = qweight.target.rsplit(".", 1)[0]
         tensors = {"nbits_b": layout.b, "nbits_scales": layout.scales}
-        tensors["nbits_zero_points"] = layout.zero_points
+        if layout.zero_points is not None:
+            tensors["nbits_zero_points"] = layout.zero_points
         if layout.perm is not None:
             tensors["nbits_perm"] = layout.perm
             report.reordered += 1
@@ -201,7 +208,7 @@ def rewrite_to_matmul_nbits(graph: Graph, bits_supported: tuple[int, ...]) -> Ma
                     x,
                     attrs["nbits_b"],
                     attrs["nbits_scales"],
-                    attrs["nbits_zero_points"],
+                    attrs.get("nbits_zero_points"),
                     attrs.get("nbits_perm"),
                     bias,
                     bits,
