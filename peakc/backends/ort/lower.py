@@ -74,7 +74,7 @@ class OrtBackend:
             exported = export_onnx(graph, path, device, self.fold_rotary)
             session = OrtProgram(path, device, "false", share_weights=share)
             parity = check_parity(graph, session, self.parity_tol)
-            del session
+            del session  # its weights leave the device before the decode programs are made
             batches = resolve_decode_batches(self.decode_batches, graph, cuda_graph, exported)
             extra: dict[str, Any] = {}
             decode_programs = {}
@@ -209,9 +209,10 @@ def check_parity(
             raise PeakcError(
                 f"ort backend: output_{i} has shape {list(got.shape)}, expected {list(want.shape)}"
             )
-        error = relative_error(got.to(want.device), want)
+        got = got.to(want.device)
+        error = relative_error(got, want)
         scale = want.double().abs().max().clamp_min(1e-12)
-        element = float((got.to(want.device).double() - want.double()).abs().max() / scale)
+        element = float((got.double() - want.double()).abs().max() / scale)
         tol = PARITY_TOL.get(want.dtype, 0.0) if tolerance is None else tolerance
         if error > tol:
             raise PeakcError(
