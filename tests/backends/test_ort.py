@@ -283,3 +283,22 @@ def test_parity_failure_is_clear_and_leaves_no_export(tmp_path, monkeypatch):
     assert list(tmp_path.glob("peakc-ort-*")) == leftovers
     with pytest.raises(PeakcError, match="parity_tol must be auto or a number >= 0; got 'x'"):
         peakc.compile(model, inputs, backend="ort{parity_tol=x}")
+
+
+def test_flag_options_read_alike():
+    """cuda_graph, share_weights and fold_rotary take true/false/1/0 (share_weights also auto)
+    and name themselves in one form of error."""
+    from peakc.backends.ort.session import parse_flag, resolve_cuda_graph, resolve_share_weights
+
+    assert parse_flag("fold_rotary", "1") is True and parse_flag("fold_rotary", "False") is False
+    assert (
+        resolve_share_weights("auto", "cpu") is False
+        and resolve_share_weights("0", "cuda") is False
+    )
+    assert resolve_cuda_graph("false", "cpu") is False
+    with pytest.raises(PeakcError, match="backend ort: cuda_graph must be true or false; got 'x'"):
+        resolve_cuda_graph("x", "cuda")
+    with pytest.raises(PeakcError, match="cuda_graph=true needs device=cuda"):
+        resolve_cuda_graph("1", "cpu")
+    with pytest.raises(PeakcError, match="fold_rotary must be true or false; got 'auto'"):
+        parse_flag("fold_rotary", "auto")

@@ -147,7 +147,7 @@ def test_changed_or_truncated_data_file_is_refused(artifacts, tmp_path):
 
 def test_share_weights_option_error(artifacts):
     _, artifact = artifacts["ort"]
-    with pytest.raises(PeakcError, match="share_weights must be auto, true or false, got 'x'"):
+    with pytest.raises(PeakcError, match="share_weights must be auto, true or false; got 'x'"):
         program(artifact, "x")
 
 

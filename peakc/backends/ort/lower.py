@@ -20,6 +20,7 @@ from peakc.backends.ort.contrib import TRANSLATIONS
 from peakc.backends.ort.export import EXTERNAL_DATA_SUFFIX, OnnxExport, export_onnx
 from peakc.backends.ort.session import (
     OrtProgram,
+    parse_flag,
     resolve_cuda_graph,
     resolve_device,
     resolve_share_weights,
@@ -59,7 +60,7 @@ class OrtBackend:
         # the device (shared_weights.py; auto: on CUDA only); false: a copy per session
         self.share_weights = share_weights
         # rotary and packed QKV inside GroupQueryAttention (gqa_fold.py): "true" or "false"
-        self.fold_rotary = resolve_flag("fold_rotary", fold_rotary)
+        self.fold_rotary = bool(parse_flag("fold_rotary", fold_rotary))
         # the compile-time parity bound: "auto" = PARITY_TOL for the output's dtype, or a number
         self.parity_tol = resolve_parity_tol(parity_tol)
 
@@ -138,14 +139,6 @@ def resolve_parity_tol(value: str) -> float | None:
     if not tol >= 0:
         raise PeakcError(f"backend ort: parity_tol must be auto or a number >= 0; got '{value}'")
     return tol
-
-
-def resolve_flag(option: str, value: str) -> bool:
-    """A true/false backend option; anything else is a one-line error naming the option."""
-    text = str(value).strip().lower()
-    if text not in ("true", "false"):
-        raise PeakcError(f"backend ort: {option} must be true or false; got '{value}'")
-    return text == "true"
 
 
 def resolve_decode_batches(

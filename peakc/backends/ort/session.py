@@ -53,15 +53,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def parse_flag(option: str, value: str | bool, auto: bool = False) -> bool | None:
+    """A true/false backend option (1/0 too; "auto" -> None where `auto` allows it); anything
+    else is a one-line error naming the option."""
+    text = str(value).strip().lower()
+    if auto and text == "auto":
+        return None
+    if text not in ("true", "false", "1", "0"):
+        choices = "auto, true or false" if auto else "true or false"
+        raise PeakcError(f"backend ort: {option} must be {choices}; got '{value}'")
+    return text in ("true", "1")
+
+
 def resolve_cuda_graph(cuda_graph: str | bool, device: str) -> bool:
     """cuda_graph=true|false (decode steps on the static decode programs as CUDA graphs);
     true on the CPU is an error."""
-    value = str(cuda_graph).lower()
-    if value not in ("true", "false", "1", "0"):
-        raise PeakcError(f"backend ort: cuda_graph must be true or false, got '{cuda_graph}'")
-    if value in ("true", "1") and device != "cuda":
+    flag = parse_flag("cuda_graph", cuda_graph)
+    if flag and device != "cuda":
         raise PeakcError("backend ort: cuda_graph=true needs device=cuda")
-    return value in ("true", "1")
+    return bool(flag)
 
 
 def resolve_share_weights(share_weights: str | bool, device: str) -> bool:
@@ -69,12 +79,8 @@ def resolve_share_weights(share_weights: str | bool, device: str) -> bool:
     weights on the device. auto shares on CUDA, where each session would copy them to the GPU,
     not on the CPU, where onnxruntime maps the external data file itself (its sessions share
     the file's pages) and shared values only keep the pages that prepacking read resident."""
-    value = str(share_weights).lower()
-    if value not in ("auto", "true", "false", "1", "0"):
-        raise PeakcError(
-            f"backend ort: share_weights must be auto, true or false, got '{share_weights}'"
-        )
-    return value in ("true", "1") or (value == "auto" and device == "cuda")
+    flag = parse_flag("share_weights", share_weights, auto=True)
+    return device == "cuda" if flag is None else flag
 
 
 def run_options(graph_id: int) -> onnxruntime.RunOptions:
