@@ -21,6 +21,7 @@ import torch
 
 from peakc.backends.ort.session import (
     OrtProgram,
+    bind_presents,
     bind_tensor,
     device_index,
     host_int32,
@@ -97,8 +98,7 @@ class SharedCacheStep:
         self.bind_inputs(binding.bind_input, ids, positions, total)
         for name in self.program.call_outputs:
             binding.bind_output(name, self.program.device, device_index(self.device))
-        for buffer in self.cache.buffers:
-            bind_tensor(binding.bind_output, buffer.present, self.buffers[buffer.past])
+        bind_presents(binding, self.cache, self.buffers)
         self.sync()
         session.run_with_iobinding(binding)
         return torch.from_dlpack(binding.get_outputs()[0]._ortvalue)
@@ -127,8 +127,7 @@ class SharedCacheStep:
         for name in [n for n in self.program.call_outputs if n in produced]:
             outputs[name] = self.output_buffer(name, session)
             bind_tensor(binding.bind_output, name, outputs[name])
-        for buffer in self.cache.buffers:
-            bind_tensor(binding.bind_output, buffer.present, self.buffers[buffer.past])
+        bind_presents(binding, self.cache, self.buffers)
         run = DecodeBinding(session, binding, ids, positions, outputs, total)
         self.decode[self.batch] = run
         return run

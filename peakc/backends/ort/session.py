@@ -83,6 +83,13 @@ def resolve_share_weights(share_weights: str | bool, device: str) -> bool:
     return device == "cuda" if flag is None else flag
 
 
+def bind_presents(binding, cache, buffers: dict[str, torch.Tensor]) -> None:
+    """Each shared buffer as its layer's present output too: GroupQueryAttention writes the new
+    tokens into the past buffer in place."""
+    for buffer in cache.buffers:
+        bind_tensor(binding.bind_output, buffer.present, buffers[buffer.past])
+
+
 def run_options(graph_id: int) -> onnxruntime.RunOptions:
     """Run options naming the CUDA graph to capture/replay; -1 runs without a graph."""
     options = onnxruntime.RunOptions()
@@ -137,8 +144,8 @@ class OrtProgram:
             bind_tensor(binding.bind_input, name, named[name])
         for name in self.call_outputs:
             binding.bind_output(name, self.device, device_index(target))
-        for buffer in self.shared_cache.buffers if self.shared_cache else ():
-            bind_tensor(binding.bind_output, buffer.present, buffers[buffer.past])
+        if self.shared_cache is not None:
+            bind_presents(binding, self.shared_cache, buffers)
         if self.device == "cuda":
             torch.cuda.current_stream().synchronize()  # torch's writes before ORT's stream reads
         self.session.run_with_iobinding(binding)
