@@ -302,3 +302,18 @@ def test_flag_options_read_alike():
         resolve_cuda_graph("1", "cpu")
     with pytest.raises(PeakcError, match="fold_rotary must be true or false; got 'auto'"):
         parse_flag("fold_rotary", "auto")
+
+
+def test_export_keeps_torch_onnx_registry_warnings_out():
+    """torch.onnx's "torchvision is not installed" lines (one per op, once per process) stay
+    out of the output: checked in a fresh process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import peakc; from peakc.models.demo import demo_mlp; m, i = demo_mlp(); "
+        "peakc.compile(m, i, backend='ort')"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "torchvision" not in run.stderr

@@ -8,7 +8,9 @@ does not export either, the error names the op.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +90,19 @@ def translations_for(device: str) -> dict[str, Callable]:
     return {**TRANSLATIONS, **DEVICE_TRANSLATIONS.get(device, {})}
 
 
+@contextlib.contextmanager
+def quiet_torch_onnx_registry():
+    """torch.onnx warns once per torchvision op when torchvision is not installed (peakc needs
+    none of them): those lines are kept out of peakc's output during the export."""
+    log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def export_onnx(
     graph: Graph, path: Path, device: str = "cpu", fold_rotary: bool = True
 ) -> OnnxExport:
@@ -102,7 +117,7 @@ def export_onnx(
     output_names = [f"output_{i}" for i in range(len(graph.output_nodes()))]
     shapes = export_dynamic_shapes(graph.info.get("dynamic"), leading=0)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_torch_onnx_registry():
             program = torch.onnx.export(
                 gm,
                 tuple(graph.example_inputs),
