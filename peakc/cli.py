@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from an artifact compiled for generation")
     p.add_argument("artifact")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", action="append", help="text; repeat for a batch")
+    given.add_argument(
+        "--prompt-ids",
+        action="append",
+        help="token ids like '1 2 3' (for artifacts without a tokenizer); repeat for a batch",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -256,6 +262,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     config.validate()
+    if args.prompt_ids:
+        return _generate_ids(generator, config, args.prompt_ids)
+    if generator.tokenizer is None:
+        raise PeakcError(
+            f"{args.artifact} has no tokenizer: give token ids with --prompt-ids '1 2 3'"
+        )
     single = len(args.prompt) == 1
     if single:
         print(args.prompt[0], end="", flush=True)
@@ -271,13 +283,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         for prompt, text in zip(args.prompt, texts):
             print(f"--- {prompt}{text}")
+    _print_rate(result, generator.device)
+    return 0
+
+
+def _generate_ids(generator, config, prompts: list[str]) -> int:
+    """--prompt-ids: token ids in, each prompt's new ids printed on a line."""
+    batch = []
+    for text in prompts:
+        try:
+            ids = [int(t) for t in text.replace(",", " ").split()]
+        except ValueError:
+            ids = []
+        if not ids:
+            raise PeakcError(f"--prompt-ids '{text}' is not a list of token ids like '1 2 3'")
+        batch.append(ids)
+    result = generator.generate(batch, config)
+    for tokens in result.tokens:
+        print(" ".join(str(t) for t in tokens))
+    _print_rate(result, generator.device)
+    return 0
+
+
+def _print_rate(result, device) -> None:
     rate = result.new_tokens / max(result.prefill_seconds + result.decode_seconds, 1e-9)
     print(
         f"[{result.new_tokens} tokens, prefill {result.prefill_seconds * 1e3:.1f} ms, "
-        f"{rate:.1f} tokens/s on {generator.device}]",
+        f"{rate:.1f} tokens/s on {device}]",
         file=sys.stderr,
     )
-    return 0
 
 
 def _calibration_text(args: argparse.Namespace, source):

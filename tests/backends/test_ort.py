@@ -131,7 +131,19 @@ def test_cli_compile_run_generate(tmp_path, capsys):
     assert main(["run", str(out)]) == 0
     assert "output_0: float32[2, 8, 256]" in capsys.readouterr().out
     assert main(["generate", str(out), "--prompt", "hi"]) == 2  # no tokenizer: the clear error
-    assert "has no tokenizer" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "has no tokenizer: give token ids with --prompt-ids" in captured.err
+    assert captured.out == ""  # nothing printed before the error
+    argv = ["generate", str(out), "--prompt-ids", "1 2 3", "--prompt-ids", "4,5"]
+    assert main([*argv, "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    artifact = peakc.load(out)
+    want = Generator.from_artifact(artifact, "cpu").generate(
+        [[1, 2, 3], [4, 5]], SamplingConfig(max_new_tokens=4)
+    )
+    assert lines[:2] == [" ".join(map(str, t)) for t in want.tokens]
+    assert main(["generate", str(out), "--prompt-ids", "1 x"]) == 2
+    assert "--prompt-ids '1 x' is not a list of token ids" in capsys.readouterr().err
 
 
 def test_cuda_requested_without_onnxruntime_gpu(capsys, tmp_path):
