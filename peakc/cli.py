@@ -343,6 +343,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peakc.runtime.evaluate import perplexity
 
     spec = args.model if ":" in args.model else f"artifact:{args.model}"
+    onnx_artifact = _onnx_artifact(spec)
+    if onnx_artifact is not None:
+        return _eval_onnx_artifact(args, spec, onnx_artifact)
     source = load_source(spec)
     if args.seq_len:
         _set_sequence_length(source, args.seq_len)
@@ -350,12 +353,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = source_token_text(args.ppl, source)
     seq_len = source.example_inputs[0].shape[-1]
     windows = consecutive_windows(text, seq_len, limit=args.max_windows)
-    result = perplexity(graph, windows, args.device)
+    _print_perplexity(spec, perplexity(graph, windows, args.device), args.ppl, text)
+    return 0
+
+
+def _onnx_artifact(spec: str):
+    """The loaded artifact when `spec` names one whose program is ONNX (it has no Graph to
+    read back, so it is evaluated in its own onnxruntime session), else None."""
+    from peakc.runtime.artifact import load_artifact
+
+    kind, _, rest = spec.partition(":")
+    if kind != "artifact":
+        return None
+    artifact = load_artifact(rest)
+    info = artifact.manifest["programs"][artifact.default_program]
+    return artifact if info.get("format") == "onnx" else None
+
+
+def _eval_onnx_artifact(args: argparse.Namespace, spec: str, artifact) -> int:
+    from peakc.data import consecutive_windows, load_token_text, load_tokenizer
+    from peakc.runtime.evaluate import artifact_perplexity
+
+    example = artifact.example_inputs
+    seq_len = example[0].shape[-1]
+    if args.seq_len and args.seq_len != seq_len:
+        raise PeakcError(f"{spec} was captured at sequence length {seq_len}, not {args.seq_len}")
+    vocab = artifact(*example)[0].shape[-1]
+    tokenizer = load_tokenizer(artifact.directory / "tokenizer", vocab)
+    text = load_token_text(args.ppl, tokenizer)
+    windows = consecutive_windows(text, seq_len, limit=args.max_windows)
+    _print_perplexity(spec, artifact_perplexity(artifact, windows), args.ppl, text)
+    return 0
+
+
+def _print_perplexity(spec: str, result, path, text) -> None:
     print(
         f"{spec}: perplexity {result.ppl:.4f} (nll {result.nll:.4f}) over {result.windows} "
-        f"windows of {seq_len} tokens from {args.ppl} ({text.tokenizer} tokenizer)"
+        f"windows of {result.seq_len} tokens from {path} ({text.tokenizer} tokenizer)"
     )
-    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

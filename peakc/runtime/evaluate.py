@@ -1,12 +1,15 @@
 """Perplexity over non-overlapping windows, the same way for a source model and an artifact.
 
-Both are turned into a Graph (a source is captured at the window length, an artifact's
-forward program is read back) and run by the same interpreter, on CPU or an accelerator.
+A source is captured at the window length and an artifact's forward program is read back as a
+Graph; both are run by the same interpreter, on CPU or an accelerator. ONNX programs (the ort
+backend) have no Graph to read back: they run in their own onnxruntime session, on the device
+the artifact records. Every path scores the windows with `window_perplexity`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +36,24 @@ def perplexity(
     """Run `graph` (input: token ids [1, seq]) on each window; logits predict the next token."""
     from peakc.passes.calibration import run_graph
 
-    (captured,) = graph.example_inputs if len(graph.example_inputs) == 1 else (None,)
+    return window_perplexity(
+        lambda ids: run_graph(graph, (ids,), device)[0], graph.example_inputs, windows
+    )
+
+
+def artifact_perplexity(artifact, windows: torch.Tensor) -> Perplexity:
+    """An artifact whose program runs in its own runtime (an ONNX program): `artifact(ids)`."""
+    return window_perplexity(lambda ids: artifact(ids)[0], artifact.example_inputs, windows)
+
+
+def window_perplexity(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    example_inputs: tuple[torch.Tensor, ...],
+    windows: torch.Tensor,
+) -> Perplexity:
+    """`run(ids [batch, seq]) -> logits [batch, seq, vocab]` over the windows, `batch` at a
+    time as the example inputs have it; mean next-token NLL."""
+    (captured,) = example_inputs if len(example_inputs) == 1 else (None,)
     if captured is None or captured.dim() != 2 or captured.dtype != torch.int64:
         raise PeakcError("eval: the model must take one input of token ids [batch, seq]")
     seq_len = windows.shape[1]
@@ -46,7 +66,7 @@ def perplexity(
     total, count = 0.0, 0
     for i in range(0, windows.shape[0] - batch + 1, batch):
         ids = windows[i : i + batch]
-        logits = run_graph(graph, (ids,), device)[0]
+        logits = run(ids)
         if logits.dim() != 3 or logits.shape[:2] != ids.shape:
             raise PeakcError(f"eval: the model's first output is {list(logits.shape)}, not logits")
         target = ids[:, 1:].to(logits.device)
