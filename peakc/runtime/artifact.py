@@ -331,6 +331,11 @@ class LoadedArtifact:
         from peakc.ir.capture import from_exported
 
         program = self.manifest["programs"][self.default_program]
+        if program.get("format") == "onnx":
+            raise PeakcError(
+                f"artifact {self.directory}: its program is ONNX (ort backend) and cannot be "
+                "read back as a graph; start from the source model instead"
+            )
         exported = _load_exported(self.directory / program["file"])
         weights = tuple(self.weight_list(self.default_program))
         graph = from_exported(exported, weights + self.example_inputs)

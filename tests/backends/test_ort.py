@@ -329,3 +329,12 @@ def test_export_keeps_torch_onnx_registry_warnings_out():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "torchvision" not in run.stderr
+
+
+def test_onnx_artifact_as_a_source_is_refused_clearly(tmp_path, capsys):
+    model, inputs = demo_mlp()
+    peakc.compile(model, inputs, backend="ort").save(tmp_path / "mlp")
+    out = tmp_path / "again"
+    assert main(["compile", f"artifact:{tmp_path / 'mlp'}", "-o", str(out)]) == 2
+    assert "its program is ONNX (ort backend) and cannot be read back" in capsys.readouterr().err
+    assert not out.exists()
