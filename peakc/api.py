@@ -154,10 +154,27 @@ def render_report(report: dict[str, Any]) -> str:
     if ops:
         lines += ["", "## peakc ops", ""]
         lines += [f"- `{name}`: {how}" for name, how in sorted(ops.items())]
+    backend = report.get(str(report.get("backend")))
+    if isinstance(backend, dict):  # the backend's own record, e.g. report["ort"]
+        lines += ["", f"## backend {report['backend']}", ""]
+        lines += [f"- {key}: {_brief(value)}" for key, value in backend.items()]
     misses = report.get("fusion_near_misses") or []
     if misses:
         lines += ["", "## fusion near-misses", ""] + [f"- {m}" for m in misses]
     return "\n".join(lines) + "\n"
+
+
+def _brief(value: Any, limit: int = 240) -> str:
+    """One line for a report value: nested dicts as 'key value, ...', floats to 3 digits."""
+    if isinstance(value, dict):
+        text = ", ".join(f"{k} {_brief(v, limit)}" for k, v in value.items()) or "-"
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(_brief(v, limit) for v in value) or "-"
+    elif isinstance(value, float):
+        text = f"{value:.3g}"
+    else:
+        text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load(directory: str | Path):

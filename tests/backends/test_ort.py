@@ -42,6 +42,9 @@ def test_llama_contrib_ops_and_parity(tmp_path):
     assert ort["ir_version"] == max_ir_version() and ort["external_data"] is True
     assert ort["nodes_after_cleanup"] < ort["nodes_before_cleanup"]
     assert compiled.contents.report["ops"]["attention"] == "contrib/onnx"
+    report_md = compiled.contents.report_md  # what `peakc inspect` prints
+    assert "## backend ort" in report_md and "- provider: CPUExecutionProvider" in report_md
+    assert "- contrib_ops: MultiHeadAttention 2, RotaryEmbedding 4," in report_md
     manifest = json.loads((artifact.directory / "manifest.json").read_text())
     assert manifest["programs"]["forward"]["format"] == "onnx"
     assert manifest["programs"]["forward"]["weights"] == []
