@@ -76,30 +76,25 @@ def test_perplexity_matches_a_direct_computation():
     assert result.tokens == 57 and math.isclose(result.ppl, math.exp(float(nll)), rel_tol=1e-5)
 
 
-def test_eval_command_same_for_source_and_artifact(corpus, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "backend,pipeline,rel",
+    [("eager", "none", 1e-5), ("ort", "default", 1e-4)],  # ort: ONNX, its own session
+)
+def test_eval_command_same_for_source_and_artifact(
+    corpus, tmp_path, capsys, backend, pipeline, rel
+):
     model, inputs = demo_llama()
-    peakc.compile(model, with_sequence_length(inputs, 32), pipeline="none").save(tmp_path / "art")
+    compiled = peakc.compile(
+        model, with_sequence_length(inputs, 32), pipeline=pipeline, backend=backend
+    )
+    compiled.save(tmp_path / "art")
     assert main(["eval", "demo:llama", "--ppl", str(corpus), "--seq-len", "32"]) == 0
     source_line = capsys.readouterr().out
     assert main(["eval", str(tmp_path / "art"), "--ppl", str(corpus)]) == 0
     artifact_line = capsys.readouterr().out
     ppl = [float(line.split("perplexity ")[1].split()[0]) for line in (source_line, artifact_line)]
-    assert "windows of 32 tokens" in source_line and ppl[0] == pytest.approx(ppl[1], rel=1e-5)
-
-
-def test_eval_command_on_an_onnx_artifact(corpus, tmp_path, capsys):
-    """An ort artifact (ONNX: no Graph to read back) is scored in its onnxruntime session,
-    with the same windows and the same result as its source."""
-    model, inputs = demo_llama()
-    compiled = peakc.compile(model, with_sequence_length(inputs, 32), backend="ort")
-    compiled.save(tmp_path / "ort")
-    assert main(["eval", "demo:llama", "--ppl", str(corpus), "--seq-len", "32"]) == 0
-    source_line = capsys.readouterr().out
-    assert main(["eval", str(tmp_path / "ort"), "--ppl", str(corpus)]) == 0
-    artifact_line = capsys.readouterr().out
-    ppl = [float(line.split("perplexity ")[1].split()[0]) for line in (source_line, artifact_line)]
-    assert "windows of 32 tokens" in artifact_line and ppl[0] == pytest.approx(ppl[1], rel=1e-4)
-    assert main(["eval", str(tmp_path / "ort"), "--ppl", str(corpus), "--seq-len", "16"]) == 2
+    assert "windows of 32 tokens" in artifact_line and ppl[0] == pytest.approx(ppl[1], rel=rel)
+    assert main(["eval", str(tmp_path / "art"), "--ppl", str(corpus), "--seq-len", "16"]) == 2
     assert "captured at sequence length 32, not 16" in capsys.readouterr().err
 
 
