@@ -339,14 +339,20 @@ def _set_sequence_length(source, seq_len: int) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from peakc.data import consecutive_windows, source_token_text
     from peakc.ir.capture import capture
-    from peakc.models import load_source
+    from peakc.models import artifact_source, load_source
+    from peakc.runtime.artifact import load_artifact
     from peakc.runtime.evaluate import perplexity
 
     spec = args.model if ":" in args.model else f"artifact:{args.model}"
-    onnx_artifact = _onnx_artifact(spec)
-    if onnx_artifact is not None:
-        return _eval_onnx_artifact(args, spec, onnx_artifact)
-    source = load_source(spec)
+    kind, _, rest = spec.partition(":")
+    if kind == "artifact":  # loaded (and its checksums verified) once
+        artifact = load_artifact(rest)
+        info = artifact.manifest["programs"][artifact.default_program]
+        if info.get("format") == "onnx":  # no Graph to read back: its own session scores it
+            return _eval_onnx_artifact(args, spec, artifact)
+        source = artifact_source(spec, artifact)
+    else:
+        source = load_source(spec)
     if args.seq_len:
         _set_sequence_length(source, args.seq_len)
     graph = source.graph or capture(source.module, source.example_inputs, name=spec)
@@ -355,19 +361,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     windows = consecutive_windows(text, seq_len, limit=args.max_windows)
     _print_perplexity(spec, perplexity(graph, windows, args.device), args.ppl, text)
     return 0
-
-
-def _onnx_artifact(spec: str):
-    """The loaded artifact when `spec` names one whose program is ONNX (it has no Graph to
-    read back, so it is evaluated in its own onnxruntime session), else None."""
-    from peakc.runtime.artifact import load_artifact
-
-    kind, _, rest = spec.partition(":")
-    if kind != "artifact":
-        return None
-    artifact = load_artifact(rest)
-    info = artifact.manifest["programs"][artifact.default_program]
-    return artifact if info.get("format") == "onnx" else None
 
 
 def _eval_onnx_artifact(args: argparse.Namespace, spec: str, artifact) -> int:

@@ -99,7 +99,12 @@ def load_source(spec: str) -> ModelSource:
         return _load_python(spec, rest)
     from peakc.runtime.artifact import load_artifact
 
-    graph = load_artifact(rest).to_graph()
+    return artifact_source(spec, load_artifact(rest))
+
+
+def artifact_source(spec: str, artifact) -> ModelSource:
+    """A loaded artifact as a source: its forward program read back as a Graph."""
+    graph = artifact.to_graph()
     return ModelSource(spec, None, graph.example_inputs, graph=graph)
 
 
