@@ -327,13 +327,16 @@ def _set_sequence_length(source, seq_len: int) -> None:
     from peakc.data import with_sequence_length
 
     if source.graph is not None:
-        captured = source.example_inputs[0].shape[-1]
-        if captured != seq_len:
-            raise PeakcError(
-                f"{source.spec} was captured at sequence length {captured}, not {seq_len}"
-            )
+        _check_captured_length(source.spec, source.example_inputs, seq_len)
         return
     source.example_inputs = with_sequence_length(source.example_inputs, seq_len)
+
+
+def _check_captured_length(spec: str, example_inputs, seq_len: int) -> None:
+    """A captured program (a graph, an artifact) runs at the length it was captured at."""
+    captured = example_inputs[0].shape[-1]
+    if captured != seq_len:
+        raise PeakcError(f"{spec} was captured at sequence length {captured}, not {seq_len}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -368,9 +371,9 @@ def _eval_onnx_artifact(args: argparse.Namespace, spec: str, artifact) -> int:
     from peakc.runtime.evaluate import artifact_perplexity
 
     example = artifact.example_inputs
+    if args.seq_len:
+        _check_captured_length(spec, example, args.seq_len)
     seq_len = example[0].shape[-1]
-    if args.seq_len and args.seq_len != seq_len:
-        raise PeakcError(f"{spec} was captured at sequence length {seq_len}, not {args.seq_len}")
     vocab = artifact(*example)[0].shape[-1]
     tokenizer = load_tokenizer(artifact.directory / "tokenizer", vocab)
     text = load_token_text(args.ppl, tokenizer)
