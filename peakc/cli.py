@@ -374,7 +374,10 @@ def _eval_onnx_artifact(args: argparse.Namespace, spec: str, artifact) -> int:
     if args.seq_len:
         _check_captured_length(spec, example, args.seq_len)
     seq_len = example[0].shape[-1]
-    vocab = artifact(*example)[0].shape[-1]
+    logits = artifact.manifest["programs"][artifact.default_program]["outputs"][0]
+    vocab = logits["shape"][-1]  # from the signature: no forward pass to learn it
+    if not isinstance(vocab, int):
+        raise PeakcError(f"eval: {spec}'s first output has no fixed last dim (expected logits)")
     tokenizer = load_tokenizer(artifact.directory / "tokenizer", vocab)
     text = load_token_text(args.ppl, tokenizer)
     windows = consecutive_windows(text, seq_len, limit=args.max_windows)
