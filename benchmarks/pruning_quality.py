@@ -135,11 +135,26 @@ OWL_GRID_V3 = (
     ]
     + [dict(owl_lambda=0.01, owl_threshold=3.0)]
 )
-GRIDS = {"v2": OWL_GRID, "v3": OWL_GRID_V3}
+# Fourth session: not OWL, the measured profile (sparsity_profile=sensitivity: each block's
+# loss rise at S + step on the calibration windows orders the blocks); benchmarks/
+# pruning_sensitivity.py found that ordering by the same probe on validation windows beats
+# uniform while no dense-model measure predicts it.
+SENSITIVITY_GRID = [
+    dict(sparsity_profile="sensitivity", sensitivity_lambda=lam) for lam in (0.03, 0.05, 0.08, 0.12)
+] + [dict(sparsity_profile="sensitivity", sensitivity_lambda=0.05, sensitivity_nsamples=8)]
+GRIDS = {"v2": OWL_GRID, "v3": OWL_GRID_V3, "sensitivity": SENSITIVITY_GRID}
 
 
 def owl_label(tag: str, grid: dict) -> str:
-    """e.g. 'owl 50% obs rank l=0.02 M=5 per-linear' (defaults: wanda, linear map, per block)."""
+    """e.g. 'owl 50% obs rank l=0.02 M=5 per-linear' (defaults: wanda, linear map, per block),
+    'sensitivity 50% l=0.05 n=8' (n: probe samples, all when absent)."""
+    if grid.get("sparsity_profile") == "sensitivity":
+        label = f"sensitivity {tag} l={grid['sensitivity_lambda']}"
+        if grid.get("sensitivity_step", 0.1) != 0.1:
+            label += f" step={grid['sensitivity_step']}"
+        return label + (
+            f" n={grid['sensitivity_nsamples']}" if "sensitivity_nsamples" in grid else ""
+        )
     label = f"owl {tag}"
     if grid.get("owl_score", "wanda") != "wanda":
         label += f" {grid['owl_score']}"
@@ -174,9 +189,10 @@ def owl_study(
     budget_s: float = float("inf"),
     targets: str = "",
 ) -> list[dict]:
-    """Uniform against OWL at one sparsity, with OWL's settings picked on held-out data.
+    """Uniform against a profile (OWL, or sensitivity) at one sparsity, its settings picked on
+    held-out data.
 
-    Every OWL setting of `grid` prunes with the seed-0 calibration windows; the one with the
+    Every setting of `grid` prunes with the seed-0 calibration windows; the one with the
     lowest perplexity on the validation windows (library/, seed 100: same domain as the
     calibration, not the evaluation text) is then re-run with the seed-1 and seed-2 calibration
     windows, as is uniform, so both are compared on the evaluation text as means over 3 seeds.
@@ -221,7 +237,8 @@ def owl_study(
         if time.perf_counter() - started + 3 * longest > budget_s:
             print(f"{label}: skipped (time budget {budget_s:.0f} s)", flush=True)
             continue
-        options = dict(method="sparsegpt", sparsity_profile="owl", **grid_point)
+        options = dict(method="sparsegpt", sparsity_profile="owl")
+        options.update(grid_point)
         trials.append((one(label, options, 0)["validation"], label, options))
     if not trials:
         print("no OWL setting ran inside the time budget", flush=True)

@@ -183,23 +183,106 @@ def calibrate_blocks(
     return run
 
 
+def variant_losses(
+    graph: Graph,
+    samples: list[tuple[torch.Tensor, ...]],
+    variants: dict[int, dict[str, torch.Tensor]],
+    loss: Callable[[torch.Tensor, tuple[torch.Tensor, ...]], float],
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    description: str = "probing",
+) -> tuple[float, dict[int, float]]:
+    """`loss(first output, sample)` summed over `samples`, for the graph as it is and for each
+    variant: block index (in `graph.blocks()`) → new weights for that block alone.
+
+    All runs advance block by block together: a variant's block reads the unchanged run's
+    inputs to it, and the blocks after it are the unchanged ones. With n blocks that is about
+    n²/2 block runs instead of n whole forwards; no run keeps its logits (each sample's loss
+    is taken as soon as its logits exist)."""
+    device = torch.device(device)
+    blocks = graph.blocks()
+    logits = graph.output_nodes()[0]
+    needed_after = _last_use(graph, blocks)
+    on_device = _fits_on_device(blocks, len(samples) * (len(variants) + 1), device)
+    base = ActivationStore(device, on_device)
+    for node, values in zip(graph.input_nodes(), zip(*samples)):
+        base.put(node, list(values))
+    runs: dict[int | None, ActivationStore] = {None: base}
+    totals: dict[int | None, float] = {None: 0.0}
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
+        task = bar.add_task(description, total=len(blocks))
+        for index, block in enumerate(blocks):
+            weights = _block_weights(graph, block, device)
+            started = {}
+            if index in variants:
+                store = ActivationStore(device, on_device, parent=base)
+                changed = dict(weights)
+                for name, value in variants[index].items():
+                    changed[name] = value.to(device, weights[name].dtype)
+                totals[index] = _run_block_scored(block, store, changed, samples, logits, loss)
+                started[index] = store
+            for key, store in runs.items():
+                totals[key] += _run_block_scored(block, store, weights, samples, logits, loss)
+            runs.update(started)
+            done = [n for n, i in needed_after.items() if i == index]
+            for store in runs.values():
+                store.drop(done)
+            bar.advance(task)
+    return totals.pop(None), totals
+
+
+def _run_block_scored(
+    block: Block,
+    store: ActivationStore,
+    weights: dict[str, torch.Tensor],
+    samples: list[tuple[torch.Tensor, ...]],
+    logits: fx.Node,
+    loss: Callable[[torch.Tensor, tuple[torch.Tensor, ...]], float],
+) -> float:
+    """_run_block that scores the logits where this block makes them instead of keeping them."""
+    kept = [n for n in block.outputs if n is not logits]
+    outputs: dict[fx.Node, list] = {n: [] for n in kept}
+    total = 0.0
+    for i, sample in enumerate(samples):
+        env = _block_env(block, store, weights, i)
+        with torch.no_grad():
+            run_nodes(block.nodes, env, weights, store.device)
+        for n in kept:
+            outputs[n].append(env[n])
+        if logits in env:
+            total += loss(env[logits], sample)
+    for n, values in outputs.items():
+        store.put(n, values)
+    return total
+
+
 class ActivationStore:
     """Per-sample values of nodes that cross blocks, on the device or in (pinned) host memory."""
 
-    def __init__(self, device: torch.device, on_device: bool) -> None:
+    def __init__(
+        self, device: torch.device, on_device: bool, parent: ActivationStore | None = None
+    ) -> None:
         self.device = device
         self.on_device = on_device
         self.values: dict[fx.Node, list] = {}
+        self.parent = parent  # values this store lacks are read from it
 
     def put(self, node: fx.Node, values: list) -> None:
         self.values[node] = [self._park(v) for v in values]
 
     def get(self, node: fx.Node, i: int):
+        if node not in self.values and self.parent is not None:
+            return self.parent.get(node, i)
         v = self.values[node][i]
         return v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
 
     def __contains__(self, node: fx.Node) -> bool:
-        return node in self.values
+        return node in self.values or (self.parent is not None and node in self.parent)
 
     def drop(self, nodes: list[fx.Node]) -> None:
         for n in nodes:

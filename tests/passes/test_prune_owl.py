@@ -18,9 +18,9 @@ from peakc.passes.prune.owl import (
     measure_outliers,
     obs_scores,
     outlier_ratio,
-    owl_sparsities,
     wanda_scores,
 )
+from peakc.passes.prune.profile import spread_sparsities
 
 SEQ = 16
 WINDOWS = torch.randint(0, 256, (4, SEQ), generator=torch.Generator().manual_seed(0))
@@ -59,7 +59,7 @@ def test_outlier_ratio_counts_scores_above_m_times_the_mean():
 def test_allocation_keeps_the_weighted_mean_and_gives_outliers_density(shape):
     ratios = [0.01, 0.30, 0.02, 0.05, 0.03]  # one extreme unit
     params = [10, 10, 10, 10, 10]
-    got = owl_sparsities(ratios, params, 0.5, 0.05, shape)
+    got = spread_sparsities(ratios, params, 0.5, 0.05, shape)
     assert sum(got) / len(got) == pytest.approx(0.5)
     assert max(got) - min(got) == pytest.approx(0.1)
     order = sorted(range(5), key=ratios.__getitem__)
@@ -71,7 +71,7 @@ def test_allocation_keeps_the_weighted_mean_and_gives_outliers_density(shape):
 
 
 def test_rank_allocation_shares_ranks_on_ties_and_weights_by_size():
-    got = owl_sparsities([0.1, 0.1, 0.3], [1, 1, 2], 0.5, 0.1, "rank")
+    got = spread_sparsities([0.1, 0.1, 0.3], [1, 1, 2], 0.5, 0.1, "rank")
     assert got[0] == got[1]
     assert (got[0] + got[1] + 2 * got[2]) / 4 == pytest.approx(0.5)
 

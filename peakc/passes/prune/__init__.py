@@ -32,6 +32,7 @@ from peakc.passes.calibration import (
 from peakc.passes.prune.magnitude import magnitude_prune
 from peakc.passes.prune.owl import measure_outliers, owl_allocation
 from peakc.passes.prune.pattern import Pattern, check_divides, parse_pattern
+from peakc.passes.prune.sensitivity import measure_sensitivity
 from peakc.passes.prune.sparsegpt import Segment, reconstruction_error, sparsegpt_prune
 
 SPARSITY_KEY = "peakc_sparsity"
@@ -48,17 +49,21 @@ class PruneOptions:
     nsamples: int = 128
     seq_len: int = 0  # 0: the graph's captured sequence length
     seed: int = 0
-    sparsity_profile: Literal["uniform", "owl"] = "uniform"
+    sparsity_profile: Literal["uniform", "owl", "sensitivity"] = "uniform"
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
     owl_granularity: Literal["block", "linear"] = "block"
     owl_score: Literal["wanda", "obs"] = "wanda"  # obs: sqrt of SparseGPT's w²/[H⁻¹]_jj
     owl_shape: Literal["linear", "rank"] = "linear"  # ratios → sparsities: min-max or by rank
+    sensitivity_lambda: float = 0.05  # blocks spread over [S − λ, S + λ] by measured loss rise
+    sensitivity_step: float = 0.1  # each block probed at S + step
+    sensitivity_nsamples: int = 0  # calibration samples that score the probes (0: all)
 
 
 @register_pass
 class PrunePass(Pass):
-    """Prune linear layers (magnitude or SparseGPT; unstructured or N:M; uniform or OWL)."""
+    """Prune linear layers (magnitude or SparseGPT; unstructured or N:M; uniform, OWL or
+    sensitivity profile)."""
 
     name: ClassVar[str] = "prune"
     Options: ClassVar[type] = PruneOptions
@@ -67,7 +72,7 @@ class PrunePass(Pass):
     @property
     def requires(self) -> tuple[str, ...]:
         o = self.options
-        needs = o.method == "sparsegpt" or o.sparsity_profile == "owl"
+        needs = o.method == "sparsegpt" or o.sparsity_profile != "uniform"
         return ("calibration_data",) if needs else ()
 
     def validate(self) -> None:
@@ -94,8 +99,23 @@ class PrunePass(Pass):
             raise PeakcError(
                 f"pass 'prune': option 'owl_threshold' must be > 0, got {o.owl_threshold}"
             )
-        if o.sparsity_profile == "owl" and pattern.structured:
-            raise PeakcError("pass 'prune': sparsity_profile=owl applies to unstructured patterns")
+        if not 0.0 <= o.sensitivity_lambda < 0.5:
+            raise PeakcError(
+                "pass 'prune': option 'sensitivity_lambda' must be in [0, 0.5), got "
+                f"{o.sensitivity_lambda}"
+            )
+        if not 0.0 < o.sensitivity_step <= 0.5:
+            raise PeakcError(
+                "pass 'prune': option 'sensitivity_step' must be in (0, 0.5], got "
+                f"{o.sensitivity_step}"
+            )
+        if o.sensitivity_nsamples < 0:
+            raise PeakcError("pass 'prune': option 'sensitivity_nsamples' must be >= 0")
+        if o.sparsity_profile != "uniform" and pattern.structured:
+            raise PeakcError(
+                f"pass 'prune': sparsity_profile={o.sparsity_profile} applies to unstructured "
+                "patterns"
+            )
         target_selector(o.targets, "prune")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -127,6 +147,19 @@ class PrunePass(Pass):
                 progress=progress,
             )
             sparsity = owl_allocation(profile, o.sparsity, o.owl_lambda, o.owl_shape)
+        elif o.sparsity_profile == "sensitivity":
+            measured = measure_sensitivity(
+                graph,
+                samples,
+                select,
+                _block_pruner(o, pattern),
+                target=o.sparsity,
+                step=o.sensitivity_step,
+                probe_samples=o.sensitivity_nsamples,
+                device=device,
+                progress=progress,
+            )
+            sparsity = measured.allocation(o.sparsity, o.sensitivity_lambda)
         records: dict[str, dict] = {}
         if o.method == "magnitude":
             for site in sites:
@@ -152,6 +185,20 @@ class PrunePass(Pass):
         return calibration_samples(
             graph, ctx.calibration_data, o.nsamples, o.seq_len, o.seed, "prune"
         )
+
+
+def _block_pruner(
+    o: PruneOptions, pattern: Pattern
+) -> Callable[[BlockCalibration, float], dict[str, torch.Tensor]]:
+    """New weights for one block's linears, all at one sparsity, by the pass's method."""
+
+    def prune_block(cal: BlockCalibration, sparsity: float) -> dict[str, torch.Tensor]:
+        if o.method == "magnitude":
+            return {s.weight: magnitude_prune(cal.weight(s), sparsity, pattern) for s in cal.sites}
+        at = {s.module: sparsity for s in cal.sites}
+        return _sparsegpt_compressor(o, pattern, at, {})(cal)
+
+    return prune_block
 
 
 def _sparsegpt_compressor(

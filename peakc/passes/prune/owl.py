@@ -6,9 +6,8 @@ pass that compresses nothing, before pruning), as in the paper:
   wanda: |W_ij|·‖X_j‖ (the paper's score; ‖X_j‖ from the Hessian's diagonal),
   obs:   |W_ij| / sqrt([H⁻¹]_jj), the square root of the OBS saliency w²/[H⁻¹]_jj that
          SparseGPT prunes by (H dampened as SparseGPT does; equal to wanda for diagonal H).
-Ratios are spread over 2λ of density (shape `linear`: the paper's min-max map; `rank`:
-evenly by rank, so the sparsities span exactly [S − λ, S + λ] for equal-size units), then
-shifted so the parameter-weighted mean sparsity is exactly the target S.
+Ratios become sparsities through profile.spread_sparsities (shape `linear`: the paper's min-max
+map; `rank`: evenly by rank), a higher ratio keeping more, at exactly the target overall.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import torch
 
 from peakc.ir.graph import Graph
 from peakc.passes.calibration import BlockCalibration, calibrate_blocks
+from peakc.passes.prune.profile import spread_sparsities
 from peakc.passes.prune.sparsegpt import inverse_hessian_factor
 
 
@@ -44,40 +44,6 @@ def outlier_ratio(scores: list[torch.Tensor], threshold: float) -> float:
     """Share of scores above `threshold`·mean, over all of a unit's linears together."""
     flat = torch.cat([s.flatten() for s in scores])
     return float((flat > threshold * flat.mean()).float().mean())
-
-
-def owl_sparsities(
-    ratios: list[float], params: list[int], target: float, lam: float, shape: str = "linear"
-) -> list[float]:
-    """Per-unit sparsity: more outliers → lower sparsity; weighted mean equals `target`."""
-    n = len(ratios)
-    lo, hi = min(ratios), max(ratios)
-    if n < 2 or hi - lo <= 0:
-        return [target] * n
-    if shape == "rank":
-        position = [r / (n - 1) for r in _ranks(ratios)]
-    else:
-        position = [(r - lo) / (hi - lo) for r in ratios]
-    density = [p * 2 * lam for p in position]
-    total = sum(params)
-    shift = (1 - target) - sum(d * p for d, p in zip(density, params)) / total
-    sparsity = [1 - (d + shift) for d in density]
-    return [min(max(s, 0.0), 0.99) for s in sparsity]
-
-
-def _ranks(values: list[float]) -> list[float]:
-    """0-based ranks, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
 
 
 @dataclass
@@ -135,5 +101,5 @@ def measure_outliers(
 
 def owl_allocation(profile: OutlierProfile, target: float, lam: float, shape: str) -> dict:
     """Module path → sparsity from a dense outlier profile."""
-    per_unit = owl_sparsities(profile.ratios, profile.params, target, lam, shape)
+    per_unit = spread_sparsities(profile.ratios, profile.params, target, lam, shape)
     return {m: s for unit, s in zip(profile.units, per_unit) for m in unit}

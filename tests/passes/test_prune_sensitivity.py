@@ -1,0 +1,117 @@
+"""Sensitivity profile: the block probes' losses, and the allocation the pass makes from them."""
+
+import re
+
+import pytest
+import torch
+
+from peakc.data import with_sequence_length
+from peakc.errors import PeakcError
+from peakc.ir.capture import capture
+from peakc.models.demo import demo_llama
+from peakc.passes.base import PassContext
+from peakc.passes.calibration import (
+    calibration_samples,
+    default_targets,
+    linear_sites,
+    run_graph,
+    variant_losses,
+)
+from peakc.passes.pipeline import Pipeline
+from peakc.passes.prune import PruneOptions, PrunePass, _block_pruner
+from peakc.passes.prune.pattern import parse_pattern
+from peakc.passes.prune.sensitivity import measure_sensitivity, next_token_nll
+
+SEQ = 16
+WINDOWS = torch.randint(0, 256, (6, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def graph():
+    model, inputs = demo_llama(
+        seed=5, hidden_size=32, intermediate_size=64, num_heads=2, num_layers=3
+    )
+    return capture(model, with_sequence_length(inputs, SEQ))
+
+
+def direct_loss(graph, samples) -> float:
+    return sum(next_token_nll(run_graph(graph, s, "cpu")[0], s) for s in samples)
+
+
+def test_variant_losses_equal_whole_forwards_with_one_block_changed(graph):
+    samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
+    blocks = graph.blocks()
+    variants = {}
+    for index, block in enumerate(blocks):
+        sites = linear_sites(graph, block.nodes, default_targets)
+        if sites:  # scale every target weight of this block
+            variants[index] = {s.weight: graph.get_weight(s.weight) * 4.0 for s in sites}
+    assert len(variants) == 3
+    base, losses = variant_losses(graph, samples, variants, next_token_nll, progress=False)
+    assert base == pytest.approx(direct_loss(graph, samples), rel=1e-5)
+    for index, weights in variants.items():
+        changed = graph.copy()
+        for name, value in weights.items():
+            changed.set_weight(name, value)
+        assert losses[index] == pytest.approx(direct_loss(changed, samples), rel=1e-5)
+        assert abs(losses[index] - base) > 1e-3 * base  # the change did matter
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
+def test_most_sensitive_block_keeps_most_at_exact_overall_sparsity(graph, method):
+    samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
+    o = PruneOptions(method=method, sparsity=0.5, nsamples=6)
+    measured = measure_sensitivity(
+        graph,
+        samples,
+        default_targets,
+        _block_pruner(o, parse_pattern("unstructured")),
+        target=0.5,
+        step=0.1,
+    )
+    assert len(measured.units) == 3 and all(len(u) == 7 for u in measured.units)
+    assert len(set(measured.rises)) == 3  # (a random model: rises of either sign)
+
+    ctx = PassContext(calibration_data=WINDOWS, settings={"progress": False})
+    options = PruneOptions(
+        method=method,
+        sparsity=0.5,
+        nsamples=6,
+        sparsity_profile="sensitivity",
+        sensitivity_lambda=0.06,
+    )
+    result = PrunePass(options).run(graph.copy(), ctx)
+    assert result.stats["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    per_block = {}
+    for node in result.graph.call_nodes():
+        if "peakc_sparsity" in node.meta:
+            block = ".".join(node.meta["peakc_module"].split(".")[:3])
+            per_block.setdefault(block, []).append(node.meta["peakc_sparsity"]["sparsity"])
+    achieved = [sum(v) / len(v) for v in per_block.values()]
+    by_rise = sorted(range(3), key=measured.rises.__getitem__)
+    assert [round(achieved[i], 2) for i in by_rise] == [0.56, 0.5, 0.44]
+
+
+def test_probe_samples_limit_the_scoring_windows(graph):
+    samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
+    o = PruneOptions(sparsity=0.5, nsamples=6)
+    prune_block = _block_pruner(o, parse_pattern("unstructured"))
+    two = measure_sensitivity(
+        graph, samples, default_targets, prune_block, target=0.5, step=0.1, probe_samples=2
+    )
+    every = measure_sensitivity(graph, samples, default_targets, prune_block, target=0.5, step=0.1)
+    assert two.rises != every.rises and len(two.rises) == len(every.rises) == 3
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("prune{sparsity_profile=sensitivity,sensitivity_lambda=0.5}", "'sensitivity_lambda'"),
+        ("prune{sparsity_profile=sensitivity,sensitivity_step=0}", "'sensitivity_step'"),
+        ("prune{sparsity_profile=sensitivity,sensitivity_nsamples=-1}", "'sensitivity_nsamples'"),
+        ("prune{pattern=2:4,sparsity_profile=sensitivity}", "sensitivity applies to unstructured"),
+    ],
+)
+def test_bad_sensitivity_options_are_clear_errors(spec, message):
+    with pytest.raises(PeakcError, match=re.escape(message)):
+        Pipeline.parse(spec)
