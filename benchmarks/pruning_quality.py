@@ -49,6 +49,9 @@ CONFIGS = {
     "SparseGPT 2:4": dict(method="sparsegpt", pattern="2:4"),
     "SparseGPT 4:8": dict(method="sparsegpt", pattern="4:8"),
     "SparseGPT 50% owl": dict(method="sparsegpt", sparsity=0.5, sparsity_profile="owl"),
+    "SparseGPT 50% sensitivity": dict(
+        method="sparsegpt", sparsity=0.5, sparsity_profile="sensitivity"
+    ),
 }
 DEFAULT = ",".join(CONFIGS)
 # OWL sweep (not in the default run): smaller λ / other outlier thresholds, and 70%.
@@ -60,7 +63,13 @@ CONFIGS.update(
         "SparseGPT 50% owl l=0.04 M=3": dict(OWL, sparsity=0.5, owl_lambda=0.04, owl_threshold=3.0),
         "SparseGPT 70%": dict(method="sparsegpt", sparsity=0.7),
         "SparseGPT 70% owl": dict(OWL, sparsity=0.7),
+        "SparseGPT 70% sensitivity": dict(
+            method="sparsegpt", sparsity=0.7, sparsity_profile="sensitivity"
+        ),
         "magnitude 50% owl": dict(method="magnitude", sparsity=0.5, sparsity_profile="owl"),
+        "magnitude 50% sensitivity": dict(
+            method="magnitude", sparsity=0.5, sparsity_profile="sensitivity"
+        ),
     }
 )
 

@@ -82,6 +82,7 @@ def test_most_sensitive_block_keeps_most_at_exact_overall_sparsity(graph, method
     )
     result = PrunePass(options).run(graph.copy(), ctx)
     assert result.stats["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert result.stats["profile_s"] > 0
     per_block = {}
     for node in result.graph.call_nodes():
         if "peakc_sparsity" in node.meta:

@@ -11,6 +11,7 @@ length (capture with `peakc compile --seq-len N` to calibrate on N-token windows
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -134,32 +135,10 @@ class PrunePass(Pass):
         samples = None
         if self.requires:
             samples = self._samples(graph, ctx)
-        if o.sparsity_profile == "owl":
-            profile = measure_outliers(
-                graph,
-                samples,
-                select,
-                threshold=o.owl_threshold,
-                score=o.owl_score,
-                granularity=o.owl_granularity,
-                damp=o.damp,
-                device=device,
-                progress=progress,
-            )
-            sparsity = owl_allocation(profile, o.sparsity, o.owl_lambda, o.owl_shape)
-        elif o.sparsity_profile == "sensitivity":
-            measured = measure_sensitivity(
-                graph,
-                samples,
-                select,
-                _block_pruner(o, pattern),
-                target=o.sparsity,
-                step=o.sensitivity_step,
-                probe_samples=o.sensitivity_nsamples,
-                device=device,
-                progress=progress,
-            )
-            sparsity = measured.allocation(o.sparsity, o.sensitivity_lambda)
+        started = time.perf_counter()
+        if o.sparsity_profile != "uniform":
+            sparsity = self._profile(graph, samples, select, pattern, device, progress)
+        profile_s = time.perf_counter() - started
         records: dict[str, dict] = {}
         if o.method == "magnitude":
             for site in sites:
@@ -178,7 +157,47 @@ class PrunePass(Pass):
                 progress=progress,
                 description="prune",
             )
-        return PassResult(graph, True, _annotate(graph, sites, pattern, o.method, records))
+        stats = _annotate(graph, sites, pattern, o.method, records)
+        if o.sparsity_profile != "uniform":
+            stats["profile_s"] = round(profile_s, 2)  # measuring the profile, before pruning
+        return PassResult(graph, True, stats)
+
+    def _profile(
+        self,
+        graph: Graph,
+        samples: list[tuple[torch.Tensor, ...]],
+        select: Callable[[str], bool],
+        pattern: Pattern,
+        device: torch.device,
+        progress: bool,
+    ) -> dict[str, float]:
+        """Module path → sparsity from the OWL or sensitivity profile (overall: o.sparsity)."""
+        o = self.options
+        if o.sparsity_profile == "owl":
+            profile = measure_outliers(
+                graph,
+                samples,
+                select,
+                threshold=o.owl_threshold,
+                score=o.owl_score,
+                granularity=o.owl_granularity,
+                damp=o.damp,
+                device=device,
+                progress=progress,
+            )
+            return owl_allocation(profile, o.sparsity, o.owl_lambda, o.owl_shape)
+        measured = measure_sensitivity(
+            graph,
+            samples,
+            select,
+            _block_pruner(o, pattern),
+            target=o.sparsity,
+            step=o.sensitivity_step,
+            probe_samples=o.sensitivity_nsamples,
+            device=device,
+            progress=progress,
+        )
+        return measured.allocation(o.sparsity, o.sensitivity_lambda)
 
     def _samples(self, graph: Graph, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
         o = self.options
