@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
 from peakc.passes.calibration import BlockCalibration, calibrate_blocks, variant_losses
 from peakc.passes.prune.profile import spread_sparsities
@@ -47,6 +48,11 @@ class SensitivityProfile:
 def next_token_nll(logits: torch.Tensor, sample: tuple[torch.Tensor, ...]) -> float:
     """Summed NLL of each window's next tokens (sample[0]: token ids [batch, seq])."""
     ids = sample[0].to(logits.device)
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        raise PeakcError(
+            f"prune: sparsity_profile=sensitivity needs logits [batch, seq, vocab] as the "
+            f"graph's first output, got {list(logits.shape)}"
+        )
     return float(
         F.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),
