@@ -88,6 +88,12 @@ def test_most_sensitive_block_keeps_most_at_exact_overall_sparsity(graph, method
         if "peakc_sparsity" in node.meta:
             block = ".".join(node.meta["peakc_module"].split(".")[:3])
             per_block.setdefault(block, []).append(node.meta["peakc_sparsity"]["sparsity"])
+    scores = {  # each layer records its block's measured loss rise
+        node.meta["peakc_sparsity"]["profile_score"]
+        for node in result.graph.call_nodes()
+        if "peakc_sparsity" in node.meta
+    }
+    assert len(scores) == 3
     achieved = [sum(v) / len(v) for v in per_block.values()]
     by_rise = sorted(range(3), key=measured.rises.__getitem__)
     assert [round(achieved[i], 2) for i in by_rise] == [0.56, 0.5, 0.44]

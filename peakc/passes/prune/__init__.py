@@ -136,8 +136,9 @@ class PrunePass(Pass):
         if self.requires:
             samples = self._samples(graph, ctx)
         started = time.perf_counter()
+        scores: dict[str, float] = {}
         if o.sparsity_profile != "uniform":
-            sparsity = self._profile(graph, samples, select, pattern, device, progress)
+            sparsity, scores = self._profile(graph, samples, select, pattern, device, progress)
         profile_s = time.perf_counter() - started
         records: dict[str, dict] = {}
         if o.method == "magnitude":
@@ -157,6 +158,8 @@ class PrunePass(Pass):
                 progress=progress,
                 description="prune",
             )
+        for module, score in scores.items():
+            records.setdefault(module, {})["profile_score"] = score
         stats = _annotate(graph, sites, pattern, o.method, records)
         if o.sparsity_profile != "uniform":
             stats["profile_s"] = round(profile_s, 2)  # measuring the profile, before pruning
@@ -170,8 +173,9 @@ class PrunePass(Pass):
         pattern: Pattern,
         device: torch.device,
         progress: bool,
-    ) -> dict[str, float]:
-        """Module path → sparsity from the OWL or sensitivity profile (overall: o.sparsity)."""
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Module path → sparsity from the OWL or sensitivity profile (overall: o.sparsity),
+        and module path → the score that placed it (outlier ratio, or loss rise per token)."""
         o = self.options
         if o.sparsity_profile == "owl":
             profile = measure_outliers(
@@ -185,7 +189,8 @@ class PrunePass(Pass):
                 device=device,
                 progress=progress,
             )
-            return owl_allocation(profile, o.sparsity, o.owl_lambda, o.owl_shape)
+            allocation = owl_allocation(profile, o.sparsity, o.owl_lambda, o.owl_shape)
+            return allocation, profile.scores()
         measured = measure_sensitivity(
             graph,
             samples,
@@ -197,7 +202,7 @@ class PrunePass(Pass):
             device=device,
             progress=progress,
         )
-        return measured.allocation(o.sparsity, o.sensitivity_lambda)
+        return measured.allocation(o.sparsity, o.sensitivity_lambda), measured.scores()
 
     def _samples(self, graph: Graph, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
         o = self.options
@@ -267,6 +272,9 @@ def _annotate(
             "pattern": str(pattern),
             "method": method,
         }
+        score = records.get(site.module, {}).get("profile_score")
+        if score is not None:  # what placed this layer in a non-uniform profile
+            rec["profile_score"] = round(score, 6)
         err = records.get(site.module, {}).get("recon_error")
         if err is not None:
             rec["recon_error"] = round(err, 6)

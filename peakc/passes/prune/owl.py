@@ -54,6 +54,10 @@ class OutlierProfile:
     ratios: list[float]
     params: list[int]
 
+    def scores(self) -> dict[str, float]:
+        """Module path → its unit's outlier ratio."""
+        return {m: r for unit, r in zip(self.units, self.ratios) for m in unit}
+
 
 def measure_outliers(
     graph: Graph,

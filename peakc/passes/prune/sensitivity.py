@@ -44,6 +44,10 @@ class SensitivityProfile:
         per_unit = spread_sparsities(self.rises, self.params, target, lam, "rank")
         return {m: s for unit, s in zip(self.units, per_unit) for m in unit}
 
+    def scores(self) -> dict[str, float]:
+        """Module path → its block's loss rise."""
+        return {m: r for unit, r in zip(self.units, self.rises) for m in unit}
+
 
 def next_token_nll(logits: torch.Tensor, sample: tuple[torch.Tensor, ...]) -> float:
     """Summed NLL of each window's next tokens (sample[0]: token ids [batch, seq])."""
