@@ -341,3 +341,31 @@ def test_onnx_artifact_as_a_source_is_refused_clearly(tmp_path, capsys):
     assert main(["compile", f"artifact:{tmp_path / 'mlp'}", "-o", str(out)]) == 2
     assert "its program is ONNX (ort backend) and cannot be read back" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_large_external_data_waits_in_temp_only_while_the_contents_live(tmp_path, monkeypatch):
+    """A data file too large to hold in memory stays in its peakc-ort-* folder until saved
+    (moved into the artifact); the folder goes with the compiled contents, saved or not."""
+    import gc
+    import tempfile
+
+    from peakc.backends.ort import lower
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(lower, "IN_MEMORY_BYTES", 0)
+    model, inputs = demo_llama()
+    compiled = peakc.compile(model, inputs, backend="ort")
+    (folder,) = (tmp_path / "tmp").glob("peakc-ort-*")
+    assert [p.name for p in folder.iterdir()] == ["forward.onnx.data"]
+    directory = compiled.save(tmp_path / "saved")
+    assert (directory / "forward.onnx.data").is_file() and not any(folder.iterdir())
+    torch.testing.assert_close(peakc.load(directory)(*inputs)[0], compiled(*inputs)[0])
+    del compiled
+    gc.collect()
+    assert not folder.exists()
+    unsaved = peakc.compile(model, inputs, backend="ort")
+    (folder,) = (tmp_path / "tmp").glob("peakc-ort-*")
+    del unsaved
+    gc.collect()
+    assert not folder.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -102,12 +103,15 @@ class OrtBackend:
         data = path.read_bytes()
         if in_memory:
             shutil.rmtree(folder, ignore_errors=True)
+        else:  # only the large data file stays in the folder, until it is saved (moved out)
+            for name in [path.name, *decode_programs.values()]:
+                (folder / name).unlink()
         ops = op_lowering_report(graph, self.name)
         for name in ops:
             ops[name] = "contrib/onnx" if name in TRANSLATIONS else "reference (exported)"
         if "linear_wq" in ops:
             ops["linear_wq"] = linear_wq_status(exported)
-        return ArtifactContents(
+        contents = ArtifactContents(
             backend=self.name,
             pipeline=pipeline,
             source=graph.info.get("name", "model"),
@@ -125,6 +129,9 @@ class OrtBackend:
             },
             extra_files=extra,
         )
+        if not in_memory:  # the folder goes with the contents, saved or not (or at exit)
+            weakref.finalize(contents, shutil.rmtree, folder, True)
+        return contents
 
 
 def resolve_parity_tol(value: str) -> float | None:
