@@ -149,7 +149,7 @@ def calibrate_blocks(
     if activations not in ("auto", "device", "host"):
         raise PeakcError(f"{description}: activations must be auto, device or host")
     on_device = activations == "device" or (
-        activations == "auto" and _fits_on_device(blocks, len(samples), device)
+        activations == "auto" and _fits_on_device(blocks, len(samples), device, needed_after)
     )
     store = ActivationStore(device, on_device)
     run.activations_on = "device" if store.on_device else "host"
@@ -204,7 +204,8 @@ def variant_losses(
     blocks = graph.blocks()
     logits = graph.output_nodes()[0]
     needed_after = _last_use(graph, blocks)
-    on_device = _fits_on_device(blocks, len(samples) * (len(variants) + 1), device)
+    runs_at_once = len(samples) * (len(variants) + 1)
+    on_device = _fits_on_device(blocks, runs_at_once, device, needed_after, skip=(logits,))
     base = ActivationStore(device, on_device)
     for node, values in zip(graph.input_nodes(), zip(*samples)):
         base.put(node, list(values))
@@ -454,18 +455,35 @@ def _last_use(graph: Graph, blocks: list[Block]) -> dict[fx.Node, int]:
     return last
 
 
-def _fits_on_device(blocks: list[Block], nsamples: int, device: torch.device) -> bool:
-    """Whether all samples' cross-block values fit in half the device's free memory."""
+def _fits_on_device(
+    blocks: list[Block],
+    nsamples: int,
+    device: torch.device,
+    needed_after: dict[fx.Node, int],
+    skip: tuple[fx.Node, ...] = (),
+) -> bool:
+    """Whether `nsamples` samples' cross-block values fit in half the device's free memory."""
     if device.type != "cuda":
         return True
-    per_sample = 0
-    for block in blocks:
-        for n in block.outputs:
-            val = n.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                per_sample += val.numel() * val.element_size()
     free, _ = torch.cuda.mem_get_info(device)
-    return per_sample * nsamples < free // 2
+    return peak_bytes(blocks, needed_after, skip) * nsamples < free // 2
+
+
+def peak_bytes(
+    blocks: list[Block], needed_after: dict[fx.Node, int], skip: tuple[fx.Node, ...] = ()
+) -> int:
+    """The most bytes of one sample's cross-block values alive at once between two blocks
+    (outputs that no later block reads stay to the end, except those in `skip`)."""
+    made = {n: i for i, b in enumerate(blocks) for n in b.outputs if n not in skip}
+    peak = 0
+    for j in range(len(blocks)):
+        live = 0
+        for n, i in made.items():
+            val = n.meta.get("val")
+            if i <= j < needed_after.get(n, len(blocks)) and isinstance(val, torch.Tensor):
+                live += val.numel() * val.element_size()
+        peak = max(peak, live)
+    return peak
 
 
 def calibration_samples(

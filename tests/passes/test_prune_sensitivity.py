@@ -11,9 +11,11 @@ from peakc.ir.capture import capture
 from peakc.models.demo import demo_llama
 from peakc.passes.base import PassContext
 from peakc.passes.calibration import (
+    _last_use,
     calibration_samples,
     default_targets,
     linear_sites,
+    peak_bytes,
     run_graph,
     variant_losses,
 )
@@ -55,6 +57,19 @@ def test_variant_losses_equal_whole_forwards_with_one_block_changed(graph):
             changed.set_weight(name, value)
         assert losses[index] == pytest.approx(direct_loss(changed, samples), rel=1e-5)
         assert abs(losses[index] - base) > 1e-3 * base  # the change did matter
+
+
+def test_probes_keep_only_the_values_alive_between_blocks(graph):
+    """What decides whether every probe's activations stay on the device: between two blocks
+    only the values later blocks read are alive, and the probes never keep logits."""
+    blocks = graph.blocks()
+    logits = graph.output_nodes()[0]
+    hidden = blocks[1].outputs[0].meta["val"]
+    size = logits.meta["val"].numel() * logits.meta["val"].element_size()
+    needed = _last_use(graph, blocks)
+    assert peak_bytes(blocks, needed) >= size
+    kept = peak_bytes(blocks, needed, skip=(logits,))
+    assert hidden.numel() * hidden.element_size() <= kept < size
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
