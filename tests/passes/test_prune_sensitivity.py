@@ -72,6 +72,22 @@ def test_probes_keep_only_the_values_alive_between_blocks(graph):
     assert hidden.numel() * hidden.element_size() <= kept < size
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_give_the_interpreters_losses(graph):
+    samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
+    variants = {}
+    for index, block in enumerate(graph.blocks()):
+        sites = linear_sites(graph, block.nodes, default_targets)
+        if sites:
+            variants[index] = {s.weight: graph.get_weight(s.weight) * 4.0 for s in sites}
+    run = dict(device="cuda", progress=False)
+    replayed = variant_losses(graph, samples, variants, next_token_nll, cuda_graphs=True, **run)
+    interpreted = variant_losses(graph, samples, variants, next_token_nll, cuda_graphs=False, **run)
+    assert replayed[0] == pytest.approx(interpreted[0], rel=1e-5)
+    for index, value in interpreted[1].items():
+        assert replayed[1][index] == pytest.approx(value, rel=1e-5)
+
+
 @pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
 def test_most_sensitive_block_keeps_most_at_exact_overall_sparsity(graph, method):
     samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
