@@ -36,18 +36,23 @@ def graph():
     return capture(model, with_sequence_length(inputs, SEQ))
 
 
+def scaled_blocks(graph) -> dict[int, dict]:
+    """One variant per block with target linears: all of them scaled by 4."""
+    variants = {}
+    for index, block in enumerate(graph.blocks()):
+        sites = linear_sites(graph, block.nodes, default_targets)
+        if sites:
+            variants[index] = {s.weight: graph.get_weight(s.weight) * 4.0 for s in sites}
+    return variants
+
+
 def direct_loss(graph, samples) -> float:
     return sum(next_token_nll(run_graph(graph, s, "cpu")[0], s) for s in samples)
 
 
 def test_variant_losses_equal_whole_forwards_with_one_block_changed(graph):
     samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
-    blocks = graph.blocks()
-    variants = {}
-    for index, block in enumerate(blocks):
-        sites = linear_sites(graph, block.nodes, default_targets)
-        if sites:  # scale every target weight of this block
-            variants[index] = {s.weight: graph.get_weight(s.weight) * 4.0 for s in sites}
+    variants = scaled_blocks(graph)
     assert len(variants) == 3
     base, losses = variant_losses(graph, samples, variants, next_token_nll, progress=False)
     assert base == pytest.approx(direct_loss(graph, samples), rel=1e-5)
@@ -75,11 +80,7 @@ def test_probes_keep_only_the_values_alive_between_blocks(graph):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_replays_give_the_interpreters_losses(graph):
     samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
-    variants = {}
-    for index, block in enumerate(graph.blocks()):
-        sites = linear_sites(graph, block.nodes, default_targets)
-        if sites:
-            variants[index] = {s.weight: graph.get_weight(s.weight) * 4.0 for s in sites}
+    variants = scaled_blocks(graph)
     run = dict(device="cuda", progress=False)
     replayed = variant_losses(graph, samples, variants, next_token_nll, cuda_graphs=True, **run)
     interpreted = variant_losses(graph, samples, variants, next_token_nll, cuda_graphs=False, **run)
