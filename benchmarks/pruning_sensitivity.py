@@ -39,8 +39,9 @@ from peakc.passes.calibration import (
     target_selector,
 )
 from peakc.passes.prune import PruneOptions, _sparsegpt_compressor
-from peakc.passes.prune.owl import measure_outliers, owl_sparsities
+from peakc.passes.prune.owl import measure_outliers
 from peakc.passes.prune.pattern import parse_pattern
+from peakc.passes.prune.profile import spread_sparsities
 from peakc.runtime.evaluate import perplexity
 
 TARGET, PROBE = 0.5, 0.6
@@ -114,7 +115,7 @@ def residual_measures(hf_model, data: torch.Tensor, device: str) -> tuple[list, 
 
 def allocation(units, params, score: list[float], lam: float) -> dict[str, float]:
     """Higher score → lower sparsity; blocks by rank over [S - λ, S + λ], mean exactly S."""
-    per_block = owl_sparsities(score, params, TARGET, lam, "rank")
+    per_block = spread_sparsities(score, params, TARGET, lam, "rank")
     return {m: s for unit, s in zip(units, per_block) for m in unit}
 
 
