@@ -66,18 +66,21 @@ def window_perplexity(
     total, count = 0.0, 0
     for i in range(0, windows.shape[0] - batch + 1, batch):
         ids = windows[i : i + batch]
-        logits = run(ids)
-        if logits.dim() != 3 or logits.shape[:2] != ids.shape:
-            raise PeakcError(f"eval: the model's first output is {list(logits.shape)}, not logits")
-        target = ids[:, 1:].to(logits.device)
-        loss = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            target.reshape(-1),
-            reduction="sum",
-        )
-        total += float(loss)
-        count += target.numel()
+        total += next_token_nll(run(ids), ids, "eval")
+        count += ids.shape[0] * (ids.shape[1] - 1)
     if count == 0:
         raise PeakcError("eval: no complete window to evaluate")
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, count // (seq_len - 1), seq_len)
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, owner: str) -> float:
+    """Summed NLL of each window's next tokens: logits [batch, seq, vocab], ids [batch, seq]."""
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        raise PeakcError(f"{owner}: the model's first output is {list(logits.shape)}, not logits")
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        ids[:, 1:].to(logits.device).reshape(-1),
+        reduction="sum",
+    )
+    return float(loss)

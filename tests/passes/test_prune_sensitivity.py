@@ -22,7 +22,7 @@ from peakc.passes.calibration import (
 from peakc.passes.pipeline import Pipeline
 from peakc.passes.prune import PruneOptions, PrunePass, _block_pruner
 from peakc.passes.prune.pattern import parse_pattern
-from peakc.passes.prune.sensitivity import measure_sensitivity, next_token_nll
+from peakc.passes.prune.sensitivity import measure_sensitivity, sample_nll
 
 SEQ = 16
 WINDOWS = torch.randint(0, 256, (6, SEQ), generator=torch.Generator().manual_seed(1))
@@ -47,14 +47,14 @@ def scaled_blocks(graph) -> dict[int, dict]:
 
 
 def direct_loss(graph, samples) -> float:
-    return sum(next_token_nll(run_graph(graph, s, "cpu")[0], s) for s in samples)
+    return sum(sample_nll(run_graph(graph, s, "cpu")[0], s) for s in samples)
 
 
 def test_variant_losses_equal_whole_forwards_with_one_block_changed(graph):
     samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
     variants = scaled_blocks(graph)
     assert len(variants) == 3
-    base, losses = variant_losses(graph, samples, variants, next_token_nll, progress=False)
+    base, losses = variant_losses(graph, samples, variants, sample_nll, progress=False)
     assert base == pytest.approx(direct_loss(graph, samples), rel=1e-5)
     for index, weights in variants.items():
         changed = graph.copy()
@@ -82,8 +82,8 @@ def test_cuda_graph_replays_give_the_interpreters_losses(graph):
     samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
     variants = scaled_blocks(graph)
     run = dict(device="cuda", progress=False)
-    replayed = variant_losses(graph, samples, variants, next_token_nll, cuda_graphs=True, **run)
-    interpreted = variant_losses(graph, samples, variants, next_token_nll, cuda_graphs=False, **run)
+    replayed = variant_losses(graph, samples, variants, sample_nll, cuda_graphs=True, **run)
+    interpreted = variant_losses(graph, samples, variants, sample_nll, cuda_graphs=False, **run)
     assert replayed[0] == pytest.approx(interpreted[0], rel=1e-5)
     for index, value in interpreted[1].items():
         assert replayed[1][index] == pytest.approx(value, rel=1e-5)

@@ -20,12 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
 from peakc.passes.calibration import BlockCalibration, calibrate_blocks, variant_losses
 from peakc.passes.prune.profile import spread_sparsities
+from peakc.runtime.evaluate import next_token_nll
 
 PruneBlock = Callable[[BlockCalibration, float], dict[str, torch.Tensor]]
 
@@ -49,21 +48,9 @@ class SensitivityProfile:
         return {m: r for unit, r in zip(self.units, self.rises) for m in unit}
 
 
-def next_token_nll(logits: torch.Tensor, sample: tuple[torch.Tensor, ...]) -> float:
-    """Summed NLL of each window's next tokens (sample[0]: token ids [batch, seq])."""
-    ids = sample[0].to(logits.device)
-    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
-        raise PeakcError(
-            f"prune: sparsity_profile=sensitivity needs logits [batch, seq, vocab] as the "
-            f"graph's first output, got {list(logits.shape)}"
-        )
-    return float(
-        F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            ids[:, 1:].reshape(-1),
-            reduction="sum",
-        )
-    )
+def sample_nll(logits: torch.Tensor, sample: tuple[torch.Tensor, ...]) -> float:
+    """Summed next-token NLL of a calibration sample (sample[0]: token ids [batch, seq])."""
+    return next_token_nll(logits, sample[0], "prune (sensitivity)")
 
 
 def measure_sensitivity(
@@ -108,7 +95,7 @@ def measure_sensitivity(
         uniform,
         scored,
         probes,
-        next_token_nll,
+        sample_nll,
         device=device,
         progress=progress,
         description="prune (probes)",
