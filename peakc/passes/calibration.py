@@ -207,11 +207,13 @@ def variant_losses(
     blocks = graph.blocks()
     logits = graph.output_nodes()[0]
     needed_after = _last_use(graph, blocks)
-    runs_at_once = len(samples) * (len(variants) + 1)
+    nsamples = len(samples)
+    runs_at_once = nsamples * (len(variants) + 1)
     on_device = _fits_on_device(blocks, runs_at_once, device, needed_after, skip=(logits,))
     base = ActivationStore(device, on_device)
     for node, values in zip(graph.input_nodes(), zip(*samples)):
         base.put(node, list(values))
+    score = (logits, lambda value, i: loss(value, samples[i]))
     runs: dict[int | None, ActivationStore] = {None: base}
     totals: dict[int | None, float] = {None: 0.0}
     graphs = cuda_graphs and device.type == "cuda"
@@ -230,58 +232,16 @@ def variant_losses(
                 changed = dict(weights)
                 for name, value in variants[index].items():
                     changed[name] = value.to(device, weights[name].dtype)
-                totals[index] = _run_block_scored(
-                    block, store, changed, samples, logits, loss, replays
-                )
+                totals[index] = _run_block(block, store, changed, nsamples, score, replays)
                 started[index] = store
             for key, store in runs.items():
-                totals[key] += _run_block_scored(
-                    block, store, weights, samples, logits, loss, replays
-                )
+                totals[key] += _run_block(block, store, weights, nsamples, score, replays)
             runs.update(started)
             done = [n for n, i in needed_after.items() if i == index]
             for store in runs.values():
                 store.drop(done)
             bar.advance(task)
     return totals.pop(None), totals
-
-
-def _run_block_scored(
-    block: Block,
-    store: ActivationStore,
-    weights: dict[str, torch.Tensor],
-    samples: list[tuple[torch.Tensor, ...]],
-    logits: fx.Node,
-    loss: Callable[[torch.Tensor, tuple[torch.Tensor, ...]], float],
-    replays: dict[int, BlockReplay | None] | None = None,
-) -> float:
-    """_run_block that scores the logits where this block makes them instead of keeping them.
-
-    `replays` (CUDA): this block's recorded graphs by id of their weights, shared by the runs."""
-    kept = [n for n in block.outputs if n is not logits]
-    outputs: dict[fx.Node, list] = {n: [] for n in kept}
-    total = 0.0
-    for i, sample in enumerate(samples):
-        env = _block_env(block, store, weights, i)
-        replay = None
-        if replays is not None:
-            if id(weights) not in replays:
-                replays[id(weights)] = BlockReplay.record(block, weights, env, store.device)
-            replay = replays[id(weights)]
-        if replay is not None and replay.accepts(env):
-            env = replay.run(env)  # its buffers are overwritten by the next replay: copy
-            for n in kept:
-                outputs[n].append(env[n].clone() if torch.is_tensor(env[n]) else env[n])
-        else:
-            with torch.no_grad():
-                run_nodes(block.nodes, env, weights, store.device)
-            for n in kept:
-                outputs[n].append(env[n])
-        if logits in env:
-            total += loss(env[logits], sample)
-    for n, values in outputs.items():
-        store.put(n, values)
-    return total
 
 
 class BlockReplay:
@@ -497,17 +457,43 @@ def _first_reader(src: fx.Node, watched: set[fx.Node]) -> fx.Node:
 
 
 def _run_block(
-    block: Block, store: ActivationStore, weights: dict[str, torch.Tensor], nsamples: int
-) -> None:
-    outputs: dict[fx.Node, list] = {n: [] for n in block.outputs}
+    block: Block,
+    store: ActivationStore,
+    weights: dict[str, torch.Tensor],
+    nsamples: int,
+    score: tuple[fx.Node, Callable[[torch.Tensor, int], float]] | None = None,
+    replays: dict[int, BlockReplay | None] | None = None,
+) -> float:
+    """Run the block on every sample and keep its outputs for the blocks after it.
+
+    `score` (node, fn(value, sample index)): where the block makes that node's value it is
+    scored at once instead of kept (the probes' logits); the scores' sum is returned.
+    `replays` (CUDA): this block's recorded graphs by id of their weights, shared by runs."""
+    scored = score[0] if score is not None else None
+    kept = [n for n in block.outputs if n is not scored]
+    outputs: dict[fx.Node, list] = {n: [] for n in kept}
+    total = 0.0
     for i in range(nsamples):
         env = _block_env(block, store, weights, i)
-        with torch.no_grad():
-            run_nodes(block.nodes, env, weights, store.device)
-        for n in block.outputs:
-            outputs[n].append(env[n])
+        replay = None
+        if replays is not None:
+            if id(weights) not in replays:
+                replays[id(weights)] = BlockReplay.record(block, weights, env, store.device)
+            replay = replays[id(weights)]
+        if replay is not None and replay.accepts(env):
+            env = replay.run(env)  # its buffers are overwritten by the next replay: copy
+            for n in kept:
+                outputs[n].append(env[n].clone() if torch.is_tensor(env[n]) else env[n])
+        else:
+            with torch.no_grad():
+                run_nodes(block.nodes, env, weights, store.device)
+            for n in kept:
+                outputs[n].append(env[n])
+        if scored in env:
+            total += score[1](env[scored], i)
     for n, values in outputs.items():
         store.put(n, values)
+    return total
 
 
 def _block_env(
