@@ -352,7 +352,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         artifact = load_artifact(rest)
         info = artifact.manifest["programs"][artifact.default_program]
         if info.get("format") == "onnx":  # no Graph to read back: its own session scores it
-            return _eval_onnx_artifact(args, spec, artifact)
+            return _eval_onnx_artifact(args, spec, artifact, info)
         source = artifact_source(spec, artifact)
     else:
         source = load_source(spec)
@@ -366,7 +366,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_onnx_artifact(args: argparse.Namespace, spec: str, artifact) -> int:
+def _eval_onnx_artifact(args: argparse.Namespace, spec: str, artifact, info: dict) -> int:
     from peakc.data import consecutive_windows, load_token_text, load_tokenizer
     from peakc.runtime.evaluate import artifact_perplexity
 
@@ -374,8 +374,7 @@ def _eval_onnx_artifact(args: argparse.Namespace, spec: str, artifact) -> int:
     if args.seq_len:
         _check_captured_length(spec, example, args.seq_len)
     seq_len = example[0].shape[-1]
-    logits = artifact.manifest["programs"][artifact.default_program]["outputs"][0]
-    vocab = logits["shape"][-1]  # from the signature: no forward pass to learn it
+    vocab = info["outputs"][0]["shape"][-1]  # from the signature: no forward pass to learn it
     if not isinstance(vocab, int):
         raise PeakcError(f"eval: {spec}'s first output has no fixed last dim (expected logits)")
     tokenizer = load_tokenizer(artifact.directory / "tokenizer", vocab)
