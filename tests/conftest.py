@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -25,6 +27,21 @@ def llama_graph(llama):
 def graph(llama_graph):
     """A fresh copy per test, so tests may rewrite it."""
     return llama_graph.copy()
+
+
+@pytest.fixture(scope="session")
+def small_llama():
+    """seed -> (model, graph): a 3-layer, 32-wide Llama captured at 16 tokens (cached)."""
+    from peakc.data import with_sequence_length
+
+    @functools.cache
+    def build(seed: int):
+        model, inputs = demo_llama(
+            seed=seed, hidden_size=32, intermediate_size=64, num_heads=2, num_layers=3
+        )
+        return model, capture(model, with_sequence_length(inputs, 16))
+
+    return build
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,7 @@ import re
 import pytest
 import torch
 
-from peakc.data import with_sequence_length
 from peakc.errors import PeakcError
-from peakc.ir.capture import capture
-from peakc.models.demo import demo_llama
 from peakc.passes.base import PassContext
 from peakc.passes.calibration import calibration_samples, default_targets
 from peakc.passes.pipeline import Pipeline
@@ -27,12 +24,8 @@ WINDOWS = torch.randint(0, 256, (4, SEQ), generator=torch.Generator().manual_see
 
 
 @pytest.fixture(scope="module")
-def llama():
-    model, inputs = demo_llama(
-        seed=3, hidden_size=32, intermediate_size=64, num_heads=2, num_layers=3
-    )
-    inputs = with_sequence_length(inputs, SEQ)
-    return model, capture(model, inputs)
+def llama(small_llama):
+    return small_llama(3)
 
 
 def test_obs_score_on_a_hand_made_hessian():

@@ -5,10 +5,7 @@ import re
 import pytest
 import torch
 
-from peakc.data import with_sequence_length
 from peakc.errors import PeakcError
-from peakc.ir.capture import capture
-from peakc.models.demo import demo_llama
 from peakc.passes.base import PassContext
 from peakc.passes.calibration import (
     _last_use,
@@ -29,11 +26,8 @@ WINDOWS = torch.randint(0, 256, (6, SEQ), generator=torch.Generator().manual_see
 
 
 @pytest.fixture(scope="module")
-def graph():
-    model, inputs = demo_llama(
-        seed=5, hidden_size=32, intermediate_size=64, num_heads=2, num_layers=3
-    )
-    return capture(model, with_sequence_length(inputs, SEQ))
+def graph(small_llama):
+    return small_llama(5)[1]
 
 
 def scaled_blocks(graph) -> dict[int, dict]:
