@@ -579,28 +579,28 @@ def translation_variants() -> dict:
 
 
 def apply_variant(changes: dict) -> dict:
-    """Change the translation tables in place, the per-device overrides too (None: export
-    through the reference); returns the undo."""
-    from peakc.backends.ort.contrib import TRANSLATIONS
-    from peakc.backends.ort.export import DEVICE_TRANSLATIONS
+    """Change the ort lowerings in the op registry in place (None: export through the
+    reference); returns the undo."""
+    import peakc.backends.ort.lower  # noqa: F401  (registers the ort lowerings)
+    from peakc.ir.ops import OPS, register_lowering
 
-    tables = [TRANSLATIONS, *DEVICE_TRANSLATIONS.values()]
-    undo = [(table, name, table.get(name)) for table in tables for name in changes]
-    for table in tables:
-        for name, fn in changes.items():
-            if fn is None:
-                table.pop(name, None)
-            elif table is TRANSLATIONS or name in table:
-                table[name] = fn
+    undo = {name: OPS[name].lowerings.get("ort") for name in changes}
+    for name, fn in changes.items():
+        if fn is None:
+            OPS[name].lowerings.pop("ort", None)
+        else:
+            register_lowering(name, "ort", label="contrib/onnx")(fn)
     return undo
 
 
-def undo_variant(undo: list) -> None:
-    for table, name, fn in undo:
-        if fn is None:
-            table.pop(name, None)
+def undo_variant(undo: dict) -> None:
+    from peakc.ir.ops import OPS
+
+    for name, lowering in undo.items():
+        if lowering is None:
+            OPS[name].lowerings.pop("ort", None)
         else:
-            table[name] = fn
+            OPS[name].lowerings["ort"] = lowering
 
 
 def diagnose_parity(work: Path, args, device: str) -> dict:
@@ -679,8 +679,8 @@ def run_section(results: dict, key: str, fn, out_file: Path) -> None:
 def peakc_options(args, device: str) -> str:
     """Backend options of the peakc rows: static decode programs for the timed batch sizes,
     replayed as CUDA graphs on the GPU."""
-    sizes = "+".join(str(b) for b in args.batches)
-    return f",decode_batches={sizes}" + (",cuda_graph=true" if device == "cuda" else "")
+    sizes = ",".join(str(b) for b in args.batches)
+    return f",decode_batches=[{sizes}]" + (",cuda_graph=true" if device == "cuda" else "")
 
 
 def build_config(name: str, work: Path, args, device: str, results: dict, out: Path) -> None:

@@ -50,8 +50,8 @@ def run(device: str) -> None:
     graph = ",cuda_graph=true" if device == "cuda" else ""
     backends = {
         "eager": "eager",
-        "fold": f"ort{{device={device}{graph},decode_batches=1+3}}",
-        "nofold": f"ort{{device={device}{graph},decode_batches=1+3,fold_rotary=false}}",
+        "fold": f"ort{{device={device}{graph},decode_batches=[1,3]}}",
+        "nofold": f"ort{{device={device}{graph},decode_batches=[1,3],fold_rotary=false}}",
     }
     tokens, reports = {}, {}
     for name, backend in backends.items():

@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--config", help="a random Llama of ort_backend.py (e.g. llama-1b)")
     parser.add_argument("--pipeline", default="default", help="with --config (int4: ort_backend's)")
     parser.add_argument("--vocab", type=int, default=131072, help="demo model's vocabulary")
-    parser.add_argument("--decode-batches", default="1+2")
+    parser.add_argument("--decode-batches", default="[1,2]")
     parser.add_argument("--out", type=Path, default=Path("ort_shared_weights.json"))
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--share", default="true", help=argparse.SUPPRESS)

@@ -33,7 +33,6 @@ from peakc.data import with_sequence_length
 from peakc.ir.capture import capture
 from peakc.passes.calibration import (
     calibrate_blocks,
-    calibration_samples,
     default_targets,
     linear_sites,
     target_selector,
@@ -43,6 +42,7 @@ from peakc.passes.prune.owl import measure_outliers
 from peakc.passes.prune.pattern import parse_pattern
 from peakc.passes.prune.profile import spread_sparsities
 from peakc.runtime.evaluate import perplexity
+from peakc.runtime.samples import calibration_samples
 
 TARGET, PROBE = 0.5, 0.6
 

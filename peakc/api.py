@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,10 @@ from peakc.ir.capture import capture
 from peakc.ir.graph import Graph
 from peakc.models import ModelSource
 from peakc.passes.base import PassContext
-from peakc.passes.instruments import DumpIR, Parity, Reproducer, Timing, Verify
+from peakc.passes.instruments import DumpIR, Instrument, Parity, Reproducer, Timing
 from peakc.passes.pipeline import Pipeline
 from peakc.passes.prune import sparsity_record
+from peakc.progress import ProgressTask
 from peakc.runtime.artifact import ArtifactContents, write_artifact
 
 
@@ -29,12 +32,27 @@ class Compiled:
     graph: Graph
     contents: ArtifactContents
     records: list[dict[str, Any]] = field(default_factory=list)
+    instruments: Sequence[Instrument] = ()
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.graph.run(*inputs)
 
     def save(self, directory: str | Path, force: bool = False) -> Path:
-        return write_artifact(self.contents, directory, force=force)
+        """Write the artifact; the report's timing table gains the save phase and the total."""
+        started = time.perf_counter()
+        timing = self.contents.report.setdefault("timing", [])
+
+        def finish_report(contents: ArtifactContents) -> None:
+            seconds = time.perf_counter() - started  # everything but the report and manifest
+            timing[:] = [row for row in timing if row["phase"] != "save"]  # saved again
+            timing.append({"phase": "save", "seconds": round(seconds, 4)})
+            contents.report["total_seconds"] = round(sum(row["seconds"] for row in timing), 4)
+            contents.report_md = render_report(contents.report)
+
+        with _phase(self.instruments, "save"):
+            return write_artifact(
+                self.contents, directory, force=force, before_report=finish_report
+            )
 
 
 def compile(
@@ -49,7 +67,8 @@ def compile(
     reproducer_dir: str | Path | None = None,
     source: str = "model",
     extra_files: dict[str, bytes] | None = None,
-    progress: Any = None,
+    instruments: Sequence[Instrument] = (),
+    timing: dict[str, float] | None = None,
     dynamic: dict | None = None,
     generation: dict | None = None,
     calibration_data: Any = None,
@@ -60,7 +79,14 @@ def compile(
     as a KV-cache decoder (peakc/models/kv_cache.py) with that cache layout. A ModelSource
     (peakc.models.load_source_for_task) brings its module or graph, example inputs, dynamic
     dims, cache layout and tokenizer files itself.
+
+    The library prints nothing: `instruments` (e.g. the CLI's progress bars) hear about each
+    phase (capture, lower, save) as a one-step progress task, and about each pass and its
+    long-running work. `timing` holds seconds spent before the call (e.g. {"load": 12.3}); the
+    report's timing table lists them first, then capture, each pass, lower and save.
     """
+    compile_started = time.perf_counter()
+    weights_dtype = None  # a ModelSource says what --dtype made of its weights
     if isinstance(model, ModelSource):
         if example_inputs is not None or dynamic is not None or generation is not None:
             raise PeakcError(
@@ -68,6 +94,7 @@ def compile(
                 "layout; pass none of them"
             )
         extra_files = {**model.tokenizer_files, **(extra_files or {})}
+        weights_dtype = model.dtype
         model, example_inputs, dynamic, generation = (
             model.graph if model.graph is not None else model.module,
             model.example_inputs,
@@ -77,7 +104,8 @@ def compile(
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
     profile = target if isinstance(target, HardwareProfile) else resolve_profile(target)
     lowerer = get_backend(backend)
-    instruments = [Timing(), Verify()]
+    listeners = tuple(instruments)  # the caller's: they hear phases, passes and progress
+    instruments = [Timing(), *listeners]
     if parity:
         instruments.append(Parity())
     if dump_ir is not None:
@@ -87,21 +115,31 @@ def compile(
     ctx = PassContext(target=profile, instruments=instruments, calibration_data=calibration_data)
     pipe.check(ctx)
 
+    earlier = [{"phase": name, "seconds": round(s, 4)} for name, s in (timing or {}).items()]
+    rows = list(earlier)
     started = time.perf_counter()
-    _step(progress, "capture")
-    if isinstance(model, Graph):
-        graph = model
-    else:
-        if example_inputs is None:
-            raise PeakcError("compile: example_inputs are required to capture a module")
-        graph = capture(model, example_inputs, name=source, dynamic=dynamic)
+    with _phase(ctx.instruments, "capture"):
+        if isinstance(model, Graph):
+            graph = model
+        else:
+            if example_inputs is None:
+                raise PeakcError("compile: example_inputs are required to capture a module")
+            graph = capture(model, example_inputs, name=source, dynamic=dynamic)
     if generation is not None:
         graph.info["generation"] = dict(generation)
     capture_seconds = time.perf_counter() - started
-    _step(progress, "passes")
+    rows.append({"phase": "capture", "seconds": round(capture_seconds, 4)})
+    started = time.perf_counter()
     graph, records = pipe.run(graph, ctx)
-    _step(progress, f"lower ({backend})")
-    contents = lowerer.lower(graph, ctx, str(pipe))
+    passes_seconds = time.perf_counter() - started
+    rows += [{"phase": f"pass {r['pass']}", "seconds": r.get("seconds", 0.0)} for r in records]
+    # verification, parity and dumps around the passes: the pipeline's time beyond the passes'
+    checks = passes_seconds - sum(r.get("seconds", 0.0) for r in records)
+    rows.append({"phase": "pipeline checks (parity, dumps)", "seconds": round(max(checks, 0), 4)})
+    started = time.perf_counter()
+    with _phase(ctx.instruments, f"lower ({backend})"):
+        contents = lowerer.lower(graph, ctx, str(pipe))
+    rows.append({"phase": f"lower ({backend})", "seconds": round(time.perf_counter() - started, 4)})
     contents.source = source
     contents.extra_files.update(extra_files or {})
     contents.report.update(
@@ -111,8 +149,10 @@ def compile(
         target=profile.name,
         capture_seconds=round(capture_seconds, 4),
         passes=records,
+        timing=rows,
         fusion_near_misses=ctx.settings.get("fusion_near_misses", []),
         fingerprint=graph.fingerprint(),
+        dtype=weights_dtype,
     )
     if "generation" in graph.info:
         contents.extra_manifest["generation"] = graph.info["generation"]
@@ -120,13 +160,19 @@ def compile(
     if sparsity:  # pruned linears, so backends can pick sparse kernels (2:4 and friends)
         contents.extra_manifest["sparsity"] = sparsity
         contents.report["sparsity"] = sparsity
+    other = time.perf_counter() - compile_started - sum(r["seconds"] for r in rows[len(earlier) :])
+    rows.append({"phase": "setup and report", "seconds": round(max(other, 0), 4)})
     contents.report_md = render_report(contents.report)
-    return Compiled(graph, contents, records)
+    return Compiled(graph, contents, records, listeners)
 
 
-def _step(progress: Any, name: str) -> None:
-    if progress is not None:
-        progress(name)
+@contextmanager
+def _phase(instruments: Sequence[Instrument], name: str) -> Iterator[None]:
+    """A compile phase, told to the instruments as a one-step progress task (left open when
+    the phase fails, so a progress display does not show it done)."""
+    task = ProgressTask(name, 1, instruments)
+    yield
+    task.close()
 
 
 def render_report(report: dict[str, Any]) -> str:
@@ -135,7 +181,8 @@ def render_report(report: dict[str, Any]) -> str:
         f"# peakc report: {report.get('source')}",
         "",
         f"- pipeline: `{report.get('pipeline') or '(none)'}`",
-        f"- backend: {report.get('backend')}, target: {report.get('target')}",
+        f"- backend: {report.get('backend')}, target: {report.get('target')}, "
+        f"weights: {report.get('dtype') or 'as given'}",
         f"- capture: {report.get('capture_seconds')} s, graph fingerprint "
         f"{report.get('fingerprint')}",
         "",
@@ -150,6 +197,8 @@ def render_report(report: dict[str, Any]) -> str:
             f"| {i} | `{rec['pass']}` | {rec.get('seconds', '-')} | {rec['modified']} | "
             f"{parity_text} | {stats} |"
         )
+    lines += _cost_lines(report.get("passes", []))
+    lines += _timing_lines(report.get("timing") or [], report.get("total_seconds"))
     ops = report.get("ops") or {}
     if ops:
         lines += ["", "## peakc ops", ""]
@@ -162,6 +211,55 @@ def render_report(report: dict[str, Any]) -> str:
     if misses:
         lines += ["", "## fusion near-misses", ""] + [f"- {m}" for m in misses]
     return "\n".join(lines) + "\n"
+
+
+def cost_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per pass and phase whose predicted cost (GraphCost dicts) the pass recorded
+    before and after it ran: pass, target, phase, before, after (PhaseCost dicts)."""
+    rows = []
+    for rec in records:
+        cost = (rec.get("report") or {}).get("cost") or {}
+        before, after = cost.get("before") or {}, cost.get("after") or {}
+        for phase in ("prefill", "decode"):
+            if before.get(phase) and after.get(phase):
+                row = {"pass": rec["pass"], "phase": phase}
+                row["target"] = f"{after.get('target')} ({after.get('runtime')})"
+                rows.append({**row, "before": before[phase], "after": after[phase]})
+    return rows
+
+
+def _cost_lines(records: list[dict[str, Any]]) -> list[str]:
+    rows = cost_rows(records)
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"## predicted cost on {rows[0]['target']}",
+        "",
+        "| pass | phase | batch x tokens (context) | ms before | ms after | "
+        "device MB before | device MB after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        before, after = row["before"], row["after"]
+        shape = f"{after['batch']} x {after['tokens']} ({after['context']})"
+        lines.append(
+            f"| `{row['pass']}` | {row['phase']} | {shape} | {before['ms']:.3f} | "
+            f"{after['ms']:.3f} | {before['device_mb']:.1f} | {after['device_mb']:.1f} |"
+        )
+    return lines
+
+
+def _timing_lines(timing: list[dict[str, Any]], total: float | None) -> list[str]:
+    if not timing:
+        return []
+    total = total if total is not None else sum(row["seconds"] for row in timing)
+    lines = ["", "## time", "", "| phase | seconds | share |", "|-------|---------|-------|"]
+    for row in timing:
+        share = row["seconds"] / total if total else 0.0
+        lines.append(f"| {row['phase']} | {row['seconds']:.3f} | {share:.0%} |")
+    lines.append(f"| **total** | {total:.3f} | |")
+    return lines
 
 
 def _brief(value: Any, limit: int = 240) -> str:

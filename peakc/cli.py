@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
+from peakc.cli_estimate import ESTIMATE_COMMANDS, add_estimate_commands
+from peakc.cli_options import add_options_commands, cmd_backends, cmd_passes
 from peakc.errors import PeakcError
+from peakc.runtime.threads import cpu_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="forward", help="forward (default) or generate (KV cache)")
     p.add_argument("--max-seq-len", type=int, default=512, help="KV cache length (generate)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch (generate)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 weights")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights: auto (the source's own: bfloat16 for a bf16 or quantized checkpoint, "
+        "float32 for the demos), float32, bfloat16 or float16",
+    )
     p.add_argument("--calib-data", metavar="PATH", help="text file or folder for calibration")
     p.add_argument("--seq-len", type=int, help="capture at this sequence length (calibration)")
 
@@ -49,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    _add_threads_argument(p)
 
     p = sub.add_parser("bench", help="prefill latency and decode tokens/s of an artifact or model")
     p.add_argument("target", help="artifact directory, or a model spec (hf:, gguf:, demo:)")
@@ -58,23 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
+    _add_threads_argument(p)
 
     p = sub.add_parser("run", help="load an artifact and run it")
     p.add_argument("artifact")
     p.add_argument("--input", help="safetensors file of inputs (input_0, input_1, ...)")
     p.add_argument("--output", help="write outputs to this safetensors file")
     p.add_argument("--plugin", action="append", default=[])
+    _add_threads_argument(p)
 
-    p = sub.add_parser("passes", help="list registered passes and their options")
-    p.add_argument("--plugin", action="append", default=[])
+    add_options_commands(sub)  # passes, backends
 
     p = sub.add_parser("inspect", help="show an artifact's manifest and report")
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true")
 
-    from peakc.cost_model.commands import add_cost_model_commands
-
-    add_cost_model_commands(sub)  # estimate, calibrate
+    add_estimate_commands(sub)  # estimate, calibrate
 
     p = sub.add_parser("eval", help="perplexity of a model or artifact on a text file or folder")
     p.add_argument("model", help="a model spec (demo:NAME, hf:PATH, ...) or an artifact folder")
@@ -83,30 +94,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=0, help="evaluate at most this many")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--plugin", action="append", default=[])
+    _add_threads_argument(p)
     return parser
 
 
+def _add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: one per physical core this process may use)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.debug:
-        warnings.filterwarnings("ignore")
+    """Run one command: errors are one line (a traceback with --debug), and Ctrl-C exits
+    with 130 and one line whenever it comes, while torch and friends are imported too."""
+    debug = False
     try:
+        args = build_parser().parse_args(argv)
+        debug = args.debug
+        if not debug:
+            warnings.filterwarnings("ignore")
         for plugin in getattr(args, "plugin", []):
             from peakc.passes.base import load_plugin
 
             load_plugin(plugin)
         return COMMANDS[args.command](args)
     except PeakcError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"peakc: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("peakc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `peakc ... | head` stopped reading: nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
     except Exception as exc:  # an internal error still gets one line without --debug
-        if args.debug:
+        if debug:
             raise
         text = str(exc).strip().splitlines()
         print(
@@ -121,19 +148,26 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import peakc
+    from peakc.cli_progress import ProgressBars, print_compile_summary
     from peakc.models import load_source_for_task
     from peakc.passes.pipeline import Pipeline
 
     console = Console(stderr=True)
     output = Path(args.output)
-    if output.exists() and not args.force:
-        raise PeakcError(f"output folder {output} already exists (use --force to replace it)")
+    _check_compile_args(args, output)
     pipeline = Pipeline.parse(args.pipeline)  # spec errors before any work
-    with console.status("loading model") as status:
-        source = load_source_for_task(
-            args.model, args.task, args.max_seq_len, args.max_batch, args.dtype
-        )
-        calibration = _calibration_text(args, source)
+    with ProgressBars(console) as bars:
+        with bars.phase("load", args.model):
+            source = load_source_for_task(
+                args.model,
+                args.task,
+                args.max_seq_len,
+                args.max_batch,
+                args.dtype,
+                bfloat16_runs=_bfloat16_runs(args.backend),
+            )
+        with bars.phase("calibration data", args.calib_data) if args.calib_data else nullcontext():
+            calibration = _calibration_text(args, source)
         compiled = peakc.compile(
             source,
             pipeline=pipeline,
@@ -143,26 +177,77 @@ def cmd_compile(args: argparse.Namespace) -> int:
             parity=not args.no_parity,
             reproducer_dir=Path(f"{output}.reproducer"),
             source=args.model,
-            progress=lambda step: status.update(step),
+            instruments=[bars],
+            timing=bars.seconds,
             calibration_data=calibration,
         )
-        status.update("writing artifact")
         compiled.save(output, force=args.force)
-    for rec in compiled.records:
-        stats = ", ".join(f"{k}={v}" for k, v in rec["stats"].items())
-        console.print(f"  {rec['pass']:<40} {rec.get('seconds', 0):>8.3f} s  {stats}")
+    print_compile_summary(console, compiled.contents.report)
     if args.explain_fusion:
         misses = compiled.contents.report.get("fusion_near_misses", [])
         console.print(f"fusion near-misses: {len(misses)}")
         for miss in misses:
             console.print(f"  {miss}", markup=False)
+    if source.dtype is not None:
+        console.print(_dtype_note(args.dtype, source), markup=False)
     print(f"wrote {output}")
     return 0
 
 
+def _check_compile_args(args: argparse.Namespace, output: Path) -> None:
+    """Inputs that would fail (or destroy something) only after minutes of work: refused first."""
+    from peakc.runtime.artifact import check_replaceable
+
+    check_replaceable(output, args.force)
+    _check_output_writable(output)
+    if not args.pipeline.strip():
+        raise PeakcError("--pipeline is empty: name 'none' to run no passes")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise PeakcError(f"--seq-len must be at least 1, got {args.seq_len}")
+
+
+def _bfloat16_runs(backend: str) -> bool:
+    """Whether the backend can run bfloat16 here: ONNX Runtime's CPU provider has no bfloat16
+    MatMul, so an ort artifact needs the CUDA provider for it."""
+    if not backend.startswith("ort"):
+        return True
+    try:
+        import onnxruntime
+    except ImportError:
+        return True  # the backend's own error says onnxruntime is missing
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def _dtype_note(requested: str, source) -> str:
+    """Which dtype the weights have, and why, for the compile output."""
+    if requested != "auto":
+        return f"weights: {source.dtype} (--dtype {requested})"
+    native = source.native_dtype
+    if native == "bfloat16" and source.dtype == "float32":
+        return (
+            "weights: float32 (auto; the source is bfloat16, which ONNX Runtime's CPU provider "
+            "cannot run)"
+        )
+    return f"weights: {source.dtype} (auto: the source's own dtype)"
+
+
+def _check_output_writable(output: Path) -> None:
+    """The artifact is staged beside `output`: the first existing folder above it must be a
+    folder this user may write in."""
+    parent = output.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PeakcError(f"cannot write {output}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PeakcError(f"cannot write {output}: no permission to write in {parent}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import peakc
+    from peakc.runtime.threads import apply_threads
 
+    threads = apply_threads(args.threads)
     artifact = peakc.load(args.artifact)
     inputs = artifact.example_inputs
     if args.input:
@@ -175,6 +260,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"mean={flat.mean():.6g} std={flat.std():.6g} "
             f"first={[round(v, 5) for v in flat[:4].tolist()]}"
         )
+    print(f"threads: {threads}")
     if args.output:
         from safetensors.torch import save_file
 
@@ -197,42 +283,19 @@ def _read_inputs(path: Path):
     return tuple(tensors[n] for n in names)
 
 
-def cmd_passes(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from peakc.passes.base import REGISTRY, load_builtin_passes, option_type
-
-    load_builtin_passes()
-    table = Table(title="peakc passes")
-    table.add_column("pass")
-    table.add_column("options (default)")
-    table.add_column("description")
-    for name, cls in sorted(REGISTRY.items()):
-        opts = []
-        for f in dataclasses.fields(cls.Options):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            tp = option_type(cls, f.name)
-            tname = getattr(tp, "__name__", None) or "|".join(map(str, tp.__args__))
-            opts.append(f"{f.name}: {tname} = {default}")
-        doc = (cls.__doc__ or "").strip().splitlines()
-        table.add_row(name, "\n".join(opts) or "-", doc[0] if doc else "")
-    Console(width=140).print(table)
-    return 0
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from peakc.runtime.artifact import load_artifact
+    # the manifest and checksums only (no torch: inspect starts at once); running the
+    # artifact is `peakc run`, which also checks its ops are registered
+    from peakc.runtime.manifest import read_manifest, verify_files
 
-    artifact = load_artifact(args.artifact)
-    report = json.loads((artifact.directory / "report.json").read_text())
+    directory = Path(args.artifact)
+    m = read_manifest(directory)
+    verify_files(directory, m)
+    report = json.loads((directory / "report.json").read_text())
     if args.json:
-        print(json.dumps({"manifest": artifact.manifest, "report": report}, indent=2))
+        print(json.dumps({"manifest": m, "report": report}, indent=2))
         return 0
-    m = artifact.manifest
-    print(f"artifact   {artifact.directory}")
+    print(f"artifact   {directory}")
     print(f"source     {m['source']}")
     versions = f"format {m['format_version']}, torch {m['torch_version']}"
     print(f"peakc      {m['peakc_version']} ({versions})")
@@ -244,14 +307,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"program    {name}: ({ins}) -> ({outs}), {len(prog['weights'])} weights")
     print(f"files      {len(m['files'])}, checksums verified")
     print()
-    print((artifact.directory / "report.md").read_text())
+    print((directory / "report.md").read_text())
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import peakc
     from peakc.runtime.generate import Generator, SamplingConfig
+    from peakc.runtime.threads import apply_threads
 
+    if args.chat and args.prompt_ids:
+        raise PeakcError("--chat applies to --prompt text, not to --prompt-ids")
+    threads = apply_threads(args.threads)
     artifact = peakc.load(args.artifact)
     generator = Generator.from_artifact(artifact, args.device)
     config = SamplingConfig(
@@ -263,31 +330,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     config.validate()
     if args.prompt_ids:
-        return _generate_ids(generator, config, args.prompt_ids)
+        return _generate_ids(generator, config, args.prompt_ids, threads)
     if generator.tokenizer is None:
         raise PeakcError(
             f"{args.artifact} has no tokenizer: give token ids with --prompt-ids '1 2 3'"
         )
+    if args.chat and not getattr(generator.tokenizer, "chat_template", None):
+        raise PeakcError(f"{args.artifact}'s tokenizer has no chat template: drop --chat")
+    prompts = generator.chat_prompts(args.prompt) if args.chat else args.prompt
     single = len(args.prompt) == 1
-    if single:
+    if single and not args.chat:  # a continuation follows its prompt; a chat answer stands alone
         print(args.prompt[0], end="", flush=True)
 
     def on_text(index: int, text: str) -> None:
         if single:
             print(text, end="", flush=True)
 
-    texts = generator.generate_text(args.prompt, config, on_text)
+    texts = generator.generate_text(prompts, config, on_text)
     result = generator.last_result
     if single:
         print()
     else:
         for prompt, text in zip(args.prompt, texts):
-            print(f"--- {prompt}{text}")
-    _print_rate(result, generator.device)
+            print(f"--- {prompt}\n{text}" if args.chat else f"--- {prompt}{text}")
+    _print_rate(result, generator.device, threads)
     return 0
 
 
-def _generate_ids(generator, config, prompts: list[str]) -> int:
+def _generate_ids(generator, config, prompts: list[str], threads: int) -> int:
     """--prompt-ids: token ids in, each prompt's new ids printed on a line."""
     batch = []
     for text in prompts:
@@ -301,15 +371,15 @@ def _generate_ids(generator, config, prompts: list[str]) -> int:
     result = generator.generate(batch, config)
     for tokens in result.tokens:
         print(" ".join(str(t) for t in tokens))
-    _print_rate(result, generator.device)
+    _print_rate(result, generator.device, threads)
     return 0
 
 
-def _print_rate(result, device) -> None:
+def _print_rate(result, device, threads: int) -> None:
     rate = result.new_tokens / max(result.prefill_seconds + result.decode_seconds, 1e-9)
     print(
         f"[{result.new_tokens} tokens, prefill {result.prefill_seconds * 1e3:.1f} ms, "
-        f"{rate:.1f} tokens/s on {device}]",
+        f"{rate:.1f} tokens/s on {device}, {cpu_threads(threads)}]",
         file=sys.stderr,
     )
 
@@ -325,10 +395,14 @@ def _calibration_text(args: argparse.Namespace, source):
 
 def _set_sequence_length(source, seq_len: int) -> None:
     from peakc.data import with_sequence_length
+    from peakc.models import max_sequence_length
 
     if source.graph is not None:
         _check_captured_length(source.spec, source.example_inputs, seq_len)
         return
+    limit = max_sequence_length(source.module)
+    if limit is not None and seq_len > limit:
+        raise PeakcError(f"--seq-len {seq_len} exceeds {source.spec}'s limit of {limit} positions")
     source.example_inputs = with_sequence_length(source.example_inputs, seq_len)
 
 
@@ -345,28 +419,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peakc.models import artifact_source, load_source
     from peakc.runtime.artifact import load_artifact
     from peakc.runtime.evaluate import perplexity
+    from peakc.runtime.threads import apply_threads
 
+    if args.seq_len is not None and args.seq_len < 2:
+        raise PeakcError(f"--seq-len must be at least 2 (a token and the next), got {args.seq_len}")
+    threads = apply_threads(args.threads)
     spec = args.model if ":" in args.model else f"artifact:{args.model}"
     kind, _, rest = spec.partition(":")
     if kind == "artifact":  # loaded (and its checksums verified) once
         artifact = load_artifact(rest)
+        if "generation" in artifact.manifest:  # a decoder over a KV cache: windows are prefills
+            return _eval_decoder_artifact(args, spec, artifact, threads)
         info = artifact.manifest["programs"][artifact.default_program]
         if info.get("format") == "onnx":  # no Graph to read back: its own session scores it
-            return _eval_onnx_artifact(args, spec, artifact, info)
+            return _eval_onnx_artifact(args, spec, artifact, info, threads)
         source = artifact_source(spec, artifact)
     else:
         source = load_source(spec)
     if args.seq_len:
         _set_sequence_length(source, args.seq_len)
-    graph = source.graph or capture(source.module, source.example_inputs, name=spec)
     text = source_token_text(args.ppl, source)
+    graph = source.graph or capture(source.module, source.example_inputs, name=spec)
     seq_len = source.example_inputs[0].shape[-1]
     windows = consecutive_windows(text, seq_len, limit=args.max_windows)
-    _print_perplexity(spec, perplexity(graph, windows, args.device), args.ppl, text)
+    result = perplexity(graph, windows, args.device)
+    _print_perplexity(spec, result, args.ppl, text, threads)
     return 0
 
 
-def _eval_onnx_artifact(args: argparse.Namespace, spec: str, artifact, info: dict) -> int:
+def _eval_decoder_artifact(args: argparse.Namespace, spec: str, artifact, threads: int) -> int:
+    """A --task generate artifact: each window is a prefill from an empty cache, as long as
+    the cache unless --seq-len says otherwise."""
+    from peakc.data import consecutive_windows, load_token_text, load_tokenizer
+    from peakc.runtime.evaluate import prefill_perplexity
+    from peakc.runtime.generate import Generator
+
+    layout = artifact.manifest["generation"]
+    seq_len = args.seq_len or layout["max_seq_len"]
+    if seq_len > layout["max_seq_len"]:
+        raise PeakcError(
+            f"--seq-len {seq_len} exceeds {spec}'s KV cache of {layout['max_seq_len']} tokens"
+        )
+    tokenizer = load_tokenizer(artifact.directory / "tokenizer", layout["vocab_size"])
+    text = load_token_text(args.ppl, tokenizer)
+    windows = consecutive_windows(text, seq_len, limit=args.max_windows)
+    generator = Generator.from_artifact(artifact, args.device)
+    result = prefill_perplexity(generator.prefill_logits, windows)
+    _print_perplexity(spec, result, args.ppl, text, threads)
+    return 0
+
+
+def _eval_onnx_artifact(
+    args: argparse.Namespace, spec: str, artifact, info: dict, threads: int
+) -> int:
     from peakc.data import consecutive_windows, load_token_text, load_tokenizer
     from peakc.runtime.evaluate import artifact_perplexity
 
@@ -380,23 +485,34 @@ def _eval_onnx_artifact(args: argparse.Namespace, spec: str, artifact, info: dic
     tokenizer = load_tokenizer(artifact.directory / "tokenizer", vocab)
     text = load_token_text(args.ppl, tokenizer)
     windows = consecutive_windows(text, seq_len, limit=args.max_windows)
-    _print_perplexity(spec, artifact_perplexity(artifact, windows), args.ppl, text)
+    _print_perplexity(spec, artifact_perplexity(artifact, windows), args.ppl, text, threads)
     return 0
 
 
-def _print_perplexity(spec: str, result, path, text) -> None:
+def _print_perplexity(spec: str, result, path, text, threads: int) -> None:
     print(
         f"{spec}: perplexity {result.ppl:.4f} (nll {result.nll:.4f}) over {result.windows} "
-        f"windows of {result.seq_len} tokens from {path} ({text.tokenizer} tokenizer)"
+        f"windows of {result.seq_len} tokens from {path} ({text.tokenizer} tokenizer, "
+        f"{cpu_threads(threads)})"
     )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from peakc.models import eager_generation_step
     from peakc.runtime.bench import bench_target, format_bench
+    from peakc.runtime.threads import apply_threads
 
+    threads = apply_threads(args.threads)
     result = bench_target(
-        args.target, args.batch, args.prompt_len, args.gen_len, args.repeats, args.device
+        args.target,
+        args.batch,
+        args.prompt_len,
+        args.gen_len,
+        args.repeats,
+        args.device,
+        load_model=eager_generation_step,
     )
+    result["threads"] = threads
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
@@ -405,15 +521,14 @@ COMMANDS = {
     "compile": cmd_compile,
     "run": cmd_run,
     "passes": cmd_passes,
+    "backends": cmd_backends,
     "inspect": cmd_inspect,
     "generate": cmd_generate,
     "bench": cmd_bench,
     "eval": cmd_eval,
 }
 
-from peakc.cost_model.commands import COST_MODEL_COMMANDS  # noqa: E402
-
-COMMANDS.update(COST_MODEL_COMMANDS)
+COMMANDS.update(ESTIMATE_COMMANDS)
 
 if __name__ == "__main__":
     sys.exit(main())

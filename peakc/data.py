@@ -89,12 +89,26 @@ def load_token_text(path: str | Path, tokenizer: TextTokenizer) -> TokenText:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     ids: list[int] = []
     for f in files:
-        text = f.read_bytes().decode("utf-8", errors="replace")
+        text = _read_text(f)
         if text.strip():
             ids.extend(tokenizer.encode(text + "\n\n"))
     if not ids:
         raise PeakcError(f"text data {path} has no text")
     return TokenText(torch.tensor(ids, dtype=torch.int64), str(path), tokenizer.name)
+
+
+def _read_text(path: Path) -> str:
+    """A text file's contents; a binary or non-UTF-8 file is an error naming it, not text
+    scored with replacement characters."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise PeakcError(f"text data {path} is a binary file (it contains NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PeakcError(
+            f"text data {path} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x})"
+        ) from None
 
 
 def random_windows(text: TokenText, nsamples: int, seq_len: int, seed: int = 0) -> torch.Tensor:

@@ -1,54 +1,152 @@
-"""Backend interface: lower a transformed Graph into artifact contents."""
+"""Backend interface: typed options, the registry, and the per-op lowering report.
+
+A backend is a class with a `name`, an `Options` dataclass (the pass options' grammar and
+types: `ort{device=cuda,decode_batches=[1,8]}`) and `lower(graph, ctx, pipeline)` returning
+artifact contents. How it runs each peakc op is registered in the op set's one registry
+(`peakc.ir.ops.register_lowering`), from the backend's own folder; `lowering_report` turns
+that registry into the report's per-op "lowered / reference (why)".
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
-from peakc.ir.ops import get_lowering, peakc_op_name
-from peakc.passes.base import PassContext
+from peakc.ir.ops import lowering_for, peakc_op_name
+from peakc.passes.base import NoOptions, PassContext
+from peakc.passes.spec import (
+    build_options,
+    check_options_class,
+    format_options,
+    parse_item,
+)
 from peakc.runtime.artifact import ArtifactContents
 
-
-class Backend(Protocol):
-    name: ClassVar[str]
-
-    def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents: ...
-
-
-BACKENDS: dict[str, type] = {}
+# Built-in backends, imported when first asked for (ort needs onnx, onnxscript, onnxruntime).
+BUILTIN_BACKENDS = {
+    "eager": "peakc.backends.eager",
+    "ort": "peakc.backends.ort.lower",
+}
 
 
-def register_backend(cls: type) -> type:
+class Backend:
+    """Lowers a transformed Graph into artifact contents.
+
+    Subclasses set `name`, `Options` (a dataclass of typed options with defaults) and
+    `lower`; `validate()` raises a one-line PeakcError naming an out-of-range option.
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "backend"  # how spec errors name the owner of options
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise PeakcError naming the option when option values are out of range."""
+
+    def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents:
+        raise NotImplementedError
+
+    def option_error(self, option: str, message: str) -> PeakcError:
+        return PeakcError(f"backend '{self.name}': option '{option}' {message}")
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.options == other.options
+
+    def __str__(self) -> str:
+        return format_options(self.name, self.options, self.Options())
+
+    def __repr__(self) -> str:
+        return f"<backend {self}>"
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make a Backend available as `--backend NAME{...}`."""
+    if not (isinstance(cls, type) and issubclass(cls, Backend)) or not cls.name:
+        raise PeakcError(f"register_backend: {cls!r} is not a named subclass of Backend")
+    check_options_class(cls)
     BACKENDS[cls.name] = cls
     return cls
 
 
-def get_backend(spec: str) -> Backend:
-    """A backend by name, with options as `name{key=value,...}` (e.g. `ort{device=cuda}`)."""
-    import peakc.backends.eager  # noqa: F401
-
-    name, _, rest = spec.partition("{")
-    if name == "ort":  # needs onnx, onnxscript and onnxruntime: imported only when asked for
-        import peakc.backends.ort.lower  # noqa: F401
-    options = dict(item.split("=", 1) for item in rest.rstrip("}").split(",") if "=" in item)
+def backend_class(name: str) -> type[Backend]:
+    """A backend class by name, importing a built-in one on first use."""
+    if name not in BACKENDS and name in BUILTIN_BACKENDS:
+        importlib.import_module(BUILTIN_BACKENDS[name])
     if name not in BACKENDS:
-        known = ", ".join(sorted({*BACKENDS, "ort"}))
+        known = ", ".join(sorted({*BACKENDS, *BUILTIN_BACKENDS}))
         raise PeakcError(f"unknown backend '{name}' (known: {known})")
-    try:
-        return BACKENDS[name](**options)
-    except TypeError:
-        raise PeakcError(f"backend '{name}' has no option(s) {', '.join(options)}") from None
+    return BACKENDS[name]
 
 
-def op_lowering_report(graph: Graph, backend: str) -> dict[str, str]:
-    """For each peakc op in the graph: 'lowered' or 'reference' (no lowering for backend)."""
-    report = {}
+def load_builtin_backends() -> dict[str, type[Backend]]:
+    """Every built-in backend class (for listings such as `peakc backends`)."""
+    for name in BUILTIN_BACKENDS:
+        backend_class(name)
+    return dict(sorted(BACKENDS.items()))
+
+
+def get_backend(spec: str | Backend) -> Backend:
+    """A backend from its spec, `name{key=value,...}` in the pipeline grammar (typed values,
+    lists `[1,8]`; errors name the backend, the option and the column)."""
+    if isinstance(spec, Backend):
+        return spec
+    item = parse_item(spec, "backend")
+    cls = backend_class(item.name)
+    return cls(build_options(cls, item))
+
+
+@dataclass
+class OpLowering:
+    """What the report says of one peakc op: its label and the nodes that were not lowered."""
+
+    nodes: int = 0
+    declined: int = 0
+    reason: str = ""
+
+
+def lowering_report(
+    graph: Graph, backend: str, context: Any = None, unlowered: str = "reference"
+) -> dict[str, str]:
+    """Per peakc op in the graph, from the registry: the lowering's label when every node is
+    lowered; `unlowered` when the backend registered none; otherwise how many nodes run the
+    fallback, and why (each lowering's `why_not(node, graph, context)` decides per node)."""
+    seen: dict[str, OpLowering] = {}
     for node in graph.call_nodes():
         name = peakc_op_name(node.target)
-        if name is not None:
-            report[name] = "lowered" if get_lowering(name, backend) else "reference"
+        if name is None:
+            continue
+        entry = seen.setdefault(name, OpLowering())
+        entry.nodes += 1
+        lowering = lowering_for(name, backend)
+        reason = lowering.why_not(node, graph, context) if lowering and lowering.why_not else None
+        if reason is not None:
+            entry.declined += 1
+            entry.reason = entry.reason or reason
+    report = {}
+    for name, entry in seen.items():
+        lowering = lowering_for(name, backend)
+        if lowering is None:
+            report[name] = unlowered
+            continue
+        if not entry.declined:
+            report[name] = lowering.label
+            continue
+        fallback = f"{entry.declined} {lowering.fallback}"
+        if lowering.fallback == "reference":
+            fallback += f" ({entry.reason})"
+        report[name] = (
+            fallback if entry.declined == entry.nodes else f"{lowering.label}; {fallback}"
+        )
     return report
 
 

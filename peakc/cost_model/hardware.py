@@ -265,82 +265,106 @@ def _gpu_curves() -> dict[str, Any]:
     )
 
 
+@dataclass(frozen=True)
+class HostLink:
+    """Host-device copy bandwidths (bytes/s) of a bus, and where the figures came from."""
+
+    pinned: float
+    pageable: float
+    source: str
+
+
+@dataclass(frozen=True)
+class GpuFigures:
+    """The measured or published figures that set one built-in GPU profile apart from another;
+    everything else (efficiency curves, launch costs) is the shared estimate in _gpu_curves."""
+
+    datasheet: str  # source of peak_flops, memory_bandwidth and device memory
+    peak_flops: dict[str, float]
+    memory_bandwidth: float
+    device_memory: float
+    link: HostLink
+    host_memory: float
+    disk_capacity: float
+    host_source: str  # where the host memory and disk capacities came from
+    disk_read_bandwidth: float = 3 * GB
+
+
+PCIE5 = HostLink(50 * GB, 20 * GB, "PCIe Gen5 x16 nominal (64 GB/s), typical achieved; "
+                 "pageable assumed ~40%")
+PCIE4 = HostLink(25 * GB, 10 * GB, "PCIe Gen4 x16 nominal (32 GB/s), typical achieved; "
+                 "pageable assumed ~40%")
+NVME = "typical datacentre NVMe sequential read (estimate)"
+# Dense tensor-core peaks of Hopper (GH100): the H100 SXM5 and H200 SXM datasheets list the
+# same figures; the H200 differs in memory (capacity and bandwidth) only.
+HOPPER_PEAK_FLOPS = {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12,
+                     "int8": 1979e12, "fp8": 1979e12}
+
+GPU_FIGURES: dict[str, GpuFigures] = {
+    "h100-sxm": GpuFigures(
+        datasheet="NVIDIA H100 SXM5 datasheet (dense, no sparsity)",
+        peak_flops=HOPPER_PEAK_FLOPS, memory_bandwidth=3.35 * TB, device_memory=80 * GiB,
+        link=PCIE5, host_memory=128 * GiB, disk_capacity=64 * GiB,
+        host_source="the lent H100 machine's description",
+    ),
+    "h200": GpuFigures(
+        datasheet="NVIDIA H200 SXM datasheet (dense, no sparsity)",
+        peak_flops=HOPPER_PEAK_FLOPS, memory_bandwidth=4.8 * TB, device_memory=141 * GB,
+        link=PCIE5, host_memory=128 * GiB, disk_capacity=64 * GiB,
+        host_source="the lent H200 machine's description",
+    ),
+    "a100-80gb": GpuFigures(
+        datasheet="NVIDIA A100 80GB SXM datasheet (dense, no sparsity)",
+        peak_flops={"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12,
+                    "int8": 624e12},
+        memory_bandwidth=2.039 * TB, device_memory=80 * GiB, link=PCIE4,
+        host_memory=128 * GiB, disk_capacity=64 * GiB, host_source="assumed typical host",
+        disk_read_bandwidth=2 * GB,
+    ),
+}
+
+
+def gpu_profile(name: str, figures: GpuFigures) -> HardwareProfile:
+    """A built-in GPU profile: the device's figures, the shared curve estimates, the sources."""
+    link = figures.link
+    return HardwareProfile(
+        name=name,
+        peak_flops=dict(figures.peak_flops),
+        memory_bandwidth=figures.memory_bandwidth,
+        h2d_bandwidth_pinned=link.pinned, h2d_bandwidth_pageable=link.pageable,
+        d2h_bandwidth_pinned=link.pinned, d2h_bandwidth_pageable=link.pageable,
+        disk_read_bandwidth=figures.disk_read_bandwidth,
+        memory_capacity={"device": figures.device_memory, "host": figures.host_memory,
+                         "disk": figures.disk_capacity},
+        launch_overhead=5e-6,
+        **_gpu_curves(),
+        sources={"peak_flops": figures.datasheet, "memory_bandwidth": figures.datasheet,
+                 "memory_capacity.device": figures.datasheet, "h2d/d2h": link.source,
+                 "disk": NVME, "memory_capacity.host/disk": figures.host_source,
+                 "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES,
+                 "kernel_gap": GRAPH_GAP},
+    )
+
+
 def _builtin() -> dict[str, HardwareProfile]:
-    h100 = "NVIDIA H100 SXM5 datasheet (dense, no sparsity)"
-    h200 = "NVIDIA H200 SXM datasheet (dense, no sparsity)"
-    a100 = "NVIDIA A100 80GB SXM datasheet (dense, no sparsity)"
-    pcie5 = "PCIe Gen5 x16 nominal (64 GB/s), typical achieved; pageable assumed ~40%"
-    pcie4 = "PCIe Gen4 x16 nominal (32 GB/s), typical achieved; pageable assumed ~40%"
-    nvme = "typical datacentre NVMe sequential read (estimate)"
-    return {
-        "h100-sxm": HardwareProfile(
-            name="h100-sxm",
-            peak_flops={"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12,
-                        "int8": 1979e12, "fp8": 1979e12},
-            memory_bandwidth=3.35 * TB,
-            h2d_bandwidth_pinned=50 * GB, h2d_bandwidth_pageable=20 * GB,
-            d2h_bandwidth_pinned=50 * GB, d2h_bandwidth_pageable=20 * GB,
-            disk_read_bandwidth=3 * GB,
-            memory_capacity={"device": 80 * GiB, "host": 128 * GiB, "disk": 64 * GiB},
-            launch_overhead=5e-6,
-            **_gpu_curves(),
-            sources={"peak_flops": h100, "memory_bandwidth": h100,
-                     "memory_capacity.device": h100, "h2d/d2h": pcie5, "disk": nvme,
-                     "memory_capacity.host/disk": "the lent H100 machine's description",
-                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES,
-                     "kernel_gap": GRAPH_GAP},
-        ),
-        "h200": HardwareProfile(
-            name="h200",
-            peak_flops={"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12,
-                        "int8": 1979e12, "fp8": 1979e12},
-            memory_bandwidth=4.8 * TB,
-            h2d_bandwidth_pinned=50 * GB, h2d_bandwidth_pageable=20 * GB,
-            d2h_bandwidth_pinned=50 * GB, d2h_bandwidth_pageable=20 * GB,
-            disk_read_bandwidth=3 * GB,
-            memory_capacity={"device": 141 * GB, "host": 128 * GiB, "disk": 64 * GiB},
-            launch_overhead=5e-6,
-            **_gpu_curves(),
-            sources={"peak_flops": h200, "memory_bandwidth": h200,
-                     "memory_capacity.device": h200, "h2d/d2h": pcie5, "disk": nvme,
-                     "memory_capacity.host/disk": "the lent H200 machine's description",
-                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES,
-                     "kernel_gap": GRAPH_GAP},
-        ),
-        "a100-80gb": HardwareProfile(
-            name="a100-80gb",
-            peak_flops={"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12,
-                        "int8": 624e12},
-            memory_bandwidth=2.039 * TB,
-            h2d_bandwidth_pinned=25 * GB, h2d_bandwidth_pageable=10 * GB,
-            d2h_bandwidth_pinned=25 * GB, d2h_bandwidth_pageable=10 * GB,
-            disk_read_bandwidth=2 * GB,
-            memory_capacity={"device": 80 * GiB, "host": 128 * GiB, "disk": 64 * GiB},
-            launch_overhead=5e-6,
-            **_gpu_curves(),
-            sources={"peak_flops": a100, "memory_bandwidth": a100,
-                     "memory_capacity.device": a100, "h2d/d2h": pcie4, "disk": nvme,
-                     "memory_capacity.host/disk": "assumed typical host",
-                     "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES,
-                     "kernel_gap": GRAPH_GAP},
-        ),
-        "cpu": HardwareProfile(
-            name="cpu",
-            peak_flops={"fp32": 100e9, "bf16": 50e9, "fp16": 20e9, "int8": 100e9},
-            memory_bandwidth=10 * GB,
-            h2d_bandwidth_pinned=10 * GB, h2d_bandwidth_pageable=10 * GB,
-            d2h_bandwidth_pinned=10 * GB, d2h_bandwidth_pageable=10 * GB,
-            disk_read_bandwidth=1 * GB,
-            memory_capacity={"device": 24 * GiB, "host": 24 * GiB, "disk": 50 * GiB},
-            launch_overhead=5e-6,
-            asynchronous_launch=False,
-            kernel_gap=1e-7,
-            gemm_efficiency=[(1e4, 0.05), (1e6, 0.3), (1e8, 0.7), (1e10, 0.8)],
-            attention_efficiency=[(1e4, 0.02), (1e6, 0.15), (1e8, 0.4), (1e10, 0.5)],
-            copy_efficiency=[(1e3, 0.05), (1e5, 0.4), (1e7, 0.8), (1e9, 0.8)],
-            sources={"all": "rough estimates for a 2-core cloud VM; run `peakc calibrate`"},
-        ),
-    }
+    profiles = {name: gpu_profile(name, figures) for name, figures in GPU_FIGURES.items()}
+    profiles["cpu"] = HardwareProfile(
+        name="cpu",
+        peak_flops={"fp32": 100e9, "bf16": 50e9, "fp16": 20e9, "int8": 100e9},
+        memory_bandwidth=10 * GB,
+        h2d_bandwidth_pinned=10 * GB, h2d_bandwidth_pageable=10 * GB,
+        d2h_bandwidth_pinned=10 * GB, d2h_bandwidth_pageable=10 * GB,
+        disk_read_bandwidth=1 * GB,
+        memory_capacity={"device": 24 * GiB, "host": 24 * GiB, "disk": 50 * GiB},
+        launch_overhead=5e-6,
+        asynchronous_launch=False,
+        kernel_gap=1e-7,
+        gemm_efficiency=[(1e4, 0.05), (1e6, 0.3), (1e8, 0.7), (1e10, 0.8)],
+        attention_efficiency=[(1e4, 0.02), (1e6, 0.15), (1e8, 0.4), (1e10, 0.5)],
+        copy_efficiency=[(1e3, 0.05), (1e5, 0.4), (1e7, 0.8), (1e9, 0.8)],
+        sources={"all": "rough estimates for a 2-core cloud VM; run `peakc calibrate`"},
+    )
+    return profiles
 
 
 BUILTIN_PROFILES = _builtin()

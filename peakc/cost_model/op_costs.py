@@ -387,3 +387,15 @@ def shape_of(node: fx.Node) -> str:
 def is_view(node: fx.Node) -> bool:
     """True when the node aliases its input and launches no kernel."""
     return node.op == "call_function" and op_name(node.target) in FREE_OPS
+
+
+@register_cost_rule("peakc.linear_wq")
+def linear_wq(node: fx.Node, ctx: CostContext) -> OpCost:
+    """A linear on packed low-bit weights, costed as one kernel that reads them packed:
+    2*M*N*K FLOPs; moves x, the packed weight, scales, zero points and y."""
+    x, scales = val(node.args[0]), val(node.args[2])
+    out = val(node)
+    k, n = x.shape[-1], out.shape[-1]
+    m = x.numel() // k
+    moved = sum(nbytes(t) for t in _tensor_inputs(node)) + _out_bytes(node)
+    return OpCost(2.0 * m * n * k, moved, "gemm", dtype_name(scales), op_class="gemm")

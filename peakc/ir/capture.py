@@ -12,6 +12,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from peakc.errors import PeakcError
 from peakc.ir.graph import MODULE_KEY, Graph
+from peakc.ir.linear_forms import recognize_linears
 
 aten = torch.ops.aten
 
@@ -71,7 +72,11 @@ def capture(
     info = {"name": name}
     if dynamic:
         info["dynamic"] = dynamic
-    return from_exported(program, example_inputs, info=info)
+    graph = from_exported(program, example_inputs, info=info)
+    # Linears spelled `x @ W.T + b` in a module's forward reach passes as aten.linear too.
+    if recognize_linears(graph.graph):
+        graph.recompile()
+    return graph
 
 
 def export_dynamic_shapes(dynamic: dict | None, leading: int = 0) -> tuple | None:

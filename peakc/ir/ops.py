@@ -17,50 +17,133 @@ NAMESPACE = "peakc"
 
 
 @dataclass
+class Lowering:
+    """How one backend runs one op.
+
+    stage "emit": `fn` is what the backend emits for the node (an ONNX translation for ort, a
+    kernel launch for triton). stage "rewrite": `fn(graph, node, context)` rewrites the node
+    in the backend's copy of the graph before emission, e.g. into one of the backend's own ops
+    holding a repacked layout (linear_wq -> ort's matmul_nbits). `why_not(node, graph,
+    context)` returns None when a node can be lowered, else why it is not; such a node runs
+    `fallback` (the op's reference unless the backend says otherwise). `label` is what the
+    artifact report says of lowered nodes.
+    """
+
+    op: str
+    backend: str
+    fn: Callable
+    label: str = "lowered"
+    stage: str = "emit"
+    why_not: Callable[..., str | None] | None = None
+    fallback: str = "reference"
+
+
+@dataclass
 class OpDef:
-    """One peakc op: its name, the torch op, and the lowerings backends registered for it."""
+    """One op: its name, its reference, the backend owning it (None: a peakc op every pass
+    and backend may see; else private to that backend's lowering), and the lowerings
+    backends registered for it."""
 
     name: str
     doc: str
     reference: Callable | None = None  # the plain-torch implementation (backends may trace it)
-    lowerings: dict[str, Callable] = field(default_factory=dict)
+    backend: str | None = None
+    lowerings: dict[str, Lowering] = field(default_factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        return NAMESPACE if self.backend is None else f"{NAMESPACE}_{self.backend}"
 
     @property
     def overload(self) -> torch._ops.OpOverload:
-        return getattr(getattr(torch.ops, NAMESPACE), self.name).default
+        return getattr(getattr(torch.ops, self.namespace), self.name).default
 
 
-OPS: dict[str, OpDef] = {}
+OPS: dict[str, OpDef] = {}  # the peakc op set: the contract between passes and backends
+BACKEND_OPS: dict[str, dict[str, OpDef]] = {}  # backend -> its private ops (peakc_<backend>::)
 
 
-def define_op(name: str, reference: Callable, fake: Callable, doc: str = "") -> OpDef:
-    """Register `peakc::<name>` with torch.library from a typed reference and fake function."""
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(reference)
+def define_op(
+    name: str, reference: Callable, fake: Callable, doc: str = "", backend: str | None = None
+) -> OpDef:
+    """Register `peakc::<name>` with torch.library from a typed reference and fake function.
+
+    With `backend`, the op is that backend's own (`peakc_<backend>::<name>`): a form its
+    lowering rewrites peakc ops into before it emits them; passes never see it.
+    """
+    opdef = OpDef(name=name, doc="", reference=reference, backend=backend)
+    op = torch.library.custom_op(f"{opdef.namespace}::{name}", mutates_args=())(reference)
     op.register_fake(fake)
-    doc = doc or (reference.__doc__ or "").strip().splitlines()[0]
-    opdef = OpDef(name=name, doc=doc, reference=reference)
-    OPS[name] = opdef
+    opdef.doc = doc or (reference.__doc__ or "").strip().splitlines()[0]
+    table = OPS if backend is None else BACKEND_OPS.setdefault(backend, {})
+    table[name] = opdef
     return opdef
 
 
-def register_lowering(op_name: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: `fn` lowers peakc op `op_name` for `backend`."""
+def find_op(name: str, backend: str | None = None) -> OpDef:
+    """A peakc op, or one private to `backend`; a KeyError names what was looked for."""
+    if name in OPS:
+        return OPS[name]
+    private = BACKEND_OPS.get(backend or "", {})
+    if name in private:
+        return private[name]
+    raise KeyError(f"no op '{name}'" + (f" in peakc or backend '{backend}'" if backend else ""))
+
+
+def register_lowering(
+    op_name: str,
+    backend: str,
+    *,
+    label: str = "lowered",
+    stage: str = "emit",
+    why_not: Callable[..., str | None] | None = None,
+    fallback: str = "reference",
+) -> Callable[[Callable], Callable]:
+    """Decorator: `fn` lowers op `op_name` (a peakc op or one of the backend's own) for
+    `backend` (see Lowering for the stages, labels and per-node declines)."""
+    if stage not in ("emit", "rewrite"):
+        raise ValueError(f"register_lowering: stage must be emit or rewrite, got '{stage}'")
 
     def wrap(fn: Callable) -> Callable:
-        OPS[op_name].lowerings[backend] = fn
+        opdef = find_op(op_name, backend)
+        opdef.lowerings[backend] = Lowering(
+            op_name, backend, fn, label, stage, why_not, fallback
+        )
         return fn
 
     return wrap
 
 
 def get_lowering(op_name: str, backend: str) -> Callable | None:
-    """The backend's lowering of `op_name`, or None when the reference implementation is used."""
-    return OPS[op_name].lowerings.get(backend)
+    """The backend's lowering function for `op_name`, or None when its reference is used."""
+    lowering = lowering_for(op_name, backend)
+    return lowering.fn if lowering else None
+
+
+def lowering_for(op_name: str, backend: str) -> Lowering | None:
+    """The backend's Lowering record for `op_name`, or None."""
+    try:
+        return find_op(op_name, backend).lowerings.get(backend)
+    except KeyError:
+        return None
+
+
+def lowerings(backend: str) -> dict[str, Lowering]:
+    """Every op the backend lowers (peakc ops and its own), by op name."""
+    ops = [*OPS.values(), *BACKEND_OPS.get(backend, {}).values()]
+    return {op.name: op.lowerings[backend] for op in ops if backend in op.lowerings}
 
 
 def peakc_op_name(target: object) -> str | None:
     """The peakc op name of an FX node target, or None when it is not a peakc op."""
     if isinstance(target, torch._ops.OpOverload) and target.namespace == NAMESPACE:
+        return target._schema.name.split("::", 1)[1]
+    return None
+
+
+def backend_op_name(target: object, backend: str) -> str | None:
+    """The name of one of `backend`'s own ops for an FX node target, or None."""
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == f"{NAMESPACE}_{backend}":
         return target._schema.name.split("::", 1)[1]
     return None
 
@@ -365,23 +448,74 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (window >> (offset % 8)) & ((1 << bits) - 1)
 
 
-def dequantize_weight(
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    qzeros: torch.Tensor,
-    g_idx: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> torch.Tensor:
-    """The float weight [N, K] that a linear_wq computes with (scales' dtype)."""
-    q = unpack_bits(qweight, bits, in_features)
-    z = unpack_bits(qzeros, bits, scales.shape[1])
-    if g_idx is None:
-        g = torch.arange(in_features, device=qweight.device) // group_size
-    else:
-        g = g_idx.long()
-    return (q - z[:, g]).to(scales.dtype) * scales[:, g]
+@dataclass
+class PackedWeight:
+    """A linear_wq's weight: packed codes, scales, packed zero points, optional group index,
+    and their layout; together with x and bias, the op's arguments (`args` orders them).
+
+    The four tensor fields hold tensors, or the graph nodes that produce them when the weight
+    is read off a linear_wq node (`PackedWeight.of(node.args)`) or emitted as one (`emit`)."""
+
+    qweight: torch.Tensor | torch.fx.Node
+    scales: torch.Tensor | torch.fx.Node
+    qzeros: torch.Tensor | torch.fx.Node
+    g_idx: torch.Tensor | torch.fx.Node | None  # None: column k is in group k // group_size
+    bits: int
+    group_size: int
+    in_features: int
+
+    @classmethod
+    def of(cls, args: tuple) -> tuple[object, PackedWeight, object]:
+        """The input, packed weight and bias among a linear_wq call's arguments."""
+        x, qweight, scales, qzeros, g_idx, bias, bits, group_size, in_features = args
+        return x, cls(qweight, scales, qzeros, g_idx, bits, group_size, in_features), bias
+
+    def args(self, x: object, bias: object) -> tuple:
+        """The linear_wq arguments that apply this weight to `x` (then add `bias`)."""
+        return (x, self.qweight, self.scales, self.qzeros, self.g_idx, bias, *self.layout())
+
+    def layout(self) -> tuple[int, int, int]:
+        return self.bits, self.group_size, self.in_features
+
+    def tensors(self) -> dict[str, torch.Tensor | torch.fx.Node]:
+        """The packed tensors by field name; g_idx only when there is one."""
+        named = {"qweight": self.qweight, "scales": self.scales, "qzeros": self.qzeros}
+        return named if self.g_idx is None else {**named, "g_idx": self.g_idx}
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor | torch.fx.Node]) -> PackedWeight:
+        """The same layout holding other tensors (or nodes), keyed as `tensors()` keys them."""
+        return PackedWeight(
+            tensors["qweight"], tensors["scales"], tensors["qzeros"], tensors.get("g_idx"),
+            *self.layout(),
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight [N, K] that linear_wq computes with (scales' dtype)."""
+        q = unpack_bits(self.qweight, self.bits, self.in_features)
+        z = unpack_bits(self.qzeros, self.bits, self.scales.shape[1])
+        if self.g_idx is None:
+            g = torch.arange(self.in_features, device=self.qweight.device) // self.group_size
+        else:
+            g = self.g_idx.long()
+        return (q - z[:, g]).to(self.scales.dtype) * self.scales[:, g]
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Run peakc::linear_wq with this (tensor-valued) weight."""
+        return LINEAR_WQ.overload(*self.args(x, bias))
+
+    def emit(self, graph: torch.fx.Graph, x: torch.fx.Node, bias: object) -> torch.fx.Node:
+        """A linear_wq call node in `graph` (at its insertion point) reading this node-valued
+        weight."""
+        return graph.call_function(LINEAR_WQ.overload, self.args(x, bias))
+
+
+def dequantize_weight(*packed: object) -> torch.Tensor:
+    """`PackedWeight(qweight, scales, qzeros, g_idx, bits, group_size, in_features)`'s float
+    weight, for callers holding the operands apart."""
+    return PackedWeight(*packed).dequantize()
 
 
 def _linear_wq_reference(
@@ -395,23 +529,14 @@ def _linear_wq_reference(
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """Linear with packed b-bit weights: unpack, dequantize per group, then x @ Wᵀ + bias."""
-    w = dequantize_weight(qweight, scales, qzeros, g_idx, bits, group_size, in_features)
+    """Linear with packed b-bit weights: unpack, dequantize per group, then x @ Wᵀ + bias.
+    (The typed signature is the op's schema; PackedWeight holds the same operands.)"""
+    w = PackedWeight(qweight, scales, qzeros, g_idx, bits, group_size, in_features).dequantize()
     return torch.nn.functional.linear(x, w.to(x.dtype), bias)
 
 
-def _linear_wq_fake(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    qzeros: torch.Tensor,
-    g_idx: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], scales.shape[0]))
+def _linear_wq_fake(x, qweight, scales, *rest):
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))  # [..., N]: the rest is layout
 
 
 LINEAR_WQ = define_op("linear_wq", _linear_wq_reference, _linear_wq_fake)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ class ModelSource:
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
     dynamic: dict | None = None  # capture's dynamic-shape spec (generation)
     generation: dict | None = None  # the KV-cache layout, for a decoder program
+    native_dtype: str | None = None  # the checkpoint's own dtype, where it differs from loading's
+    dtype: str | None = None  # the weights' dtype once --dtype is applied (None: an artifact)
 
 
 TASKS = ("forward", "generate")
@@ -41,23 +44,34 @@ def load_source_for_task(
     max_seq_len: int = 512,
     max_batch: int = 8,
     dtype: str = "float32",
+    bfloat16_runs: bool = True,
 ) -> ModelSource:
     """Load a source for `task`: `generate` wraps a causal LM with an explicit KV cache.
 
-    `dtype` casts the model's floating-point weights (float32, bfloat16, float16).
+    `dtype` casts the model's floating-point weights (float32, bfloat16, float16), or `auto`
+    keeps the source's own: a checkpoint's declared dtype (bfloat16 for a quantized GGUF),
+    else the module's. `bfloat16_runs=False` (a backend that cannot run bfloat16 here) makes
+    auto keep a bfloat16 source in float32. `source.dtype` records the outcome.
     """
     if task not in TASKS:
         raise PeakcError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
-    if dtype not in DTYPES:
-        raise PeakcError(f"unknown --dtype '{dtype}' (known: {', '.join(DTYPES)})")
+    if dtype not in DTYPES and dtype != "auto":
+        raise PeakcError(f"unknown --dtype '{dtype}' (known: auto, {', '.join(DTYPES)})")
     source = load_source(spec)
-    if dtype != "float32":
-        if source.module is None:
+    if dtype == "auto" and source.module is not None:
+        dtype = source.native_dtype or _module_dtype(source.module)
+        if dtype == "bfloat16" and not bfloat16_runs:
+            dtype = "float32"
+    if source.module is None:
+        if dtype not in ("auto", "float32"):
             raise PeakcError(f"model '{spec}': --dtype applies to model sources, not artifacts")
-        source.module.to(DTYPES[dtype])
-        source.example_inputs = tuple(
-            t.to(DTYPES[dtype]) if t.is_floating_point() else t for t in source.example_inputs
-        )
+    else:
+        if dtype in DTYPES:
+            source.module.to(DTYPES[dtype])
+            source.example_inputs = tuple(
+                t.to(DTYPES[dtype]) if t.is_floating_point() else t for t in source.example_inputs
+            )
+        source.dtype = dtype
     if task == "forward":
         return source
     if source.module is None:
@@ -75,6 +89,21 @@ def load_source_for_task(
     source.dynamic = kv_cache.dynamic_shapes(layout)
     source.generation = layout.to_dict()
     return source
+
+
+def eager_generation_step(
+    spec: str, max_seq_len: int, max_batch: int, device: torch.device
+) -> tuple[Callable, dict]:
+    """The model's KV-cache decoder, uncaptured, on `device` as a Generator step (no grad), and
+    its cache layout: what `peakc bench MODEL` times against an artifact."""
+    source = load_source_for_task(spec, "generate", max_seq_len=max_seq_len, max_batch=max_batch)
+    decoder = source.module.to(device)
+
+    def step(ids, positions, k_cache, v_cache):
+        with torch.no_grad():
+            return decoder(ids, positions, k_cache, v_cache)
+
+    return step, source.generation
 
 
 def load_source(spec: str) -> ModelSource:
@@ -100,6 +129,26 @@ def load_source(spec: str) -> ModelSource:
     from peakc.runtime.artifact import load_artifact
 
     return artifact_source(spec, load_artifact(rest))
+
+
+def _module_dtype(module: torch.nn.Module) -> str:
+    """The dtype of a module's first floating-point parameter (float32 when it has none)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return str(param.dtype).removeprefix("torch.")
+    return "float32"
+
+
+def max_sequence_length(module: torch.nn.Module | None) -> int | None:
+    """The longest sequence the model's positions cover (a transformers config's
+    max_position_embeddings, the demo Llama's max_positions), or None when it does not say."""
+    model = getattr(module, "hf_model", module)
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "max_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def artifact_source(spec: str, artifact) -> ModelSource:
@@ -132,7 +181,14 @@ def _load_python(spec: str, rest: str) -> ModelSource:
     func = getattr(module, func_name, None)
     if not callable(func):
         raise PeakcError(f"model '{spec}': '{target}' has no function '{func_name}'")
-    result = func()
+    try:
+        result = func()
+    except Exception as exc:  # the user's code: name where it raised, not a bare exception
+        where = _innermost_frame(exc, getattr(module, "__file__", None)) or f"{func_name}()"
+        raise PeakcError(
+            f"model '{spec}': {func_name}() raised {type(exc).__name__} at {where}: "
+            f"{_first_line(exc)}"
+        ) from exc
     if (
         not isinstance(result, tuple)
         or len(result) != 2
@@ -142,3 +198,22 @@ def _load_python(spec: str, rest: str) -> ModelSource:
     model, inputs = result
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     return ModelSource(spec, model, inputs)
+
+
+def _innermost_frame(exc: BaseException, filename: str | None) -> str | None:
+    """`FILE:LINE in FUNCTION` of the deepest traceback frame in `filename` (the source's own
+    file), or of the deepest frame at all when the file is unknown."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if filename is not None:
+        frames = [f for f in frames if Path(f.filename).resolve() == Path(filename).resolve()]
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "(no message)"

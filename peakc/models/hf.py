@@ -71,7 +71,32 @@ def load_hf(spec: str, path_text: str, gguf: bool) -> ModelSource:  # noqa: F821
     ids = torch.randint(0, vocab, (1, EXAMPLE_SEQ_LEN), generator=torch.Generator().manual_seed(0))
     source = ModelSource(spec, CausalLMLogits(model), (ids,))
     source.tokenizer_files = _tokenizer_files(tokenizer)
+    source.native_dtype = gguf_dtype(path) if gguf else config_dtype(path)
     return source
+
+
+def config_dtype(folder: Path) -> str:
+    """The dtype a Hugging Face folder's config.json declares (`dtype`, formerly
+    `torch_dtype`); float32 when it declares none."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    declared = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return declared if declared in ("float32", "bfloat16", "float16") else "float32"
+
+
+def gguf_dtype(path: Path) -> str:
+    """The float dtype a GGUF file's weights come closest to: float32 or float16 when every
+    tensor is stored so, bfloat16 when any is bfloat16 or quantized (4-bit blocks and the like
+    dequantize to more precision than they hold, and bf16 keeps float32's range)."""
+    from gguf import GGUFReader
+
+    kinds = {tensor.tensor_type.name for tensor in GGUFReader(str(path)).tensors}
+    if kinds <= {"F32"}:
+        return "float32"
+    if kinds <= {"F32", "F16"}:
+        return "float16"
+    return "bfloat16"
 
 
 def _optional_tokenizer(transformers, path: Path):

@@ -9,33 +9,61 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
+
+from peakc.cost_model.hardware import HardwareProfile, resolve_profile
+from peakc.cost_model.predict import CostModel
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
+from peakc.passes.spec import check_options_class, format_options, option_type
+from peakc.progress import ProgressTask
+
+__all__ = ["NoOptions", "Pass", "PassContext", "PassResult", "option_type", "register_pass"]
+
+if TYPE_CHECKING:
+    from peakc.passes.instruments import Instrument
 
 
 @dataclass
 class PassResult:
-    """What a pass returns: the graph, whether it changed, and measured counts."""
+    """What a pass returns: the graph, whether it changed, measured counts, and report entries.
+
+    `stats` are flat counts for the report's table; `report` holds structured entries the
+    pass wants in report.json under its record (near-misses, predicted costs, placements).
+    """
 
     graph: Graph
     modified: bool
     stats: dict[str, float | int | str] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class PassContext:
-    """Everything a pass may read besides the graph: target hardware, data, instruments."""
+    """Everything a pass may read besides the graph: the target and its cost model, data,
+    the compute device, and the instruments (the only hook point: timing, dumps, progress)."""
 
-    target: Any = None  # peakc.cost_model.hardware.HardwareProfile
-    calibration_data: Any = None  # token windows for passes that calibrate
+    target: HardwareProfile = field(default_factory=lambda: resolve_profile("cpu"))
+    calibration_data: torch.Tensor | None = None  # token windows for passes that calibrate
     device: str = "cpu"
-    instruments: list = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
+    instruments: list[Instrument] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # TRANSITION: removed at integration
+
+    @property
+    def cost(self) -> CostModel:
+        """The cost model on the target: `ctx.cost.phases(graph)`, `ctx.cost.estimate(graph)`."""
+        if getattr(self, "_cost", None) is None or self._cost.profile is not self.target:
+            self._cost = CostModel(self.target)
+        return self._cost
+
+    def progress(self, task: str, total: int) -> ProgressTask:
+        """A progress task the instruments hear about (silent when none listens)."""
+        return ProgressTask(task, total, [i for i in self.instruments if hasattr(i, "on_progress")])
 
     def provides(self) -> set[str]:
-        have = {"target"} if self.target is not None else set()
+        have = {"target"}
         if self.calibration_data is not None:
             have.add("calibration_data")
         return have
@@ -77,9 +105,8 @@ class Pass:
         return f"<pass {self}>"
 
     def __str__(self) -> str:
-        from peakc.passes.pipeline import format_pass
-
-        return format_pass(self)
+        defaults = type(self)().options if dataclasses.fields(self.options) else None
+        return format_options(self.name, self.options, defaults)
 
 
 REGISTRY: dict[str, type[Pass]] = {}
@@ -92,28 +119,12 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise PeakcError(f"register_pass: {cls!r} is not a subclass of peakc.Pass")
     if not cls.name or not cls.name.replace("_", "a").replace("-", "a").isalnum():
         raise PeakcError(f"register_pass: {cls.__name__} needs a name of letters, digits, _ or -")
-    if not dataclasses.is_dataclass(cls.Options):
-        raise PeakcError(f"pass '{cls.name}': Options must be a dataclass")
-    for f in dataclasses.fields(cls.Options):
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise PeakcError(f"pass '{cls.name}': option '{f.name}' needs a default")
-        option_type(cls, f.name)
+    check_options_class(cls)
     existing = REGISTRY.get(cls.name)
     if existing is not None and existing.__qualname__ != cls.__qualname__:
         raise PeakcError(f"pass '{cls.name}' is already registered by {existing.__module__}")
     REGISTRY[cls.name] = cls
     return cls
-
-
-def option_type(cls: type[Pass], option: str) -> Any:
-    """The declared type of an option: bool, int, float, str or a Literal of choices."""
-    hints = typing.get_type_hints(cls.Options)
-    tp = hints[option]
-    if tp in (bool, int, float, str) or typing.get_origin(tp) is Literal:
-        return tp
-    raise PeakcError(
-        f"pass '{cls.name}': option '{option}' has type {tp}; use bool, int, float, str or Literal"
-    )
 
 
 def get_pass(name: str) -> type[Pass]:

@@ -1,4 +1,5 @@
-"""Instruments: the only hook points around passes (timing, IR dumps, verify, parity, repro)."""
+"""Instruments: the only hook points around passes (timing, IR dumps, parity, reproducer,
+progress); verifying the graph is not an instrument: Pipeline.run always does it."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ class Instrument:
         self, p: Any, graph: Graph, index: int, remaining: Any, exc: Exception
     ) -> None: ...
 
+    def on_progress(self, task: str, done: int, total: int) -> None:
+        """A pass's long-running work advanced (calibrating blocks, probing layers)."""
+
 
 class Timing(Instrument):
     """Wall time of each pass, in seconds, into the pass record."""
@@ -34,19 +38,6 @@ class Timing(Instrument):
 
     def after_pass(self, p, result, index, record):
         record["seconds"] = round(time.perf_counter() - self._start, 4)
-
-
-class Verify(Instrument):
-    """Verify the graph after every pass; a failure names the pass."""
-
-    def before_pipeline(self, graph, ctx):
-        graph.verify()
-
-    def after_pass(self, p, result, index, record):
-        try:
-            result.graph.verify()
-        except PeakcError as exc:
-            raise PeakcError(f"graph invalid after pass: {exc}") from exc
 
 
 class DumpIR(Instrument):

@@ -3,7 +3,9 @@
 Layout (format version 1):
     manifest.json          format, versions, pipeline, backend, programs, sha256 of every file
     weights.safetensors    every weight by module path
-    inputs.safetensors     the example inputs (input_0, input_1, ...)
+    inputs.safetensors     the example inputs (input_0, input_1, ...) except all-zero ones
+                           (an empty KV cache): those are `zero_inputs` in the manifest, by
+                           dtype and shape, and are rebuilt as zeros on load
     <program>.pt2          torch.export archive of the program with weights as leading inputs
                            (no weights, constants or sample inputs inside, so nothing pickled)
     report.json, report.md per-pass time and stats, backend notes
@@ -15,7 +17,7 @@ carry pickled payloads, and artifacts from an incompatible format version.
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import io
 import json
 import os
@@ -34,12 +36,20 @@ from safetensors.torch import load_file, save_file
 from peakc.errors import PeakcError
 from peakc.ir.capture import export_dynamic_shapes
 from peakc.ir.graph import MODULE_KEY, Graph
+from peakc.runtime.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    _list_files,
+    _sha256,
+    read_manifest,
+    verify_files,
+)
+from peakc.version import __version__
 
-FORMAT = "peakc-artifact"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 INPUTS = "inputs.safetensors"
+ZERO_INPUTS = "zero_inputs"  # manifest key: {"input_3": {"dtype": "float32", "shape": [...]}}
 
 # Entries a weightless torch.export archive may hold; anything else (pickled tensors) is refused.
 _ARCHIVE_ALLOWED = (
@@ -54,8 +64,6 @@ _ARCHIVE_ALLOWED = (
 
 
 def peakc_version() -> str:
-    from peakc import __version__
-
     return __version__
 
 
@@ -73,6 +81,32 @@ class ProgramFile:
 
 
 PROGRAM_SUFFIX = {"torch.export": "pt2", "onnx": "onnx"}
+
+# loader(path, runtime options of the manifest's program entry) -> callable program
+ProgramLoader = Callable[[Path, dict[str, Any]], Callable]
+_PROGRAM_LOADERS: dict[str, ProgramLoader] = {}
+
+# The module of each backend whose programs need a loader from outside the runtime; importing it
+# registers the loader (torch.export programs, the eager backend's, load without one).
+BACKEND_MODULES = {"ort": "peakc.backends.ort.session"}
+
+
+def register_program_format(format: str, loader: ProgramLoader) -> None:
+    """Let artifacts' programs of `format` be opened by `loader` (a backend calls this when its
+    module is imported)."""
+    _PROGRAM_LOADERS[format] = loader
+
+
+def program_loader(format: str, backend: str, directory: Path) -> ProgramLoader:
+    """The loader for `format`, importing the artifact's backend module when none is registered
+    yet; a format nothing loads is an error naming it and the artifact."""
+    if format not in _PROGRAM_LOADERS and backend in BACKEND_MODULES:
+        importlib.import_module(BACKEND_MODULES[backend])
+    if format not in _PROGRAM_LOADERS:
+        raise PeakcError(
+            f"artifact {directory}: no loader for program format '{format}' (backend '{backend}')"
+        )
+    return _PROGRAM_LOADERS[format]
 
 
 @dataclass
@@ -176,32 +210,63 @@ def program_signature(
     )
 
 
-def write_artifact(contents: ArtifactContents, directory: str | Path, force: bool = False) -> Path:
-    """Write atomically: a temporary sibling folder, checksummed, then renamed into place."""
+def check_replaceable(directory: str | Path, force: bool) -> None:
+    """An existing output may be replaced only with `force`, and only when it is a peakc
+    artifact (a folder whose manifest says so): a user's file or folder is never deleted."""
     directory = Path(directory)
-    if directory.exists() and not force:
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not force:
         raise PeakcError(f"output folder {directory} already exists (use --force to replace it)")
+    if directory.is_symlink() or not directory.is_dir():
+        raise PeakcError(
+            f"output {directory} is a file, not a peakc artifact: --force replaces only peakc "
+            "artifacts; remove it yourself or choose another -o"
+        )
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PeakcError(
+            f"output folder {directory} is not a peakc artifact (no peakc {MANIFEST}): --force "
+            "replaces only peakc artifacts; remove it yourself or choose another -o"
+        )
+
+
+def write_artifact(
+    contents: ArtifactContents,
+    directory: str | Path,
+    force: bool = False,
+    before_report: Callable[[ArtifactContents], None] | None = None,
+) -> Path:
+    """Write atomically: a temporary sibling folder, checksummed, then renamed into place.
+    `force` replaces an existing peakc artifact, never anything else (check_replaceable).
+    The report is written after every other file, so `before_report` (called just before it)
+    can record how long the rest took."""
+    directory = Path(directory)
+    check_replaceable(directory, force)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         save_file(_contiguous(contents.weights), str(staging / WEIGHTS))
-        save_file(
-            {f"input_{i}": t.contiguous() for i, t in enumerate(contents.example_inputs)},
-            str(staging / INPUTS),
-        )
+        stored, zeros = split_zero_inputs(contents.example_inputs)
+        save_file(stored, str(staging / INPUTS))
         programs = {}
         for name, (data, info) in contents.programs.items():
             info.file = f"{name}.{PROGRAM_SUFFIX[info.format]}"
             (staging / info.file).write_bytes(data)
             programs[name] = vars(info)
-        (staging / "report.json").write_text(json.dumps(contents.report, indent=2, default=str))
-        (staging / "report.md").write_text(contents.report_md)
         for rel, data in contents.extra_files.items():
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             if isinstance(data, Path):  # a large file already on disk (ONNX external data)
                 shutil.move(data, staging / rel)
             else:
                 (staging / rel).write_bytes(data)
+        if before_report is not None:
+            before_report(contents)
+        (staging / "report.json").write_text(json.dumps(contents.report, indent=2, default=str))
+        (staging / "report.md").write_text(contents.report_md)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -212,6 +277,7 @@ def write_artifact(contents: ArtifactContents, directory: str | Path, force: boo
             "source": contents.source,
             "programs": programs,
             "ops": sorted(_custom_namespaces(contents)),
+            **({ZERO_INPUTS: zeros} if zeros else {}),
             **contents.extra_manifest,
             "files": {rel: _sha256(staging / rel) for rel in _list_files(staging)},
         }
@@ -261,9 +327,7 @@ class LoadedArtifact:
         self.directory = directory
         self.manifest = manifest
         self.weights = load_file(str(directory / WEIGHTS))
-        self.example_inputs = tuple(
-            t for _, t in sorted(load_file(str(directory / INPUTS)).items(), key=_input_order)
-        )
+        self.example_inputs = read_example_inputs(directory, manifest)
         self._programs: dict[str, Callable] = {}
 
     @property
@@ -281,14 +345,9 @@ class LoadedArtifact:
             info = self.manifest["programs"].get(name)
             if info is None:
                 raise PeakcError(f"artifact {self.directory} has no program '{name}'")
-            if info.get("format") == "onnx":
-                from peakc.backends.ort.session import OrtProgram
-
-                self._programs[name] = OrtProgram(
-                    self.directory / info["file"], **info.get("runtime", {})
-                )
-            else:
-                self._programs[name] = _load_program(self.directory / info["file"])
+            format = info.get("format", "torch.export")
+            load = program_loader(format, self.backend, self.directory)
+            self._programs[name] = load(self.directory / info["file"], info.get("runtime", {}))
         return self._programs[name]
 
     def weight_list(self, name: str | None = None) -> list[torch.Tensor]:
@@ -356,6 +415,35 @@ class LoadedArtifact:
         return graph
 
 
+def split_zero_inputs(
+    inputs: tuple[torch.Tensor, ...],
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """(tensors to store by name, dtype and shape of the all-zero ones by name): a zero KV
+    cache is described in the manifest instead of being stored (tens of MB for a real model)."""
+    stored: dict[str, torch.Tensor] = {}
+    zeros: dict[str, dict[str, Any]] = {}
+    for i, t in enumerate(inputs):
+        if _all_zero(t):
+            zeros[f"input_{i}"] = {
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape),
+            }
+        else:
+            stored[f"input_{i}"] = t.contiguous()
+    return stored, zeros
+
+
+def read_example_inputs(directory: Path, manifest: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """The stored example inputs plus the manifest's all-zero ones, in input order."""
+    inputs = load_file(str(directory / INPUTS))
+    for name, spec in manifest.get(ZERO_INPUTS, {}).items():
+        dtype = getattr(torch, str(spec.get("dtype")), None)
+        if not isinstance(dtype, torch.dtype) or name in inputs:
+            raise PeakcError(f"artifact {directory}: bad {ZERO_INPUTS} entry '{name}': {spec}")
+        inputs[name] = torch.zeros(spec["shape"], dtype=dtype)
+    return tuple(t for _, t in sorted(inputs.items(), key=_input_order))
+
+
 def load_artifact(directory: str | Path) -> LoadedArtifact:
     """Open an artifact after checking its format version and every file's checksum."""
     directory = Path(directory)
@@ -368,41 +456,6 @@ def load_artifact(directory: str | Path) -> LoadedArtifact:
                 "(load the plug-in that defines them)"
             )
     return LoadedArtifact(directory, manifest)
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    if not directory.is_dir():
-        raise PeakcError(f"artifact folder not found: {directory}")
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise PeakcError(f"{directory} is not a peakc artifact: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PeakcError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PeakcError(f"{path} is not a peakc artifact manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise PeakcError(
-            f"artifact {directory} has format version {version}; this peakc "
-            f"({peakc_version()}) reads version {FORMAT_VERSION}"
-        )
-    return manifest
-
-
-def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
-    """Every listed file present with its sha256, and no unlisted file."""
-    listed = manifest.get("files", {})
-    present = set(_list_files(directory)) - {MANIFEST}
-    for rel, digest in listed.items():
-        if rel not in present:
-            raise PeakcError(f"artifact {directory} is incomplete: {rel} is missing")
-        if _sha256(directory / rel) != digest:
-            raise PeakcError(f"artifact {directory}: {rel} was changed (checksum mismatch)")
-    extra = sorted(present - set(listed))
-    if extra:
-        raise PeakcError(f"artifact {directory} has an unexpected file: {extra[0]}")
 
 
 def _named_dims(signature: dict[str, Any], symbols: dict[str, str]) -> dict[str, Any]:
@@ -441,6 +494,9 @@ def _load_program(path: Path) -> Callable:
     return _load_exported(path).graph_module
 
 
+register_program_format("torch.export", lambda path, runtime: _load_program(path))
+
+
 def _custom_namespaces(contents: ArtifactContents) -> set[str]:
     names = set()
     for data, _ in contents.programs.values():
@@ -457,6 +513,15 @@ def _namespace_registered(ns: str) -> bool:
 
         return True
     return hasattr(torch.ops, ns) and bool(dir(getattr(torch.ops, ns)))
+
+
+def _all_zero(t: torch.Tensor) -> bool:
+    """Every element is 0 (for floats +0.0 only, so rebuilding with torch.zeros is exact)."""
+    if t.is_complex():
+        return False
+    if t.is_floating_point() and torch.signbit(t).any():
+        return False
+    return not t.any()
 
 
 def _input_order(item: tuple[str, torch.Tensor]) -> int:
@@ -481,18 +546,6 @@ def _make_readable(directory: Path) -> None:
     directory.chmod(0o755)
     for path in directory.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _list_files(directory: Path) -> list[str]:
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -3,18 +3,25 @@
 Both paths run the same loop (prefill the batch, then greedy decode with no early stop) so
 the numbers compare: an artifact through its decoder program, a source model through eager
 PyTorch (the same KV-cache decoder, uncaptured). Medians and p90 over repeats after warm-up.
+Model specs are resolved by the caller (`load_model`: peakc.models.eager_generation_step), so
+the runtime does not import the model sources that sit above it.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from peakc.errors import PeakcError
+from peakc.runtime.artifact import load_artifact
 from peakc.runtime.generate import Generator, SamplingConfig
+
+# (model spec, max_seq_len, max_batch, device) -> (step function, KV-cache layout)
+ModelStepLoader = Callable[[str, int, int, torch.device], tuple[Callable, dict[str, Any]]]
 
 
 def bench_target(
@@ -24,10 +31,12 @@ def bench_target(
     gen_len: int,
     repeats: int = 5,
     device: str | None = None,
+    load_model: ModelStepLoader | None = None,
 ) -> dict[str, Any]:
+    """Bench an artifact folder, or a model spec through `load_model`'s eager step."""
     if batch < 1 or prompt_len < 1 or gen_len < 1 or repeats < 1:
         raise PeakcError("--batch, --prompt-len, --gen-len and --repeats must be positive")
-    generator, label = _generator(target, prompt_len + gen_len, batch, device)
+    generator, label = _generator(target, prompt_len + gen_len, batch, device, load_model)
     prefill, decode = time_generation(generator, batch, prompt_len, gen_len, repeats)
     return {
         "target": label,
@@ -64,7 +73,8 @@ def time_generation(
 def format_bench(result: dict[str, Any]) -> str:
     return "\n".join(
         [
-            f"{result['target']} on {result['device']}: batch {result['batch']}, "
+            f"{result['target']} on {result['device']}{_threads_note(result)}: "
+            f"batch {result['batch']}, "
             f"prompt {result['prompt_len']}, generate {result['gen_len']} "
             f"({result['repeats']} repeats)",
             f"  prefill      median {result['prefill_ms']['median']:.2f} ms   "
@@ -76,22 +86,26 @@ def format_bench(result: dict[str, Any]) -> str:
     )
 
 
-def _generator(target: str, length: int, batch: int, device: str | None) -> tuple[Generator, str]:
-    import peakc
-    from peakc.models import load_source_for_task
+def _threads_note(result: dict[str, Any]) -> str:
+    from peakc.runtime.threads import cpu_threads
 
+    threads = result.get("threads")
+    return "" if threads is None else f" ({cpu_threads(threads)})"
+
+
+def _generator(
+    target: str, length: int, batch: int, device: str | None, load_model: ModelStepLoader | None
+) -> tuple[Generator, str]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if Path(target).is_dir():
-        artifact = peakc.load(target)
+        artifact = load_artifact(target)
         return Generator.from_artifact(artifact, dev), f"artifact {target}"
-    source = load_source_for_task(target, "generate", max_seq_len=length, max_batch=batch)
-    decoder = source.module.to(dev)
-
-    def step(ids, positions, k_cache, v_cache):
-        with torch.no_grad():
-            return decoder(ids, positions, k_cache, v_cache)
-
-    return Generator(step, source.generation, dev), f"eager {target}"
+    if load_model is None:
+        raise PeakcError(
+            f"bench: {target} is not an artifact folder; a model spec needs load_model"
+        )
+    step, layout = load_model(target, length, batch, dev)
+    return Generator(step, layout, dev), f"eager {target}"
 
 
 def _p90(values: list[float]) -> float:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
+from peakc.runtime.blocks import run_graph
 
 
 @dataclass
@@ -34,8 +35,6 @@ def perplexity(
     graph: Graph, windows: torch.Tensor, device: torch.device | str = "cpu"
 ) -> Perplexity:
     """Run `graph` (input: token ids [1, seq]) on each window; logits predict the next token."""
-    from peakc.passes.calibration import run_graph
-
     return window_perplexity(
         lambda ids: run_graph(graph, (ids,), device)[0], graph.example_inputs, windows
     )
@@ -44,6 +43,15 @@ def perplexity(
 def artifact_perplexity(artifact, windows: torch.Tensor) -> Perplexity:
     """An artifact whose program runs in its own runtime (an ONNX program): `artifact(ids)`."""
     return window_perplexity(lambda ids: artifact(ids)[0], artifact.example_inputs, windows)
+
+
+def prefill_perplexity(
+    prefill: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor
+) -> Perplexity:
+    """A decoder program (--task generate): each window is one prefill from an empty cache,
+    `prefill(ids [1, seq]) -> logits` (Generator.prefill_logits)."""
+    example = (torch.zeros((1, windows.shape[1]), dtype=torch.int64),)
+    return window_perplexity(prefill, example, windows)
 
 
 def window_perplexity(

@@ -126,9 +126,15 @@ class Generator:
         if len(prompts) > limit:
             raise PeakcError(f"batch of {len(prompts)} prompts exceeds the captured limit {limit}")
         cache = self.layout["max_seq_len"]
+        vocab = self.layout["vocab_size"]
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise PeakcError(f"prompt {i} is empty")
+            outside = [t for t in prompt if not 0 <= t < vocab]
+            if outside:
+                raise PeakcError(
+                    f"prompt {i}: token id {outside[0]} is outside the vocabulary (0..{vocab - 1})"
+                )
             if len(prompt) + max_new_tokens > cache:
                 raise PeakcError(
                     f"prompt {i} has {len(prompt)} tokens; with {max_new_tokens} new tokens it "
@@ -153,20 +159,7 @@ class Generator:
         for b, prompt in enumerate(prompts):
             ids[b, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
         positions = torch.arange(width, device=self.device).expand(batch, width).contiguous()
-        dtype = getattr(torch, self.layout["dtype"])
-        shape = (
-            self.layout["num_layers"],
-            batch,
-            self.layout["num_kv_heads"],
-            self.layout["max_seq_len"],
-            self.layout["head_dim"],
-        )
-        if isinstance(self.step, CacheOwningStep):
-            self.step.begin(batch)
-            k_cache = v_cache = None
-        else:
-            k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-            v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        k_cache, v_cache = self.empty_cache(batch)
         generator = None
         if config.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -225,6 +218,37 @@ class Generator:
             current += 1
         return torch.stack(new, dim=1).tolist()
 
+    def empty_cache(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Zero keys and values for `batch` sequences; (None, None) after `begin(batch)` when the
+        step keeps the cache itself."""
+        if isinstance(self.step, CacheOwningStep):
+            self.step.begin(batch)
+            return None, None
+        dtype = getattr(torch, self.layout["dtype"])
+        shape = (
+            self.layout["num_layers"],
+            batch,
+            self.layout["num_kv_heads"],
+            self.layout["max_seq_len"],
+            self.layout["head_dim"],
+        )
+        k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        return k_cache, torch.zeros_like(k_cache)
+
+    def prefill_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, vocab] of one prefill of `ids` [B, S] from an empty cache: what a
+        perplexity window of a decoder artifact is scored on."""
+        batch, seq = ids.shape
+        if seq > self.layout["max_seq_len"]:
+            raise PeakcError(
+                f"a window of {seq} tokens exceeds the cache of {self.layout['max_seq_len']}"
+            )
+        ids = ids.to(self.device)
+        positions = torch.arange(seq, device=self.device).expand(batch, seq).contiguous()
+        k_cache, v_cache = self.empty_cache(batch)
+        with torch.no_grad():
+            return self.run_step(ids, positions, k_cache, v_cache)
+
     def run_step(self, ids, positions, k_cache, v_cache) -> torch.Tensor:
         """One decoder call; the cache is written by the step itself or from new_k/new_v."""
         if k_cache is None:
@@ -232,6 +256,18 @@ class Generator:
         logits, new_k, new_v = self.step(ids, positions, k_cache, v_cache)
         write_cache(k_cache, v_cache, new_k, new_v, positions)
         return logits
+
+    def chat_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """Each prompt as one user message in the tokenizer's chat template, ending where the
+        assistant's answer begins (what an Instruct model was trained to continue)."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise PeakcError("this artifact's tokenizer has no chat template: drop --chat")
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            for prompt in prompts
+        ]
 
     def generate_text(
         self, prompts: Sequence[str], config: SamplingConfig, on_text: Callable | None = None

@@ -125,9 +125,9 @@ def llama(tmp_path_factory):
     return {
         "model": model,
         "eager": compile_ort(model, "eager", folder / "eager"),
-        "ort": compile_ort(model, "ort{device=cpu,decode_batches=1+2}", folder / "ort"),
+        "ort": compile_ort(model, "ort{device=cpu,decode_batches=[1,2]}", folder / "ort"),
         "off": compile_ort(
-            model, "ort{device=cpu,decode_batches=1,fold_rotary=false}", folder / "off"
+            model, "ort{device=cpu,decode_batches=[1],fold_rotary=false}", folder / "off"
         ),
     }
 
@@ -184,7 +184,7 @@ def test_mha_with_separate_qkv_linears(tmp_path):
     """kv_heads == heads and no horizontal fusion: q, k, v go in as three [B, S, H*D] inputs."""
     model = decoder(num_kv_heads=4)
     compiled, artifact = compile_ort(
-        model, "ort{device=cpu,decode_batches=1}", tmp_path / "a", UNFUSED_QKV
+        model, "ort{device=cpu,decode_batches=[1]}", tmp_path / "a", UNFUSED_QKV
     )
     report = compiled.contents.report["ort"]["gqa_fold"]
     assert report["rotary_folded"] == 2 and report["packed_qkv"] == 0
@@ -198,7 +198,7 @@ def test_mha_with_separate_qkv_linears(tmp_path):
 
 def test_interleaved_rotary_is_folded(tmp_path):
     model = decoder(rotary_dim=16, interleaved=True)
-    compiled, artifact = compile_ort(model, "ort{device=cpu,decode_batches=1}", tmp_path / "a")
+    compiled, artifact = compile_ort(model, "ort{device=cpu,decode_batches=[1]}", tmp_path / "a")
     assert compiled.contents.report["ort"]["gqa_fold"]["rotary_folded"] == 2
     decode = ir.load(artifact.directory / "decoder.decode_b1.onnx")
     assert all(n.attributes.get_int("rotary_interleaved") == 1 for n in gqa_nodes(decode))
@@ -208,7 +208,7 @@ def test_interleaved_rotary_is_folded(tmp_path):
 
 def test_partial_rotary_is_left_apart_and_correct(tmp_path):
     model = decoder(rotary_dim=8)  # 8 of head dim 16
-    compiled, artifact = compile_ort(model, "ort{device=cpu,decode_batches=1}", tmp_path / "a")
+    compiled, artifact = compile_ort(model, "ort{device=cpu,decode_batches=[1]}", tmp_path / "a")
     report = compiled.contents.report["ort"]["gqa_fold"]
     assert report["rotary_folded"] == 0 and len(report["not_folded"]) == 2
     assert all("partial rotary (8 of head dim 16" in r for r in report["not_folded"].values())
@@ -219,7 +219,7 @@ def test_partial_rotary_is_left_apart_and_correct(tmp_path):
 
 
 def test_fold_rotary_option_is_validated(tmp_path):
-    with pytest.raises(PeakcError, match="fold_rotary must be true or false; got 'maybe'"):
+    with pytest.raises(PeakcError, match=r"backend 'ort': option 'fold_rotary' expects true or false, got 'maybe' \(column 16\)"):
         compile_ort(decoder(), "ort{device=cpu,fold_rotary=maybe}", tmp_path / "a")
 
 
@@ -241,7 +241,7 @@ def test_transformers_llama_rotary_is_folded(tmp_path):
     module, layout = kv_cache.wrap_for_generation(causal_lm, MAX_LEN, MAX_BATCH, "hf-llama")
     inputs, dynamic = kv_cache.example_inputs(layout), kv_cache.dynamic_shapes(layout)
     model = (module, inputs, dynamic, layout.to_dict())
-    compiled, artifact = compile_ort(model, "ort{device=cpu,decode_batches=1}", tmp_path / "a")
+    compiled, artifact = compile_ort(model, "ort{device=cpu,decode_batches=[1]}", tmp_path / "a")
     report = compiled.contents.report["ort"]["gqa_fold"]
     assert report["rotary_folded"] == 2 and report["packed_qkv"] == 2
     decode = ir.load(artifact.directory / "decoder.decode_b1.onnx")

@@ -29,7 +29,7 @@ def artifacts(tmp_path_factory):
     out = {}
     for name, backend in {
         "eager": "eager",
-        "ort": "ort{device=cpu,decode_batches=1+2,share_weights=true}",
+        "ort": "ort{device=cpu,decode_batches=[1,2],share_weights=true}",
     }.items():
         compiled = peakc.compile(
             source,
@@ -158,7 +158,7 @@ def test_matmul_nbits_weights_shared(tmp_path):
     compiled = peakc.compile(
         source,
         pipeline="quantize{method=rtn,bits=4,group_size=32},fuse",
-        backend="ort{device=cpu,decode_batches=1+2,share_weights=true}",
+        backend="ort{device=cpu,decode_batches=[1,2],share_weights=true}",
     )
     artifact = peakc.load(compiled.save(tmp_path / "q"))
     assert compiled.contents.report["ort"]["contrib_ops"]["MatMulNBits"] == 14

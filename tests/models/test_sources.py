@@ -55,6 +55,14 @@ def test_py_source_errors():
         load_source("py:peakc.models.demo:LlamaConfig")
 
 
+def test_gguf_dtype_is_the_files_own(smollm2_gguf, tiny_llama_dir):
+    """--dtype auto: a quantized GGUF (Q4_1 blocks) comes out bfloat16, a folder as declared."""
+    from peakc.models.hf import config_dtype, gguf_dtype
+
+    assert gguf_dtype(smollm2_gguf) == "bfloat16"
+    assert config_dtype(tiny_llama_dir) == "float32"
+
+
 @pytest.mark.slow
 def test_gguf_smollm2_compiles_and_runs(tmp_path, smollm2_gguf):
     gguf = smollm2_gguf

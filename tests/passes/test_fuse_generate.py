@@ -96,3 +96,12 @@ def test_hf_generation_rotary_from_position_ids(hf_generation):
     for node in rotary_nodes(compiled.graph):
         assert node.args[1].meta["val"].shape[-1] == 8  # half of head_dim 16
     check_steps(compiled, decoder, layout)
+
+
+def test_stats_count_the_models_cached_attention(demo_generation):
+    """attention_cache comes from the model (no rule fuses it): the stats say it is there,
+    and fused.attention still counts only this pass's rewrites."""
+    _, compiled, stats, _ = demo_generation
+    ops = [peakc_op_name(n.target) for n in compiled.graph.call_nodes()]
+    assert ops.count("attention_cache") == 2  # one per layer
+    assert stats["already_fused.attention_cache"] == 2 and stats["fused.attention"] == 0

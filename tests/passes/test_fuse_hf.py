@@ -16,7 +16,7 @@ from peakc.ir import capture  # noqa: E402
 from peakc.ir.ops import peakc_op_name  # noqa: E402
 from peakc.models.hf import CausalLMLogits  # noqa: E402
 from peakc.passes.base import PassContext  # noqa: E402
-from peakc.passes.instruments import Parity, Verify  # noqa: E402
+from peakc.passes.instruments import Parity  # noqa: E402
 from peakc.passes.pipeline import Pipeline  # noqa: E402
 
 T = transformers
@@ -74,8 +74,8 @@ NEAR_MISSES = {
 
 
 def fuse_with_parity(graph):
-    """Run cleanup,fuse with Verify and Parity; returns (graph, fuse stats, near misses)."""
-    ctx = PassContext(instruments=[Verify(), Parity()])
+    """Run cleanup,fuse with Parity (the pipeline verifies after every pass); returns (graph, fuse stats, near misses)."""
+    ctx = PassContext(instruments=[Parity()])
     fused, records = Pipeline.parse("cleanup,fuse").run(graph, ctx)
     assert records[-1]["parity_rel_error"] <= 1e-5
     stats = {k.removeprefix("fused."): v for k, v in records[-1]["stats"].items()}
@@ -168,7 +168,7 @@ def bf16_arch(request):
                 param.copy_(1 + 0.5 * torch.randn(param.shape))
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
     graph = capture(CausalLMLogits(model), (ids,), name=f"{request.param}-bf16")
-    ctx = PassContext(instruments=[Verify()])  # parity checked below, in bf16 terms
+    ctx = PassContext()  # parity checked below, in bf16 terms
     fused, records = Pipeline.parse("cleanup,fuse").run(graph, ctx)
     stats = {k.removeprefix("fused."): v for k, v in records[-1]["stats"].items()}
     return request.param, graph, fused, stats, ids

@@ -30,7 +30,7 @@ def graph(llama):
 
 
 def prune(graph, **options):
-    ctx = PassContext(calibration_data=WINDOWS, settings={"progress": False})
+    ctx = PassContext(calibration_data=WINDOWS)
     return PrunePass(PruneOptions(nsamples=8, **options)).run(graph.copy(), ctx)
 
 
@@ -137,3 +137,38 @@ def test_pruned_artifact_saves_loads_runs_and_records_the_mask(llama, tmp_path):
     torch.testing.assert_close(loaded(inputs[0])[0], compiled(inputs[0])[0])
     w = loaded.weights["model.layers.1.mlp.down_proj.weight"]
     assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+
+
+def test_sparsity_zero_changes_nothing(graph):
+    result = prune(graph, method="magnitude", sparsity=0.0)
+    assert not result.modified and result.report == {}
+    assert not any("peakc_sparsity" in n.meta for n in result.graph.call_nodes())
+    for name, w in result.graph.weights().items():
+        assert torch.equal(w, graph.get_weight(name)), name
+
+
+def test_targets_matching_nothing_is_an_error_naming_the_filter(graph):
+    needle = "'prune': option 'targets' 'nothing_here' matches no linear"
+    with pytest.raises(PeakcError, match=needle):
+        prune(graph, method="magnitude", targets="nothing_here")
+
+
+@pytest.mark.parametrize(
+    "spec", ["prune{pattern=2:4,sparsity=0.6}", "prune{pattern=1:4,sparsity=0.3}"]
+)
+def test_nm_pattern_with_another_sparsity_is_an_error_naming_both(spec):
+    needle = r"option 'sparsity' \(0\.\d\) disagrees with option 'pattern' \(\d:4"
+    with pytest.raises(PeakcError, match=needle):
+        Pipeline.parse(spec)
+
+
+def test_nm_pattern_alone_or_with_its_own_sparsity_is_accepted():
+    for spec in ("prune{pattern=1:4}", "prune{pattern=1:4,sparsity=0.75}", "prune{pattern=2:4}"):
+        Pipeline.parse(spec)
+
+
+def test_report_holds_the_predicted_cost_before_and_after(graph):
+    result = prune(graph, method="magnitude")
+    cost = result.report["cost"]
+    assert cost["before"]["target"] == cost["after"]["target"] == "cpu"
+    assert cost["before"]["prefill"]["ms"] > 0 and cost["after"]["prefill"]["ms"] > 0

@@ -8,7 +8,8 @@ import torch
 from peakc.data import with_sequence_length
 from peakc.ir.capture import capture
 from peakc.models.demo import demo_llama
-from peakc.passes.calibration import calibrate_blocks, run_graph
+from peakc.passes.calibration import calibrate_blocks
+from peakc.runtime.blocks import run_graph
 
 
 @functools.cache

@@ -7,7 +7,7 @@ import torch
 
 from peakc.errors import PeakcError
 from peakc.passes.base import PassContext
-from peakc.passes.calibration import calibration_samples, default_targets
+from peakc.passes.calibration import default_targets
 from peakc.passes.pipeline import Pipeline
 from peakc.passes.prune import PruneOptions, PrunePass
 from peakc.passes.prune.owl import (
@@ -18,6 +18,7 @@ from peakc.passes.prune.owl import (
     wanda_scores,
 )
 from peakc.passes.prune.profile import spread_sparsities
+from peakc.runtime.samples import calibration_samples
 
 SEQ = 16
 WINDOWS = torch.randint(0, 256, (4, SEQ), generator=torch.Generator().manual_seed(0))
@@ -121,7 +122,7 @@ def test_rank_profile_spans_s_plus_minus_lambda_with_exact_overall_sparsity(llam
         owl_lambda=0.06,
         owl_threshold=2.0,
     )
-    ctx = PassContext(calibration_data=WINDOWS, settings={"progress": False})
+    ctx = PassContext(calibration_data=WINDOWS)
     result = PrunePass(options).run(graph.copy(), ctx)
     assert abs(result.stats["sparsity"] - 0.5) < 1e-3
     per_block: dict[str, list[float]] = {}

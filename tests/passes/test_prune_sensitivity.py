@@ -7,19 +7,13 @@ import torch
 
 from peakc.errors import PeakcError
 from peakc.passes.base import PassContext
-from peakc.passes.calibration import (
-    _last_use,
-    calibration_samples,
-    default_targets,
-    linear_sites,
-    peak_bytes,
-    run_graph,
-    variant_losses,
-)
+from peakc.passes.calibration import default_targets, linear_sites, variant_losses
 from peakc.passes.pipeline import Pipeline
-from peakc.passes.prune import PruneOptions, PrunePass, _block_pruner
+from peakc.passes.prune import PruneOptions, PrunePass, block_pruner
 from peakc.passes.prune.pattern import parse_pattern
 from peakc.passes.prune.sensitivity import measure_sensitivity, sample_nll
+from peakc.runtime.blocks import last_use, peak_bytes, run_graph
+from peakc.runtime.samples import calibration_samples
 
 SEQ = 16
 WINDOWS = torch.randint(0, 256, (6, SEQ), generator=torch.Generator().manual_seed(1))
@@ -65,7 +59,7 @@ def test_probes_keep_only_the_values_alive_between_blocks(graph):
     logits = graph.output_nodes()[0]
     hidden = blocks[1].outputs[0].meta["val"]
     size = logits.meta["val"].numel() * logits.meta["val"].element_size()
-    needed = _last_use(graph, blocks)
+    needed = last_use(graph, blocks)
     assert peak_bytes(blocks, needed) >= size
     kept = peak_bytes(blocks, needed, skip=(logits,))
     assert hidden.numel() * hidden.element_size() <= kept < size
@@ -91,14 +85,14 @@ def test_most_sensitive_block_keeps_most_at_exact_overall_sparsity(graph, method
         graph,
         samples,
         default_targets,
-        _block_pruner(o, parse_pattern("unstructured")),
+        block_pruner(o, parse_pattern("unstructured")),
         target=0.5,
         step=0.1,
     )
     assert len(measured.units) == 3 and all(len(u) == 7 for u in measured.units)
     assert len(set(measured.rises)) == 3  # (a random model: rises of either sign)
 
-    ctx = PassContext(calibration_data=WINDOWS, settings={"progress": False})
+    ctx = PassContext(calibration_data=WINDOWS)
     options = PruneOptions(
         method=method,
         sparsity=0.5,
@@ -128,7 +122,7 @@ def test_most_sensitive_block_keeps_most_at_exact_overall_sparsity(graph, method
 def test_probe_samples_limit_the_scoring_windows(graph):
     samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
     o = PruneOptions(sparsity=0.5, nsamples=6)
-    prune_block = _block_pruner(o, parse_pattern("unstructured"))
+    prune_block = block_pruner(o, parse_pattern("unstructured"))
     two = measure_sensitivity(
         graph, samples, default_targets, prune_block, target=0.5, step=0.1, probe_samples=2
     )

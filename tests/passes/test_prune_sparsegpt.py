@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 
+from peakc.passes.compress import reconstruction_error
 from peakc.passes.prune.magnitude import magnitude_prune
 from peakc.passes.prune.pattern import Pattern, parse_pattern
 from peakc.passes.prune.sparsegpt import (
@@ -12,7 +13,6 @@ from peakc.passes.prune.sparsegpt import (
     _masked_errors_batched,
     _masked_errors_by_column,
     inverse_hessian_factor,
-    reconstruction_error,
     sparsegpt_prune,
 )
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 import peakc
+from peakc.cost_model.hardware import resolve_profile
 from peakc.errors import PeakcError
-from peakc.ir.ops import dequantize_weight
+from peakc.ir.ops import PackedWeight
 from peakc.passes.base import PassContext
 from peakc.passes.pipeline import Pipeline
 from peakc.passes.quantize import QUANT_KEY, QuantizeOptions, QuantizePass
@@ -18,7 +19,7 @@ def _calib(graph, n=8):
 
 
 def _run(graph, **options):
-    ctx = PassContext(calibration_data=_calib(graph), settings={"progress": False})
+    ctx = PassContext(calibration_data=_calib(graph))
     return QuantizePass(QuantizeOptions(nsamples=8, **options)).run(graph, ctx)
 
 
@@ -27,9 +28,9 @@ def _wq_weights(graph):
     out = {}
     for node in graph.call_nodes():
         if node.target is WQ:
-            _, qw, s, qz, gi, _, bits, gs, k = node.args
-            w = [graph.get_weight(a.target) if a is not None else None for a in (qw, s, qz, gi)]
-            out[node.meta["peakc_module"]] = dequantize_weight(*w, bits, gs, k)
+            _, packed, _ = PackedWeight.of(node.args)
+            tensors = {key: graph.get_weight(a.target) for key, a in packed.tensors().items()}
+            out[node.meta["peakc_module"]] = packed.with_tensors(tensors).dequantize()
     return out
 
 
@@ -83,7 +84,7 @@ def test_prune_then_quantize_keeps_zeros(graph):
     pipe = Pipeline.parse(
         "prune{method=sparsegpt,sparsity=0.5,nsamples=8},quantize{method=gptq,bits=4,nsamples=8}"
     )
-    ctx = PassContext(calibration_data=_calib(graph), settings={"progress": False})
+    ctx = PassContext(calibration_data=_calib(graph))
     pruned_pass, quant_pass = pipe.passes
     pruned = pruned_pass.run(graph, ctx).graph
     masks = {
@@ -138,3 +139,37 @@ def test_explicit_targets_may_include_the_head(graph):
     assert result.stats["layers"] == 1
     linears = [n.meta["peakc_module"] for n in result.graph.call_nodes() if n.target is LINEAR]
     assert "lm_head" not in linears and len(linears) == 14
+
+
+def test_targets_matching_nothing_by_default_names_the_default():
+    from peakc.ir.capture import capture
+
+    graph = capture(torch.nn.Sequential(torch.nn.Linear(8, 4)), (torch.randn(2, 8),))
+    with pytest.raises(PeakcError, match="'targets' \\(default: linears inside numbered layers\\)"):
+        _run(graph, method="rtn")
+
+
+@pytest.fixture(scope="module")
+def generation_graph():
+    """A one-layer demo Llama's decoder (KV cache, dynamic batch and sequence)."""
+    from peakc.ir.capture import capture
+    from peakc.models import kv_cache
+    from peakc.models.demo import demo_llama
+
+    model, _ = demo_llama(seed=0, num_layers=1)
+    decoder, layout = kv_cache.wrap_for_generation(model, 32, 2, "demo")
+    inputs = kv_cache.example_inputs(layout)
+    graph = capture(decoder, inputs, name="demo", dynamic=kv_cache.dynamic_shapes(layout))
+    graph.info["generation"] = layout.to_dict()
+    return graph
+
+
+def test_report_predicts_less_weight_memory_and_decode_time_after(generation_graph):
+    ctx = PassContext(target=resolve_profile("h100-sxm"))
+    pass_ = QuantizePass(QuantizeOptions(method="rtn", bits=4, group_size=32))
+    result = pass_.run(generation_graph.copy(), ctx)
+    before, after = result.report["cost"]["before"], result.report["cost"]["after"]
+    assert before["target"] == after["target"] == "h100-sxm"
+    assert after["decode"]["weights_mb"] < before["decode"]["weights_mb"]
+    assert after["prefill"]["weights_mb"] < before["prefill"]["weights_mb"]
+    assert after["decode"]["ms"] <= before["decode"]["ms"]

@@ -104,6 +104,28 @@ def test_incompatible_version_is_refused(copy_of):
         peakc.load(copy_of)
 
 
+def test_program_format_without_a_loader_is_named(copy_of):
+    manifest = json.loads((copy_of / "manifest.json").read_text())
+    manifest["backend"] = "tflite"
+    manifest["programs"]["forward"]["format"] = "tflite-flatbuffer"
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    loaded = peakc.load(copy_of)
+    with pytest.raises(
+        PeakcError, match="no loader for program format 'tflite-flatbuffer' \\(backend 'tflite'\\)"
+    ):
+        loaded.program()
+
+
+def test_registered_program_format_is_used(copy_of, monkeypatch):
+    monkeypatch.setitem(art._PROGRAM_LOADERS, "echo", lambda path, runtime: lambda *xs: xs[-1:])
+    manifest = json.loads((copy_of / "manifest.json").read_text())
+    manifest["programs"]["forward"]["format"] = "echo"
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    loaded = peakc.load(copy_of)
+    (out,) = loaded(*loaded.example_inputs)
+    assert torch.equal(out, loaded.example_inputs[0])
+
+
 def test_not_an_artifact(tmp_path):
     with pytest.raises(PeakcError, match="artifact folder not found"):
         peakc.load(tmp_path / "nope")

@@ -56,6 +56,32 @@ def test_manifest_records_program_and_limits(gen_artifact):
     assert report["passes"][1]["stats"]["fused.rms_norm"] == 5
 
 
+def test_zero_cache_is_described_not_stored(gen_artifact, tmp_path):
+    """The example KV cache is all zeros: the manifest gives its dtype and shape, the inputs
+    file holds only ids and positions, and load/run rebuild the same inputs and outputs."""
+    from safetensors.torch import load_file
+
+    manifest = json.loads((gen_artifact / "manifest.json").read_text())
+    source = load_source_for_task("demo:llama", "generate", 48, 3)
+    ids, positions, k_cache, v_cache = source.example_inputs
+    assert set(load_file(str(gen_artifact / "inputs.safetensors"))) == {"input_0", "input_1"}
+    assert manifest["zero_inputs"] == {
+        "input_2": {"dtype": "float32", "shape": list(k_cache.shape)},
+        "input_3": {"dtype": "float32", "shape": list(v_cache.shape)},
+    }
+    assert "inputs.safetensors" in manifest["files"]  # still checksummed
+    loaded = peakc.load(gen_artifact)
+    for got, want in zip(loaded.example_inputs, source.example_inputs, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    with torch.no_grad():
+        want = source.module(*source.example_inputs)
+    for got, expected in zip(loaded(), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert main(["run", str(gen_artifact), "--output", str(tmp_path / "o.safetensors")]) == 0
+    outputs = load_file(str(tmp_path / "o.safetensors"))
+    torch.testing.assert_close(outputs["output_0"], want[0], rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_equals_full_recompute(generator):
     model, _ = demo_llama()
     prompts = [[5, 17, 99, 3, 250, 7], [42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]

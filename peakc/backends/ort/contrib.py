@@ -1,21 +1,24 @@
 """peakc ops as ONNX: onnxscript functions emitting ONNX Runtime contrib ops (com.microsoft).
 
 Each function is a torch.onnx custom translation: it receives the op's inputs as ONNX values
-(None for an absent optional tensor) and its scalar arguments as Python values. `TRANSLATIONS`
-maps peakc op names to them; an op missing here is exported through its reference
-implementation (see export.py). A new op is one function and one entry; `linear_wq` reaches
-MatMulNBits through matmul_nbits.py's rewrite to `ort_matmul_nbits`.
+(None for an absent optional tensor) and its scalar arguments as Python values. Each is
+registered in the op set's lowering registry (`register_lowering(op, "ort")`); an op without
+one is exported through its reference implementation (see export.py). A new op is one
+registered function here; `linear_wq` reaches MatMulNBits through matmul_nbits.py's rewrite
+into the backend's own op `peakc_ort::matmul_nbits`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import onnx.defs
 from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
+import peakc.backends.ort.matmul_nbits  # noqa: F401  (defines the backend's own matmul_nbits op)
+from peakc.ir.ops import register_lowering
+
 MS_DOMAIN = "com.microsoft"
+LABEL = "contrib/onnx"  # what the artifact report says of an op these functions lower
 _ANY = [
     "tensor(float)",
     "tensor(float16)",
@@ -146,17 +149,20 @@ CONTRIB_OPS = (
 )
 
 
+@register_lowering("rms_norm", "ort", label=LABEL)
 def rms_norm(x, weight, eps: float):
     """peakc::rms_norm -> SimplifiedLayerNormalization (normalized in fp32, stash_type=1)."""
     return SIMPLIFIED_LAYER_NORM(x, weight, axis=-1, epsilon=eps, stash_type=1)
 
 
+@register_lowering("skip_rms_norm", "ort", label=LABEL)
 def skip_rms_norm(x, skip, weight, eps: float):
     """peakc::skip_rms_norm -> SkipSimplifiedLayerNormalization (outputs 0 and 3)."""
     out, _, _, total = SKIP_SIMPLIFIED_LAYER_NORM(x, skip, weight, epsilon=eps)
     return out, total
 
 
+@register_lowering("layer_norm", "ort", label=LABEL)
 def layer_norm(x, weight, bias, eps: float):
     """peakc::layer_norm -> ONNX LayerNormalization over the last axis."""
     weight = weight if weight is not None else _ones_like_last(x)
@@ -167,6 +173,7 @@ def layer_norm(x, weight, bias, eps: float):
     return outputs[0]  # Y; the exporter also creates the optional Mean and InvStdDev outputs
 
 
+@register_lowering("skip_layer_norm", "ort", label=LABEL)
 def skip_layer_norm(x, skip, weight, bias, eps: float):
     """peakc::skip_layer_norm -> SkipLayerNormalization (outputs 0 and 3)."""
     weight = weight if weight is not None else _ones_like_last(x)
@@ -179,6 +186,7 @@ def skip_layer_norm(x, skip, weight, bias, eps: float):
     return out, total
 
 
+@register_lowering("rotary_embedding", "ort", label=LABEL)
 def rotary_embedding(x, cos, sin, interleaved: bool):
     """peakc::rotary_embedding -> RotaryEmbedding on x [B, H, S, D].
 
@@ -221,12 +229,14 @@ def static_dim(value, axis: int, op_name: str) -> int:
     return size
 
 
+@register_lowering("attention", "ort", label=LABEL)
 def attention(q, k, v, mask, is_causal: bool, scale: float):
     """peakc::attention -> MultiHeadAttention (KV heads repeated for GQA, causal as a bias)."""
     bias = _mask_bias(q, k, mask, is_causal)
     return _multi_head_attention(q, k, v, bias, scale)
 
 
+@register_lowering("attention_cache", "ort", label=LABEL)
 def attention_cache(q, k, v, k_cache, v_cache, positions, scale: float):
     """peakc::attention_cache -> GroupQueryAttention reading the cache in place.
 
@@ -260,7 +270,8 @@ def attention_cache(q, k, v, k_cache, v_cache, positions, scale: float):
 def attention_cache_mha(q, k, v, k_cache, v_cache, positions, scale: float):
     """peakc::attention_cache for any positions (not only contiguous ones): ScatterElements
     into a copy of the cache, then MultiHeadAttention with a position bias and KV heads
-    repeated. Not used by default: a per-device override through export.DEVICE_TRANSLATIONS."""
+    repeated. Not registered: the GroupQueryAttention form above is; a variant benchmark can
+    register this one in its place (`register_lowering("attention_cache", "ort")`)."""
     kv_shape = op.Shape(k)
     slots = op.Expand(op.Unsqueeze(positions, op.Constant(value_ints=[1, 3])), kv_shape)
     keys = op.ScatterElements(k_cache, slots, op.CastLike(k, k_cache), axis=2)
@@ -337,6 +348,7 @@ def _bool_to_bias(visible, like):
     return op.Where(visible, zero, low)
 
 
+@register_lowering("gelu", "ort", label=LABEL)
 def gelu(x, bias, approximate: str):
     """peakc::gelu -> FastGelu (tanh, optional bias), BiasGelu (erf with bias), Gelu (erf)."""
     if approximate == "tanh":
@@ -346,11 +358,13 @@ def gelu(x, bias, approximate: str):
     return GELU(x)
 
 
+@register_lowering("glu", "ort", label=LABEL)
 def glu(gate, up, activation: str):
     """peakc::glu -> act(gate) * up with standard ops."""
     return op.Mul(_activation(gate, activation), up)
 
 
+@register_lowering("linear_act", "ort", label=LABEL)
 def linear_act(x, weight, bias, activation: str):
     """peakc::linear_act -> MatMul(x, W^T) (+ bias) then the activation."""
     y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
@@ -359,10 +373,11 @@ def linear_act(x, weight, bias, activation: str):
     return _activation(y, activation)
 
 
-def ort_matmul_nbits(
+@register_lowering("matmul_nbits", "ort", label=LABEL)
+def matmul_nbits(
     x, b, scales, zero_points, perm, bias, bits: int, block_size: int, in_features: int
 ):
-    """peakc::ort_matmul_nbits (a linear_wq re-expressed by matmul_nbits.py) -> MatMulNBits,
+    """peakc_ort::matmul_nbits (a linear_wq re-expressed by matmul_nbits.py) -> MatMulNBits,
     after a Gather of the input columns for act-order weights, then + bias."""
     if perm is not None:
         x = op.Gather(x, perm, axis=-1)
@@ -372,7 +387,7 @@ def ort_matmul_nbits(
         scales,
         zero_points,
         K=in_features,
-        N=static_dim(b, 0, "ort_matmul_nbits"),
+        N=static_dim(b, 0, "matmul_nbits"),
         bits=bits,
         block_size=block_size,
     )
@@ -395,18 +410,3 @@ def _activation(x, activation: str):
 
 def _ones_like_last(x):
     return op.Expand(op.CastLike(op.Constant(value_float=1.0), x), op.Shape(x, start=-1))
-
-
-TRANSLATIONS: dict[str, Callable] = {
-    "rms_norm": rms_norm,
-    "skip_rms_norm": skip_rms_norm,
-    "layer_norm": layer_norm,
-    "skip_layer_norm": skip_layer_norm,
-    "rotary_embedding": rotary_embedding,
-    "attention": attention,
-    "attention_cache": attention_cache,
-    "gelu": gelu,
-    "glu": glu,
-    "linear_act": linear_act,
-    "ort_matmul_nbits": ort_matmul_nbits,
-}

@@ -15,12 +15,11 @@ total length stay fixed. The same code runs on the CPU provider.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from peakc.backends.ort.session import (
-    OrtProgram,
+from peakc.backends.ort.io_binding import (
     bind_presents,
     bind_tensor,
     device_index,
@@ -51,10 +50,22 @@ class DecodeBinding:
     runs: int = 0
 
 
+class CacheSharingProgram(Protocol):
+    """What the step uses of the OrtProgram (session.py) that creates it."""
+
+    device: str
+    session: Any  # the dynamic (prefill) InferenceSession
+    shared_cache: Any  # its SharedCacheLayout
+    cuda_graph: bool
+    call_outputs: list[str]
+
+    def decode_session(self, batch: int) -> Any: ...
+
+
 class SharedCacheStep:
     """`begin(batch)` then `step(ids, positions) -> logits`: the cache stays in the buffers."""
 
-    def __init__(self, program: OrtProgram, layout: dict[str, Any]) -> None:
+    def __init__(self, program: CacheSharingProgram, layout: dict[str, Any]) -> None:
         self.program = program
         self.cache = program.shared_cache
         self.layout = layout

@@ -2,14 +2,16 @@
 contrib-op translations, onnxscript's optimizer for cleanup, then the ONNX checker.
 
 Weights are initializers in one external data file next to the model (`<model>.onnx.data`).
-A peakc op without a translation is exported through its reference implementation; when that
-does not export either, the error names the op.
+Each peakc op is lowered as the registry says (`register_lowering(op, "ort")` in contrib.py
+and matmul_nbits.py); an op without an ort lowering is exported through its reference
+implementation; when that does not export either, the error names the op.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import re
 from collections.abc import Callable
@@ -23,25 +25,16 @@ import onnxscript.optimizer
 import torch
 import torch.fx as fx
 
-from peakc.backends.ort.contrib import CONTRIB_OPS, MS_DOMAIN, TRANSLATIONS
+from peakc.backends.ort.contrib import CONTRIB_OPS, MS_DOMAIN
 from peakc.backends.ort.gqa_fold import GqaFoldReport, fold_gqa
-from peakc.backends.ort.matmul_nbits import (
-    SUPPORTED_BITS,
-    MatMulNBitsReport,
-    rewrite_to_matmul_nbits,
-)
+from peakc.backends.ort.matmul_nbits import MatMulNBitsContext, MatMulNBitsReport
 from peakc.backends.ort.shared_cache import SharedCacheLayout, share_gqa_cache
 from peakc.errors import PeakcError
 from peakc.ir.capture import export_dynamic_shapes
 from peakc.ir.graph import Graph
-from peakc.ir.ops import OPS, peakc_op_name
+from peakc.ir.ops import OPS, find_op, lowering_for, lowerings, peakc_op_name
 
 OPSET = 18  # the onnxscript opset contrib.py writes against
-# Per-device overrides of contrib.TRANSLATIONS (none now: GroupQueryAttention's earlier
-# disagreement on CUDA was a max-length past without a shared present buffer, which the spec
-# does not allow; shared_cache.py rewrites the export into the shared-buffer form). The
-# MultiHeadAttention form stays available as contrib.attention_cache_mha.
-DEVICE_TRANSLATIONS: dict[str, dict[str, Callable]] = {}
 EXTERNAL_DATA_SUFFIX = ".data"
 # Initializers past this size go to the external data file (smaller ones stay in the model);
 # each starts at a page boundary, so onnxruntime and numpy can map it in place.
@@ -85,9 +78,14 @@ def max_ir_version() -> int:
     raise PeakcError(f"onnxruntime {onnxruntime.__version__} loads no ONNX IR version >= 7")
 
 
-def translations_for(device: str) -> dict[str, Callable]:
-    """The translation table for a device: TRANSLATIONS with the device's overrides."""
-    return {**TRANSLATIONS, **DEVICE_TRANSLATIONS.get(device, {})}
+def translation_table() -> dict[torch._ops.OpOverload, Callable]:
+    """torch.onnx's custom translation table: every op the registry lowers for ort at emit
+    time (peakc ops and the backend's own), by its torch overload."""
+    return {
+        find_op(name, "ort").overload: lowering.fn
+        for name, lowering in lowerings("ort").items()
+        if lowering.stage == "emit"
+    }
 
 
 @contextlib.contextmanager
@@ -110,9 +108,10 @@ def export_onnx(
     clean up, share GroupQueryAttention's cache buffers, move rotary and packed QKV into
     GroupQueryAttention (`fold_rotary`), set the IR version, save (weights in one external
     data file) and check."""
-    translations = translations_for(device)
-    gm, reference_ops, nbits_report = graph_for_export(graph, SUPPORTED_BITS[device], translations)
-    table = {OPS[name].overload: fn for name, fn in translations.items() if name in OPS}
+    context = MatMulNBitsContext(device)
+    gm, reference_ops = graph_for_export(graph, context)
+    nbits_report = context.matmul_nbits
+    table = translation_table()
     input_names = [n.name for n in graph.input_nodes()]
     output_names = [f"output_{i}" for i in range(len(graph.output_nodes()))]
     shapes = export_dynamic_shapes(graph.info.get("dynamic"), leading=0)
@@ -168,6 +167,9 @@ def save_with_external_data(model: onnx_ir.Model, path: Path) -> Path:
     (whatever the model's size: the static decode programs reference the same file, and
     session.py loads it once per device for all of them). Returns the data file's path."""
     data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+    if not save_takes_alignment():
+        write_aligned_external_data(model, path, data)
+        return data
     onnx_ir.save(
         model,
         path,
@@ -179,21 +181,64 @@ def save_with_external_data(model: onnx_ir.Model, path: Path) -> Path:
     return data
 
 
+@functools.cache
+def save_takes_alignment() -> bool:
+    """onnx_ir.save has `alignment` from onnx_ir 1.1 on (1.0 aligns only tensors over 1 MB)."""
+    return "alignment" in inspect.signature(onnx_ir.save).parameters
+
+
+def write_aligned_external_data(model: onnx_ir.Model, path: Path, data: Path) -> None:
+    """What onnx_ir.save(alignment=EXTERNAL_ALIGNMENT) writes, for onnx_ir versions without
+    it: each initializer over EXTERNAL_MIN_BYTES goes to `data` at the next page boundary, the
+    model at `path` references it there. The model object is left as it was. (Initializers
+    must be in memory, as the exporter's are, not already in `data`.)"""
+    moved: dict[onnx_ir.Value, onnx_ir.TensorProtocol] = {}
+    try:
+        with open(data, "wb") as out:
+            for graph in model.graphs():
+                for value in graph.initializers.values():
+                    tensor = value.const_value
+                    if tensor is None or tensor.nbytes <= EXTERNAL_MIN_BYTES:
+                        continue
+                    out.write(b"\0" * (-out.tell() % EXTERNAL_ALIGNMENT))
+                    offset, payload = out.tell(), tensor.tobytes()
+                    out.write(payload)
+                    moved[value] = tensor
+                    value.const_value = onnx_ir.ExternalTensor(
+                        data.name,
+                        offset,
+                        len(payload),
+                        tensor.dtype,
+                        shape=tensor.shape,
+                        name=value.name,
+                        base_dir=str(path.parent),
+                    )
+        onnx_ir.save(model, path)
+    finally:
+        for value, tensor in moved.items():
+            value.const_value = tensor
+
+
 def graph_for_export(
-    graph: Graph, nbits: tuple[int, ...], translations: dict[str, Callable] = TRANSLATIONS
-) -> tuple[fx.GraphModule, list[str], MatMulNBitsReport]:
-    """A copy of the graph with linear_wq in MatMulNBits' layout where it can be, and the
-    peakc ops without a translation calling their reference."""
+    graph: Graph, context: MatMulNBitsContext
+) -> tuple[fx.GraphModule, list[str]]:
+    """A copy of the graph as ort emits it: each peakc op whose registered lowering rewrites
+    it (linear_wq -> MatMulNBits' layout) rewritten, and the ops with no ort lowering calling
+    their reference. Returns the module and the names of the ops left to their reference."""
     copy = graph.copy()
-    nbits_report = rewrite_to_matmul_nbits(copy, nbits)
     reference_ops = set()
-    for node in copy.call_nodes():
+    for node in list(copy.call_nodes()):
         name = peakc_op_name(node.target)
-        if name is not None and name not in translations:
+        if name is None:
+            continue
+        lowering = lowering_for(name, "ort")
+        if lowering is None:
             node.target = OPS[name].reference
             reference_ops.add(name)
+        elif lowering.stage == "rewrite":
+            lowering.fn(copy, node, context)
     copy.recompile()
-    return copy.gm, sorted(reference_ops), nbits_report
+    return copy.gm, sorted(reference_ops)
 
 
 def export_error(exc: BaseException, reference_ops: list[str]) -> PeakcError:

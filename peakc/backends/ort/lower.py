@@ -11,17 +11,17 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import onnxruntime
 import torch
 
-from peakc.backends.base import op_lowering_report, program_name, register_backend
-from peakc.backends.ort.contrib import TRANSLATIONS
+from peakc.backends.base import Backend, lowering_report, program_name, register_backend
 from peakc.backends.ort.export import EXTERNAL_DATA_SUFFIX, OnnxExport, export_onnx
+from peakc.backends.ort.matmul_nbits import MatMulNBitsContext
 from peakc.backends.ort.session import (
     OrtProgram,
-    parse_flag,
     resolve_cuda_graph,
     resolve_device,
     resolve_share_weights,
@@ -39,31 +39,53 @@ IN_MEMORY_BYTES = 2**31  # a smaller external data file is held as bytes until s
 PARITY_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-@register_backend
-class OrtBackend:
-    name: ClassVar[str] = "ort"
+@dataclass
+class OrtOptions:
+    """Options of the ort backend (`ort{device=cuda,cuda_graph=true,decode_batches=[1,8]}`)."""
 
-    def __init__(
-        self,
-        device: str = "auto",
-        cuda_graph: str = "false",
-        decode_batches: str = "auto",
-        share_weights: str = "auto",
-        fold_rotary: str = "true",
-        parity_tol: str = "auto",
-    ) -> None:
-        self.device = device
-        self.cuda_graph = cuda_graph  # decode steps replayed as CUDA graphs (needs device=cuda)
-        # static decode programs (static_decode.py): "auto" = 1..max_batch with cuda_graph,
-        # none without; "none"; or sizes joined by '+' like "1+8" (',' separates options)
-        self.decode_batches = decode_batches
-        # auto|true|false: the sessions of a program take the weights from one OrtValue each on
-        # the device (shared_weights.py; auto: on CUDA only); false: a copy per session
-        self.share_weights = share_weights
-        # rotary and packed QKV inside GroupQueryAttention (gqa_fold.py): "true" or "false"
-        self.fold_rotary = bool(parse_flag("fold_rotary", fold_rotary))
-        # the compile-time parity bound: "auto" = PARITY_TOL for the output's dtype, or a number
-        self.parity_tol = resolve_parity_tol(parity_tol)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # decode steps on the static decode programs replayed as CUDA graphs (needs device=cuda)
+    cuda_graph: bool = False
+    # static decode programs (static_decode.py): auto = 1..max_batch with cuda_graph, none
+    # without; none; or the batch sizes, e.g. [1,8]
+    decode_batches: Literal["auto", "none"] | list[int] = "auto"
+    # the sessions of a program take the weights from one OrtValue each on the device
+    # (shared_weights.py; auto: on CUDA only); false: a copy per session
+    share_weights: Literal["auto"] | bool = "auto"
+    # rotary and packed QKV inside GroupQueryAttention (gqa_fold.py)
+    fold_rotary: bool = True
+    # the compile-time parity bound: auto = PARITY_TOL for the output's dtype, or a number
+    parity_tol: Literal["auto"] | float = "auto"
+
+
+@register_backend
+class OrtBackend(Backend):
+    """ONNX Runtime: contrib ops, GroupQueryAttention over a shared KV cache, MatMulNBits,
+    static decode programs and CUDA graphs; checked for parity at compile time."""
+
+    name: ClassVar[str] = "ort"
+    Options: ClassVar[type] = OrtOptions
+
+    def __init__(self, options: OrtOptions | None = None) -> None:
+        super().__init__(options)
+        o = self.options  # as the runtime entry and the resolvers below spell them
+        self.device = o.device
+        self.cuda_graph = _flag(o.cuda_graph)
+        self.share_weights = _flag(o.share_weights)
+        self.fold_rotary = o.fold_rotary
+        self.parity_tol = None if o.parity_tol == "auto" else float(o.parity_tol)
+        batches = o.decode_batches
+        self.decode_batches = batches if isinstance(batches, str) else "+".join(map(str, batches))
+
+    def validate(self) -> None:
+        tol = self.options.parity_tol
+        if tol != "auto" and not tol >= 0:
+            raise self.option_error("parity_tol", f"must be auto or a number >= 0; got '{tol}'")
+        batches = self.options.decode_batches
+        if isinstance(batches, list) and (not batches or min(batches) < 1):
+            raise self.option_error(
+                "decode_batches", f"must be auto, none or batch sizes >= 1 like [1,8]; got {batches}"
+            )
 
     def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents:
         device = resolve_device(self.device)
@@ -73,16 +95,19 @@ class OrtBackend:
         folder = Path(tempfile.mkdtemp(prefix="peakc-ort-"))
         path = folder / f"{program}.onnx"
         try:
-            exported = export_onnx(graph, path, device, self.fold_rotary)
-            session = OrtProgram(path, device, "false", share_weights=share)
-            parity = check_parity(graph, session, self.parity_tol)
-            del session  # its weights leave the device before the decode programs are made
+            with ctx.progress(f"export {path.name}", 1):  # lines of the CLI's progress display
+                exported = export_onnx(graph, path, device, self.fold_rotary)
+            with ctx.progress(f"parity of {path.name} ({device})", 1):
+                session = OrtProgram(path, device, "false", share_weights=share)
+                parity = check_parity(graph, session, self.parity_tol)
+                del session  # its weights leave the device before the decode programs are made
             batches = resolve_decode_batches(self.decode_batches, graph, cuda_graph, exported)
             extra: dict[str, Any] = {}
             decode_programs = {}
             for batch in batches:  # each references the decoder's external data file
                 name = decode_program_name(program, batch)
-                specialize_decode(path, batch, folder / name)
+                with ctx.progress(f"export {name} (batch {batch})", 1):
+                    specialize_decode(path, batch, folder / name)
                 decode_programs[str(batch)] = name
                 extra[name] = (folder / name).read_bytes()
         except BaseException:
@@ -106,11 +131,9 @@ class OrtBackend:
         else:  # only the large data file stays in the folder, until it is saved (moved out)
             for name in [path.name, *decode_programs.values()]:
                 (folder / name).unlink()
-        ops = op_lowering_report(graph, self.name)
-        for name in ops:
-            ops[name] = "contrib/onnx" if name in TRANSLATIONS else "reference (exported)"
-        if "linear_wq" in ops:
-            ops["linear_wq"] = linear_wq_status(exported)
+        ops = lowering_report(
+            graph, self.name, MatMulNBitsContext(device), unlowered="reference (exported)"
+        )
         contents = ArtifactContents(
             backend=self.name,
             pipeline=pipeline,
@@ -134,18 +157,9 @@ class OrtBackend:
         return contents
 
 
-def resolve_parity_tol(value: str) -> float | None:
-    """None for "auto" (PARITY_TOL by dtype), else a non-negative number."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return None
-    try:
-        tol = float(text)
-    except ValueError:
-        tol = -1.0
-    if not tol >= 0:
-        raise PeakcError(f"backend ort: parity_tol must be auto or a number >= 0; got '{value}'")
-    return tol
+def _flag(value: bool | str) -> str:
+    """A typed option as the artifact's runtime entry spells it ("true", "false", "auto")."""
+    return value if isinstance(value, str) else ("true" if value else "false")
 
 
 def resolve_decode_batches(
@@ -236,15 +250,6 @@ def gqa_fold_report(exported: OnnxExport) -> dict[str, Any]:
         "not_folded": fold.not_folded,
         "transposes_cancelled": fold.transposes_cancelled,
     }
-
-
-def linear_wq_status(exported: OnnxExport) -> str:
-    """How the quantized linears were exported: MatMulNBits and/or dequantized float MatMul."""
-    done, left = exported.matmul_nbits.rewritten, len(exported.matmul_nbits.not_rewritten)
-    if not left:
-        return "contrib/onnx (MatMulNBits)"
-    floats = f"{left} as float MatMul (dequantized at export)"
-    return f"contrib/onnx (MatMulNBits); {floats}" if done else floats
 
 
 def ort_report(

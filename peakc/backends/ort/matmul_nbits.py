@@ -12,7 +12,8 @@ weights then skip one 4-bit zero per block of 32), and a block size that is a po
   g_idx input is not used: on the CPU provider it gives wrong results with zero points.
 A linear_wq that cannot be expressed (3 bits, say) is dequantized on the host and exported as
 a float MatMul (its reference's unpacking does not export: ONNX has no integer bit shifts);
-`why_not` says why and the export report lists it.
+`why_not` says why and the export report lists it. The rewrite is the registered ort
+lowering of linear_wq (stage "rewrite"); matmul_nbits is the backend's own op.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from peakc.ir.graph import Graph
-from peakc.ir.ops import define_op, dequantize_weight, pack_bits, peakc_op_name, unpack_bits
+from peakc.ir.ops import define_op, dequantize_weight, pack_bits, register_lowering, unpack_bits
 
 MAX_BLOCK = 128
 # Bit widths each provider's MatMulNBits kernel takes (onnxruntime 1.31/1.32; checked on the
@@ -66,7 +67,9 @@ def _matmul_nbits_fake(x, b, scales, zero_points, perm, bias, bits, block_size, 
     return x.new_empty((*x.shape[:-1], b.shape[0]))
 
 
-MATMUL_NBITS = define_op("ort_matmul_nbits", _matmul_nbits_reference, _matmul_nbits_fake)
+MATMUL_NBITS = define_op(
+    "matmul_nbits", _matmul_nbits_reference, _matmul_nbits_fake, backend="ort"
+)
 
 
 @dataclass
@@ -87,6 +90,14 @@ class MatMulNBitsReport:
     rewritten: int = 0
     reordered: int = 0  # act-order linears whose input is gathered (perm)
     not_rewritten: dict[str, str] = field(default_factory=dict)  # module -> reason
+
+
+@dataclass
+class MatMulNBitsContext:
+    """What the rewrite needs from the export: the device (its bit widths) and the report."""
+
+    device: str
+    matmul_nbits: MatMulNBitsReport = field(default_factory=MatMulNBitsReport)
 
 
 def block_size_for(group_size: int, in_features: int) -> int:
@@ -167,65 +178,73 @@ def to_layout(
     )
 
 
-def rewrite_to_matmul_nbits(graph: Graph, bits_supported: tuple[int, ...]) -> MatMulNBitsReport:
-    """Replace each expressible linear_wq in `graph` (in place) by ort_matmul_nbits."""
-    report = MatMulNBitsReport()
-    for node in list(graph.call_nodes()):
-        if peakc_op_name(node.target) != "linear_wq":
-            continue
-        module = node.meta.get("peakc_module", node.name)
-        reason = why_not(node, graph, bits_supported)
-        if reason is not None:
-            report.not_rewritten[module] = reason
-            _dequantize_in_place(graph, node)
-            continue
-        x, qweight, scales, qzeros, g_idx, bias, bits, group_size, in_features = node.args
-        layout = to_layout(
-            graph.get_weight(qweight.target),
-            graph.get_weight(scales.target),
-            graph.get_weight(qzeros.target),
-            None if g_idx is None else graph.get_weight(g_idx.target),
-            bits,
-            group_size,
-            in_features,
-            x.meta["val"].dtype,
+def why_not_on(node: fx.Node, graph: Graph, context: MatMulNBitsContext) -> str | None:
+    """The registry's per-node check: why_not with the bit widths of the export's device."""
+    return why_not(node, graph, SUPPORTED_BITS[context.device])
+
+
+@register_lowering(
+    "linear_wq",
+    "ort",
+    label="contrib/onnx (MatMulNBits)",
+    stage="rewrite",
+    why_not=why_not_on,
+    fallback="as float MatMul (dequantized at export)",
+)
+def lower_linear_wq(graph: Graph, node: fx.Node, context: MatMulNBitsContext) -> None:
+    """Replace one linear_wq in `graph` (in place) by the backend's matmul_nbits op, or by a
+    float linear on its dequantized weight when MatMulNBits cannot express it."""
+    report = context.matmul_nbits
+    module = node.meta.get("peakc_module", node.name)
+    reason = why_not_on(node, graph, context)
+    if reason is not None:
+        report.not_rewritten[module] = reason
+        _dequantize_in_place(graph, node)
+        return
+    x, qweight, scales, qzeros, g_idx, bias, bits, group_size, in_features = node.args
+    layout = to_layout(
+        graph.get_weight(qweight.target),
+        graph.get_weight(scales.target),
+        graph.get_weight(qzeros.target),
+        None if g_idx is None else graph.get_weight(g_idx.target),
+        bits,
+        group_size,
+        in_features,
+        x.meta["val"].dtype,
+    )
+    prefix = qweight.target.rsplit(".", 1)[0]
+    tensors = {"nbits_b": layout.b, "nbits_scales": layout.scales}
+    if layout.zero_points is not None:
+        tensors["nbits_zero_points"] = layout.zero_points
+    if layout.perm is not None:
+        tensors["nbits_perm"] = layout.perm
+        report.reordered += 1
+    attrs = {
+        key: graph.add_weight(f"{prefix}.{key}", value, before=node)
+        for key, value in tensors.items()
+    }
+    with graph.graph.inserting_before(node):
+        new = graph.graph.call_function(
+            MATMUL_NBITS_OVERLOAD,
+            (
+                x,
+                attrs["nbits_b"],
+                attrs["nbits_scales"],
+                attrs.get("nbits_zero_points"),
+                attrs.get("nbits_perm"),
+                bias,
+                bits,
+                layout.block_size,
+                in_features,
+            ),
         )
-        prefix = qweight.target.rsplit(".", 1)[0]
-        tensors = {"nbits_b": layout.b, "nbits_scales": layout.scales}
-        if layout.zero_points is not None:
-            tensors["nbits_zero_points"] = layout.zero_points
-        if layout.perm is not None:
-            tensors["nbits_perm"] = layout.perm
-            report.reordered += 1
-        attrs = {
-            key: graph.add_weight(f"{prefix}.{key}", value, before=node)
-            for key, value in tensors.items()
-        }
-        with graph.graph.inserting_before(node):
-            new = graph.graph.call_function(
-                MATMUL_NBITS_OVERLOAD,
-                (
-                    x,
-                    attrs["nbits_b"],
-                    attrs["nbits_scales"],
-                    attrs.get("nbits_zero_points"),
-                    attrs.get("nbits_perm"),
-                    bias,
-                    bits,
-                    layout.block_size,
-                    in_features,
-                ),
-            )
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.graph.erase_node(node)
-        for old in (qweight, scales, qzeros, g_idx):
-            if isinstance(old, fx.Node) and not old.users:
-                graph.graph.erase_node(old)
-        report.rewritten += 1
-    if report.rewritten or report.not_rewritten:
-        graph.recompile()
-    return report
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.graph.erase_node(node)
+    for old in (qweight, scales, qzeros, g_idx):
+        if isinstance(old, fx.Node) and not old.users:
+            graph.graph.erase_node(old)
+    report.rewritten += 1
 
 
 def _dequantize_in_place(graph: Graph, node: fx.Node) -> None:
@@ -248,4 +267,4 @@ def _dequantize_in_place(graph: Graph, node: fx.Node) -> None:
             graph.graph.erase_node(old)
 
 
-MATMUL_NBITS_OVERLOAD = torch.ops.peakc.ort_matmul_nbits.default
+MATMUL_NBITS_OVERLOAD = MATMUL_NBITS.overload

@@ -21,6 +21,8 @@ from pathlib import Path
 import onnxruntime
 import torch
 
+from peakc.backends.ort.decode_binding import SharedCacheStep
+from peakc.backends.ort.io_binding import bind_presents, bind_tensor, device_index, host_int32
 from peakc.backends.ort.shared_cache import read_layout
 from peakc.backends.ort.shared_weights import (
     SharedWeights,
@@ -28,6 +30,7 @@ from peakc.backends.ort.shared_weights import (
     load_shared_weights,
 )
 from peakc.errors import PeakcError
+from peakc.runtime.artifact import register_program_format
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -81,20 +84,6 @@ def resolve_share_weights(share_weights: str | bool, device: str) -> bool:
     the file's pages) and shared values only keep the pages that prepacking read resident."""
     flag = parse_flag("share_weights", share_weights, auto=True)
     return device == "cuda" if flag is None else flag
-
-
-def bind_presents(binding, cache, buffers: dict[str, torch.Tensor]) -> None:
-    """Each shared buffer as its layer's present output too: GroupQueryAttention writes the new
-    tokens into the past buffer in place."""
-    for buffer in cache.buffers:
-        bind_tensor(binding.bind_output, buffer.present, buffers[buffer.past])
-
-
-def run_options(graph_id: int) -> onnxruntime.RunOptions:
-    """Run options naming the CUDA graph to capture/replay; -1 runs without a graph."""
-    options = onnxruntime.RunOptions()
-    options.add_run_config_entry("gpu_graph_id", str(graph_id))
-    return options
 
 
 class OrtProgram:
@@ -195,8 +184,6 @@ class OrtProgram:
         """A Generator step keeping the KV cache in shared buffers, or None (no shared cache)."""
         if self.shared_cache is None:
             return None
-        from peakc.backends.ort.decode_binding import SharedCacheStep
-
         return SharedCacheStep(self, layout)
 
 
@@ -218,42 +205,9 @@ def load_session(
         ) from exc
 
 
-def host_int32(value: int) -> torch.Tensor:
-    """An int32 scalar in host memory (GroupQueryAttention reads total_sequence_length there)."""
-    return torch.tensor(value, dtype=torch.int32)
+def load_onnx_program(path: Path, runtime: dict) -> OrtProgram:
+    """An artifact's ONNX program, with its manifest entry's runtime options (device, ...)."""
+    return OrtProgram(path, **runtime)
 
 
-def bind_tensor(bind, name: str, t: torch.Tensor) -> None:
-    """Bind a torch tensor by pointer (input or output; host tensors as CPU memory). `bind` is
-    an IOBinding's bind_input or bind_output; bfloat16, which numpy lacks, goes in as an
-    OrtValue over the same memory (DLPack)."""
-    if t.dtype == torch.bfloat16:
-        binding = bind.__self__
-        by_value = {
-            "bind_input": binding.bind_ortvalue_input,
-            "bind_output": binding.bind_ortvalue_output,
-        }[bind.__name__]
-        by_value(name, onnxruntime.OrtValue.from_dlpack(t.__dlpack__()))
-        return
-    device = "cuda" if t.device.type == "cuda" else "cpu"
-    bind(name, device, device_index(t.device), _numpy_dtype(t.dtype), list(t.shape), t.data_ptr())
-
-
-def device_index(device: torch.device) -> int:
-    """The device id onnxruntime binds for a torch device (0 for the CPU)."""
-    return device.index or 0 if device.type == "cuda" else 0
-
-
-def _numpy_dtype(dtype: torch.dtype):
-    import numpy as np
-
-    table = {
-        torch.float32: np.float32,
-        torch.float16: np.float16,
-        torch.int64: np.int64,
-        torch.int32: np.int32,
-        torch.bool: np.bool_,
-    }
-    if dtype not in table:
-        raise PeakcError(f"ONNX program: inputs of dtype {dtype} are not supported")
-    return table[dtype]
+register_program_format("onnx", load_onnx_program)

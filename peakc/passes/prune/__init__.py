@@ -5,8 +5,7 @@ Pruned weights stay dense-with-zeros in the graph. Each pruned linear node carri
 `sparsity_record(graph)` collects them for the artifact's manifest, so a backend can pick
 sparse kernels for 2:4 layers.
 
-Calibration runs the graph at its captured shape: windows have the captured sequence
-length (capture with `peakc compile --seq-len N` to calibrate on N-token windows).
+Layers are picked, calibrated and solved by the compressor loop (peakc/passes/compress.py).
 """
 
 from __future__ import annotations
@@ -20,21 +19,14 @@ import torch
 
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
-from peakc.passes.base import Pass, PassContext, PassResult, register_pass
-from peakc.passes.calibration import (
-    BlockCalibration,
-    LinearSite,
-    calibrate_blocks,
-    calibration_samples,
-    compute_device,
-    linear_sites,
-    target_selector,
-)
+from peakc.passes.base import PassContext, PassResult, register_pass
+from peakc.passes.calibration import BlockCalibration, LinearSite, compute_device
+from peakc.passes.compress import CompressorPass, Solver, Stack, block_compressor
 from peakc.passes.prune.magnitude import magnitude_prune
 from peakc.passes.prune.owl import measure_outliers, owl_allocation
 from peakc.passes.prune.pattern import Pattern, check_divides, parse_pattern
 from peakc.passes.prune.sensitivity import measure_sensitivity
-from peakc.passes.prune.sparsegpt import Segment, reconstruction_error, sparsegpt_prune
+from peakc.passes.prune.sparsegpt import Segment, sparsegpt_prune
 
 SPARSITY_KEY = "peakc_sparsity"
 
@@ -62,7 +54,7 @@ class PruneOptions:
 
 
 @register_pass
-class PrunePass(Pass):
+class PrunePass(CompressorPass):
     """Prune linear layers (magnitude or SparseGPT; unstructured or N:M; uniform, OWL or
     sensitivity profile)."""
 
@@ -81,17 +73,19 @@ class PrunePass(Pass):
         if not 0.0 <= o.sparsity < 1.0:
             raise PeakcError(f"pass 'prune': option 'sparsity' must be in [0, 1), got {o.sparsity}")
         pattern = parse_pattern(o.pattern)
-        if o.block_size < 1:
-            raise PeakcError(f"pass 'prune': option 'block_size' must be >= 1, got {o.block_size}")
+        super().validate()  # block_size, damp, nsamples, seq_len, targets
+        given = o.sparsity != PruneOptions.sparsity  # the spec names only non-defaults
+        if pattern.structured and given and abs(o.sparsity - pattern.sparsity) > 1e-3:
+            raise PeakcError(
+                f"pass 'prune': option 'sparsity' ({o.sparsity}) disagrees with option "
+                f"'pattern' ({pattern}, which prunes {pattern.sparsity:.4g} of each row): "
+                "leave 'sparsity' out with an N:M pattern"
+            )
         if pattern.structured and o.block_size % pattern.m:
             raise PeakcError(
                 f"pass 'prune': option 'block_size' ({o.block_size}) must be a multiple of "
                 f"M={pattern.m} for pattern {pattern}"
             )
-        if o.damp < 0:
-            raise PeakcError(f"pass 'prune': option 'damp' must be >= 0, got {o.damp}")
-        if o.nsamples < 1 or o.seq_len < 0:
-            raise PeakcError("pass 'prune': options 'nsamples' >= 1 and 'seq_len' >= 0 required")
         if not 0.0 <= o.owl_lambda < 0.5:
             raise PeakcError(
                 f"pass 'prune': option 'owl_lambda' must be in [0, 0.5), got {o.owl_lambda}"
@@ -117,66 +111,43 @@ class PrunePass(Pass):
                 f"pass 'prune': sparsity_profile={o.sparsity_profile} applies to unstructured "
                 "patterns"
             )
-        target_selector(o.targets, "prune")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         pattern = parse_pattern(o.pattern)
-        select = target_selector(o.targets, "prune")
-        sites = linear_sites(graph, list(graph.graph.nodes), select)
-        if not sites:
-            return PassResult(graph, False, {"layers": 0})
+        select, sites = self.select_sites(graph)
+        if not pattern.structured and o.sparsity == 0:
+            return PassResult(graph, False, {"layers": 0})  # nothing to prune
         for site in sites:
             check_divides(pattern, graph.get_weight(site.weight).shape[1], site.module)
+        before = ctx.cost.phases(graph)
         base = pattern.sparsity if pattern.structured else o.sparsity
         sparsity = {s.module: base for s in sites}
-        device = compute_device(ctx.device)
-        progress = bool(ctx.settings.get("progress", True))
-        samples = None
-        if self.requires:
-            samples = self._samples(graph, ctx)
+        samples = self.samples(graph, ctx) if self.requires else None
         started = time.perf_counter()
         scores: dict[str, float] = {}
         if o.sparsity_profile != "uniform":
-            sparsity, scores = self._profile(graph, samples, select, pattern, device, progress)
+            sparsity, scores = self._profile(graph, ctx, samples, select, pattern)
         profile_s = time.perf_counter() - started
-        records: dict[str, dict] = {}
-        if o.method == "magnitude":
-            for site in sites:
-                w = graph.get_weight(site.weight)
-                new = magnitude_prune(w.to(device), sparsity[site.module], pattern)
-                graph.set_weight(site.weight, new.to("cpu", w.dtype))
-                records[site.module] = {}
-        else:
-            compress = _sparsegpt_compressor(o, pattern, sparsity, records)
-            calibrate_blocks(
-                graph,
-                samples,
-                compress,
-                select=select,
-                device=device,
-                progress=progress,
-                description="prune",
-            )
-        for module, score in scores.items():
-            records.setdefault(module, {})["profile_score"] = score
-        stats = _annotate(graph, sites, pattern, o.method, records)
+        solver = prune_solver(o, pattern, sparsity)
+        errors = self.compress(graph, ctx, sites, select, solver, samples=samples)
+        stats = _annotate(graph, sites, pattern, o.method, errors, scores)
         if o.sparsity_profile != "uniform":
             stats["profile_s"] = round(profile_s, 2)  # measuring the profile, before pruning
-        return PassResult(graph, True, stats)
+        return self.changed(graph, ctx, before, stats)
 
     def _profile(
         self,
         graph: Graph,
+        ctx: PassContext,
         samples: list[tuple[torch.Tensor, ...]],
         select: Callable[[str], bool],
         pattern: Pattern,
-        device: torch.device,
-        progress: bool,
     ) -> tuple[dict[str, float], dict[str, float]]:
         """Module path → sparsity from the OWL or sensitivity profile (overall: o.sparsity),
         and module path → the score that placed it (outlier ratio, or loss rise per token)."""
         o = self.options
+        device = compute_device(ctx.device)
         if o.sparsity_profile == "owl":
             profile = measure_outliers(
                 graph,
@@ -187,7 +158,7 @@ class PrunePass(Pass):
                 granularity=o.owl_granularity,
                 damp=o.damp,
                 device=device,
-                progress=progress,
+                progress=ctx.progress,
             )
             allocation = owl_allocation(profile, o.sparsity, o.owl_lambda, o.owl_shape)
             return allocation, profile.scores()
@@ -195,72 +166,92 @@ class PrunePass(Pass):
             graph,
             samples,
             select,
-            _block_pruner(o, pattern),
+            block_pruner(o, pattern),
             target=o.sparsity,
             step=o.sensitivity_step,
             probe_samples=o.sensitivity_nsamples,
             device=device,
-            progress=progress,
+            progress=ctx.progress,
         )
         return measured.allocation(o.sparsity, o.sensitivity_lambda), measured.scores()
 
-    def _samples(self, graph: Graph, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
-        o = self.options
-        return calibration_samples(
-            graph, ctx.calibration_data, o.nsamples, o.seq_len, o.seed, "prune"
+
+@dataclass
+class MagnitudeSolver:
+    """Magnitude pruning, one linear at a time (the threshold is the layer's own)."""
+
+    sparsity: dict[str, float]  # by module path
+    pattern: Pattern
+    calibrated: ClassVar[bool] = False
+
+    def stack_key(self, site: LinearSite) -> str:
+        return site.module
+
+    def solve(self, stack: Stack) -> torch.Tensor:
+        return magnitude_prune(stack.rows(), self.sparsity[stack.sites[0].module], self.pattern)
+
+    def accept(self, site: LinearSite, part: torch.Tensor) -> torch.Tensor:
+        return part
+
+
+@dataclass
+class SparseGPTSolver(MagnitudeSolver):
+    """SparseGPT once per shared Hessian, q/k/v stacked by rows, each linear a segment at its
+    own sparsity."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    calibrated: ClassVar[bool] = True
+
+    def stack_key(self, site: LinearSite) -> None:
+        return None
+
+    def solve(self, stack: Stack) -> torch.Tensor:
+        segments = [
+            Segment(start, stop, self.sparsity[s.module])
+            for s, (start, stop) in zip(stack.sites, stack.spans())
+        ]
+        return sparsegpt_prune(
+            stack.rows(),
+            stack.hessian,
+            segments,
+            self.pattern,
+            self.block_size,
+            self.damp,
+            stack.name,
         )
 
 
-def _block_pruner(
+def prune_solver(o: PruneOptions, pattern: Pattern, sparsity: dict[str, float]) -> Solver:
+    """The pass's method as a solver, at `sparsity` (module path → sparsity)."""
+    if o.method == "magnitude":
+        return MagnitudeSolver(sparsity, pattern)
+    return SparseGPTSolver(sparsity, pattern, o.block_size, o.damp)
+
+
+def block_pruner(
     o: PruneOptions, pattern: Pattern
 ) -> Callable[[BlockCalibration, float], dict[str, torch.Tensor]]:
     """New weights for one block's linears, all at one sparsity, by the pass's method."""
 
     def prune_block(cal: BlockCalibration, sparsity: float) -> dict[str, torch.Tensor]:
-        if o.method == "magnitude":
-            return {s.weight: magnitude_prune(cal.weight(s), sparsity, pattern) for s in cal.sites}
-        at = {s.module: sparsity for s in cal.sites}
-        return _sparsegpt_compressor(o, pattern, at, {})(cal)
+        solver = prune_solver(o, pattern, {s.module: sparsity for s in cal.sites})
+        return block_compressor(solver)(cal)
 
     return prune_block
 
 
-def _sparsegpt_compressor(
-    o: PruneOptions, pattern: Pattern, sparsity: dict[str, float], records: dict[str, dict]
-) -> Callable[[BlockCalibration], dict[str, torch.Tensor]]:
-    """The per-block callback: SparseGPT once per shared Hessian (q/k/v stacked by rows)."""
-
-    def compress(cal: BlockCalibration) -> dict[str, torch.Tensor]:
-        groups: dict[int, list[LinearSite]] = {}
-        for site in cal.sites:
-            groups.setdefault(id(cal.hessians[site.module]), []).append(site)
-        new: dict[str, torch.Tensor] = {}
-        for group in groups.values():
-            h = cal.hessians[group[0].module]
-            weights = [cal.weight(s) for s in group]
-            segments, start = [], 0
-            for s, w in zip(group, weights):
-                segments.append(Segment(start, start + w.shape[0], sparsity[s.module]))
-                start += w.shape[0]
-            name = "+".join(s.module for s in group)
-            pruned = sparsegpt_prune(
-                torch.cat(weights), h, segments, pattern, o.block_size, o.damp, name
-            )
-            for s, w, seg in zip(group, weights, segments):
-                part = pruned[seg.start : seg.stop]
-                new[s.weight] = part
-                records[s.module] = {"recon_error": reconstruction_error(w, part, h)}
-        return new
-
-    return compress
-
-
 def _annotate(
-    graph: Graph, sites: list[LinearSite], pattern: Pattern, method: str, records: dict
+    graph: Graph,
+    sites: list[LinearSite],
+    pattern: Pattern,
+    method: str,
+    errors: dict[str, float],
+    scores: dict[str, float],
 ) -> dict[str, float | int | str]:
     """Measure what was achieved, mark each pruned linear node, and return the stats."""
     zeros = total = 0
-    errors = []
+    measured = []
     for site in sites:
         w = graph.get_weight(site.weight)
         z = int((w == 0).sum())
@@ -272,13 +263,13 @@ def _annotate(
             "pattern": str(pattern),
             "method": method,
         }
-        score = records.get(site.module, {}).get("profile_score")
+        score = scores.get(site.module)
         if score is not None:  # what placed this layer in a non-uniform profile
             rec["profile_score"] = round(score, 6)
-        err = records.get(site.module, {}).get("recon_error")
+        err = errors.get(site.module)
         if err is not None:
             rec["recon_error"] = round(err, 6)
-            errors.append(err)
+            measured.append(err)
         site.node.meta[SPARSITY_KEY] = rec
     per_layer = [site.node.meta[SPARSITY_KEY]["sparsity"] for site in sites]
     stats: dict[str, float | int | str] = {
@@ -288,9 +279,9 @@ def _annotate(
         "sparsity.max": max(per_layer),
         "pattern": str(pattern),
     }
-    if errors:
-        stats["recon_error.mean"] = round(sum(errors) / len(errors), 6)
-        stats["recon_error.max"] = round(max(errors), 6)
+    if measured:
+        stats["recon_error.mean"] = round(sum(measured) / len(measured), 6)
+        stats["recon_error.max"] = round(max(measured), 6)
     return stats
 
 

@@ -21,6 +21,7 @@ from peakc.ir.graph import Graph
 from peakc.passes.calibration import BlockCalibration, calibrate_blocks
 from peakc.passes.prune.profile import spread_sparsities
 from peakc.passes.prune.sparsegpt import inverse_hessian_factor
+from peakc.progress import ProgressFn, silent
 
 
 def wanda_scores(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ def measure_outliers(
     granularity: str = "block",
     damp: float = 0.01,
     device: torch.device | str = "cpu",
-    progress: bool = False,
+    progress: ProgressFn = silent,
 ) -> OutlierProfile:
     """One calibration pass that changes no weight, so every block sees dense inputs."""
     profile = OutlierProfile([], [], [])

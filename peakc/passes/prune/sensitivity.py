@@ -24,6 +24,7 @@ import torch
 from peakc.ir.graph import Graph
 from peakc.passes.calibration import BlockCalibration, calibrate_blocks, variant_losses
 from peakc.passes.prune.profile import spread_sparsities
+from peakc.progress import ProgressFn, silent
 from peakc.runtime.evaluate import next_token_nll
 
 PruneBlock = Callable[[BlockCalibration, float], dict[str, torch.Tensor]]
@@ -63,7 +64,7 @@ def measure_sensitivity(
     step: float,
     probe_samples: int = 0,
     device: torch.device | str = "cpu",
-    progress: bool = False,
+    progress: ProgressFn = silent,
 ) -> SensitivityProfile:
     """Prune a copy uniformly to `target`, then probe each block at `target + step`.
 

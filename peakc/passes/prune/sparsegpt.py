@@ -79,18 +79,6 @@ def sparsegpt_prune(
     return w
 
 
-def reconstruction_error(
-    original: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor
-) -> float:
-    """‖(W − Ŵ)X‖² / ‖WX‖² through H ∝ XᵀX (0 when the layer's output is zero)."""
-    w = original.float()
-    delta = w - pruned.float()
-    h = hessian.float()
-    num = float(((delta @ h) * delta).sum())
-    den = float(((w @ h) * w).sum())
-    return num / den if den > 0 else num
-
-
 def _block_mask(
     w1: torch.Tensor, u: torch.Tensor, segments: list[Segment], pruned: list[int], i2: int
 ) -> torch.Tensor:

@@ -8,34 +8,25 @@ layer) stay zero. The output head and embeddings are left alone unless `targets`
 GPTQ's column blocks run in a Triton kernel for CUDA weights (`kernel=auto`, when triton
 imports) and in torch otherwise; the stats say which (`gptq_kernel`).
 
-Calibration runs the graph at its captured shape: windows have the captured sequence
-length (capture with `peakc compile --seq-len N` to calibrate on N-token windows).
+Layers are picked, calibrated and solved by the compressor loop (peakc/passes/compress.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
-from peakc.passes.base import Pass, PassContext, PassResult, register_pass
-from peakc.passes.calibration import (
-    BlockCalibration,
-    LinearSite,
-    calibrate_blocks,
-    calibration_samples,
-    compute_device,
-    linear_sites,
-    target_selector,
-)
-from peakc.passes.prune.sparsegpt import reconstruction_error
+from peakc.ir.ops import PackedWeight
+from peakc.passes.base import PassContext, PassResult, register_pass
+from peakc.passes.calibration import LinearSite
+from peakc.passes.compress import CompressorPass, Stack
 from peakc.passes.quantize.gptq import QuantizedWeight, gptq_quantize, rtn_quantize
 from peakc.passes.quantize.grid import GridSpec
-from peakc.passes.quantize.rewrite import QUANT_KEY, PackedLinear, pack_layer, replace_linear
+from peakc.passes.quantize.rewrite import QUANT_KEY, pack_layer, replace_linear
 
 BITS = (2, 3, 4, 8)
 KERNELS = ("auto", "torch", "triton")
@@ -59,7 +50,7 @@ class QuantizeOptions:
 
 
 @register_pass
-class QuantizePass(Pass):
+class QuantizePass(CompressorPass):
     """Quantize linear weights to 2/3/4/8 bits (RTN or GPTQ) into peakc::linear_wq."""
 
     name: ClassVar[str] = "quantize"
@@ -80,54 +71,23 @@ class QuantizePass(Pass):
                 "pass 'quantize': option 'group_size' must be -1 (per channel) or a power of "
                 f"two >= 16 (32, 64, 128, ...), got {o.group_size}"
             )
-        if o.block_size < 1:
-            raise PeakcError(
-                f"pass 'quantize': option 'block_size' must be >= 1, got {o.block_size}"
-            )
-        if o.damp < 0:
-            raise PeakcError(f"pass 'quantize': option 'damp' must be >= 0, got {o.damp}")
-        if o.nsamples < 1 or o.seq_len < 0:
-            raise PeakcError("pass 'quantize': options 'nsamples' >= 1 and 'seq_len' >= 0 required")
         if o.kernel not in KERNELS:
             raise PeakcError(
                 f"pass 'quantize': option 'kernel' must be one of {KERNELS}, got {o.kernel!r}"
             )
-        target_selector(o.targets, "quantize")
+        super().validate()
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        select = target_selector(o.targets, "quantize")
-        sites = linear_sites(graph, list(graph.graph.nodes), select)
-        if not sites:
-            what = f"'{o.targets}'" if o.targets else "the default (linears in numbered layers)"
-            raise PeakcError(f"pass 'quantize': option 'targets' {what} matches no linear layer")
+        select, sites = self.select_sites(graph)
         specs = {s.module: self._spec(graph, s) for s in sites}
+        dtypes = {s.module: graph.get_weight(s.weight).dtype for s in sites}
+        before = ctx.cost.phases(graph)
         bytes_before = _weight_bytes(graph)
-        packed: dict[str, PackedLinear] = {}
-        errors: dict[str, float] = {}
-        kernels: set[str] = set()
-        if o.method == "rtn":
-            device = compute_device(ctx.device)  # the GPU when there is one, as GPTQ's
-            for site in sites:
-                w = graph.get_weight(site.weight)
-                packed[site.module] = pack_layer(
-                    rtn_quantize(w.to(device), specs[site.module]),
-                    o.bits,
-                    specs[site.module].group_size,
-                    w.dtype,
-                )
-        else:
-            compress = _gptq_compressor(o, specs, packed, errors, kernels)
-            calibrate_blocks(
-                graph,
-                self._samples(graph, ctx),
-                compress,
-                select=select,
-                device=compute_device(ctx.device),
-                progress=bool(ctx.settings.get("progress", True)),
-                description="quantize",
-                stagewise=True,
-            )
+        solver_type = GPTQSolver if o.method == "gptq" else RTNSolver
+        solver = solver_type(o, specs, dtypes)
+        errors = self.compress(graph, ctx, sites, select, solver, stagewise=True)
+        packed = solver.packed
         params = 0
         for site in sites:
             p = packed[site.module]
@@ -144,9 +104,9 @@ class QuantizePass(Pass):
             replace_linear(graph, site, p, record)
         graph.recompile()
         stats = _stats(graph, packed, params, bytes_before, errors)
-        if kernels:
-            stats["gptq_kernel"] = ",".join(sorted(kernels))
-        return PassResult(graph, True, stats)
+        if solver.kernels:
+            stats["gptq_kernel"] = ",".join(sorted(solver.kernels))
+        return self.changed(graph, ctx, before, stats)
 
     def _spec(self, graph: Graph, site: LinearSite) -> GridSpec:
         o = self.options
@@ -158,68 +118,62 @@ class QuantizePass(Pass):
             )
         return GridSpec(o.bits, cols if o.group_size == -1 else o.group_size, o.sym)
 
-    def _samples(self, graph: Graph, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
-        o = self.options
-        return calibration_samples(
-            graph, ctx.calibration_data, o.nsamples, o.seq_len, o.seed, "quantize"
+
+@dataclass
+class RTNSolver:
+    """Round to nearest on each group's grid, one linear at a time (on the compute device, as
+    GPTQ); each linear's codes are packed for linear_wq, which replaces it afterwards."""
+
+    o: QuantizeOptions
+    specs: dict[str, GridSpec]  # by module path
+    dtypes: dict[str, torch.dtype]  # each linear's weight dtype: the scales are stored in it
+    packed: dict[str, PackedWeight] = field(default_factory=dict)
+    kernels: set[str] = field(default_factory=set)  # what solved GPTQ's column blocks
+    calibrated: ClassVar[bool] = False
+
+    def stack_key(self, site: LinearSite) -> str:
+        return site.module
+
+    def solve(self, stack: Stack) -> QuantizedWeight:
+        return rtn_quantize(stack.rows(), self.specs[stack.sites[0].module])
+
+    def accept(self, site: LinearSite, part: QuantizedWeight) -> torch.Tensor | None:
+        spec = self.specs[site.module]
+        self.packed[site.module] = pack_layer(
+            part, self.o.bits, spec.group_size, self.dtypes[site.module]
         )
+        return None
 
 
-def _gptq_compressor(
-    o: QuantizeOptions,
-    specs: dict[str, GridSpec],
-    packed: dict[str, PackedLinear],
-    errors: dict[str, float],
-    kernels: set[str],
-) -> Callable[[BlockCalibration], dict[str, torch.Tensor]]:
-    """Per stage: GPTQ once per shared Hessian with the rows of its linears stacked (GPTQ treats
-    rows independently, so stacking q/k/v is exact) when they share a grid spec."""
+class GPTQSolver(RTNSolver):
+    """GPTQ once per shared Hessian, the rows of its linears stacked when they share a grid
+    spec (GPTQ treats rows independently, so stacking q/k/v is exact); the next stage and
+    block see the dequantized weights."""
 
-    def compress(cal: BlockCalibration) -> dict[str, torch.Tensor]:
-        groups: dict[tuple, list[LinearSite]] = {}
-        for site in cal.sites:
-            spec = specs[site.module]
-            key = (id(cal.hessians[site.module]), spec.group_size)
-            groups.setdefault(key, []).append(site)
-        new: dict[str, torch.Tensor] = {}
-        for group in groups.values():
-            h = cal.hessians[group[0].module]
-            spec = specs[group[0].module]
-            weights = [cal.weight(s) for s in group]
-            q = gptq_quantize(
-                torch.cat(weights),
-                h,
-                spec,
-                block_size=o.block_size,
-                damp=o.damp,
-                act_order=o.act_order,
-                static_groups=o.static_groups,
-                layer="+".join(s.module for s in group),
-                kernel=o.kernel,
-            )
-            kernels.add(q.kernel)
-            start = 0
-            for s, w in zip(group, weights):
-                part = _rows(q, start, start + w.shape[0])
-                start += w.shape[0]
-                dtype = cal.graph.get_weight(s.weight).dtype
-                packed[s.module] = pack_layer(part, o.bits, spec.group_size, dtype)
-                errors[s.module] = reconstruction_error(w, part.dequantized, h)
-                new[s.weight] = part.dequantized
-        return new
+    calibrated: ClassVar[bool] = True
 
-    return compress
+    def stack_key(self, site: LinearSite) -> int:
+        return self.specs[site.module].group_size
 
+    def solve(self, stack: Stack) -> QuantizedWeight:
+        o = self.o
+        q = gptq_quantize(
+            stack.rows(),
+            stack.hessian,
+            self.specs[stack.sites[0].module],
+            block_size=o.block_size,
+            damp=o.damp,
+            act_order=o.act_order,
+            static_groups=o.static_groups,
+            layer=stack.name,
+            kernel=o.kernel,
+        )
+        self.kernels.add(q.kernel)
+        return q
 
-def _rows(q: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
-    return QuantizedWeight(
-        q.ints[start:stop],
-        q.scales[start:stop],
-        q.zeros[start:stop],
-        q.g_idx,
-        q.dequantized[start:stop],
-        q.kernel,
-    )
+    def accept(self, site: LinearSite, part: QuantizedWeight) -> torch.Tensor:
+        super().accept(site, part)
+        return part.dequantized
 
 
 def _weight_bytes(graph: Graph) -> int:
@@ -228,7 +182,7 @@ def _weight_bytes(graph: Graph) -> int:
 
 def _stats(
     graph: Graph,
-    packed: dict[str, PackedLinear],
+    packed: dict[str, PackedWeight],
     params: int,
     bytes_before: int,
     errors: dict[str, float],

@@ -52,6 +52,17 @@ class QuantizedWeight:
     dequantized: torch.Tensor
     kernel: str = "torch"  # what solved GPTQ's column blocks: "torch" or "triton" (RTN: "torch")
 
+    def __getitem__(self, rows: slice) -> QuantizedWeight:
+        """The quantized rows `rows` (the group index is per column: shared)."""
+        return QuantizedWeight(
+            self.ints[rows],
+            self.scales[rows],
+            self.zeros[rows],
+            self.g_idx,
+            self.dequantized[rows],
+            self.kernel,
+        )
+
 
 def rtn_quantize(weight: torch.Tensor, spec: GridSpec) -> QuantizedWeight:
     """Round to nearest on each group's min-max grid; zeros stay zeros."""

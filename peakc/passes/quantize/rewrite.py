@@ -2,45 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.fx as fx
 
 from peakc.ir.graph import Graph
-from peakc.ir.ops import pack_bits
+from peakc.ir.ops import PackedWeight, pack_bits
 from peakc.passes.calibration import LinearSite
 from peakc.passes.quantize.gptq import QuantizedWeight
 
 QUANT_KEY = "peakc_quant"
 
 
-@dataclass
-class PackedLinear:
-    """A layer's linear_wq weights: packed codes, scales, packed zeros, optional group index."""
-
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    qzeros: torch.Tensor
-    g_idx: torch.Tensor | None
-    bits: int
-    group_size: int
-    in_features: int
-
-    def nbytes(self) -> int:
-        parts = [self.qweight, self.scales, self.qzeros]
-        if self.g_idx is not None:
-            parts.append(self.g_idx)
-        return sum(t.numel() * t.element_size() for t in parts)
-
-
-def pack_layer(q: QuantizedWeight, bits: int, group_size: int, dtype: torch.dtype) -> PackedLinear:
+def pack_layer(q: QuantizedWeight, bits: int, group_size: int, dtype: torch.dtype) -> PackedWeight:
     """Pack a quantized layer where it was quantized, keep the result on the CPU; scales are
     stored in the original weight's dtype."""
     ints = q.ints.to(torch.int64)
     zeros = q.zeros.to(torch.int64)
     g_idx = None if q.g_idx is None else q.g_idx.to("cpu", torch.int32)
-    return PackedLinear(
+    return PackedWeight(
         qweight=pack_bits(ints, bits).cpu(),
         scales=q.scales.to("cpu", dtype),
         qzeros=pack_bits(zeros, bits).cpu(),
@@ -51,38 +30,18 @@ def pack_layer(q: QuantizedWeight, bits: int, group_size: int, dtype: torch.dtyp
     )
 
 
-def replace_linear(graph: Graph, site: LinearSite, packed: PackedLinear, record: dict) -> fx.Node:
+def replace_linear(graph: Graph, site: LinearSite, packed: PackedWeight, record: dict) -> fx.Node:
     """Swap `site`'s aten.linear for linear_wq reading `<module>.qweight/.scales/.qzeros/.g_idx`;
     the float weight goes when nothing else reads it."""
     node = site.node
     x = node.args[0]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    names = {
-        "qweight": packed.qweight,
-        "scales": packed.scales,
-        "qzeros": packed.qzeros,
-        "g_idx": packed.g_idx,
-    }
     attrs = {
         key: graph.add_weight(f"{site.module}.{key}", value, before=node)
-        for key, value in names.items()
-        if value is not None
+        for key, value in packed.tensors().items()
     }
     with graph.graph.inserting_before(node):
-        new = graph.graph.call_function(
-            torch.ops.peakc.linear_wq.default,
-            (
-                x,
-                attrs["qweight"],
-                attrs["scales"],
-                attrs["qzeros"],
-                attrs.get("g_idx"),
-                bias,
-                packed.bits,
-                packed.group_size,
-                packed.in_features,
-            ),
-        )
+        new = packed.with_tensors(attrs).emit(graph.graph, x, bias)
     new.meta = dict(node.meta)
     new.meta[QUANT_KEY] = record
     old_weight = node.args[1]

@@ -1,31 +1,45 @@
-"""`peakc estimate` and `peakc calibrate`: argument parsing and the commands' bodies."""
+"""`peakc estimate` and `peakc calibrate`: the cost model's commands (parsing and output)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from peakc.cost_model.estimate import Estimate
 from peakc.errors import PeakcError
 
+if TYPE_CHECKING:
+    from peakc.cost_model.estimate import Estimate
 
-def add_cost_model_commands(sub: argparse._SubParsersAction) -> None:
-    """Register the cost model's subcommands on the main parser."""
+
+def add_estimate_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `estimate` and `calibrate` on the main parser."""
     p = sub.add_parser("estimate", help="estimate time and memory of a model on a hardware profile")
     p.add_argument("model", help="demo:NAME | hf:PATH | gguf:FILE | py:MODULE:FUNC | artifact:DIR")
     p.add_argument("--pipeline", default="", help="pass spec to run before estimating")
     p.add_argument("--target", default="h100-sxm", help="hardware profile name or JSON file")
     p.add_argument("--batch", type=int, default=None, help="sequences (default: the example's)")
-    p.add_argument("--seq", type=int, default=None,
-                   help="prompt length for prefill, context length for decode "
-                        "(default: the example's)")
-    p.add_argument("--phase", choices=("prefill", "decode"), default="prefill",
-                   help="which phase the per-block and top-node tables show")
-    p.add_argument("--runtime", choices=("eager", "graph"), default="eager",
-                   help="eager: PyTorch issuing each kernel from the host, as peakc's eager "
-                        "and ort backends run (default); graph: device time of the kernels "
-                        "replayed back to back (a CUDA graph)")
+    p.add_argument(
+        "--seq",
+        type=int,
+        default=None,
+        help="prompt length for prefill, context length for decode (default: the example's)",
+    )
+    p.add_argument(
+        "--phase",
+        choices=("prefill", "decode"),
+        default="prefill",
+        help="which phase the per-block and top-node tables show",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=("eager", "graph"),
+        default="eager",
+        help="eager: PyTorch issuing each kernel from the host, as peakc's eager and ort "
+        "backends run (default); graph: device time of the kernels replayed back to back "
+        "(a CUDA graph)",
+    )
     p.add_argument("--top", type=int, default=10, help="rows in the top-node table")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="write a roofline chart of the nodes")
@@ -50,25 +64,34 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     source = load_source(args.model)
     results: dict[str, Estimate] = {}
     example = source.example_inputs
-    token_model = (source.module is not None and len(example) == 1
-                   and not example[0].is_floating_point() and example[0].dim() == 2)
+    token_model = (
+        source.module is not None
+        and len(example) == 1
+        and not example[0].is_floating_point()
+        and example[0].dim() == 2
+    )
     if token_model:
         batch = args.batch or example[0].shape[0]
         seq = args.seq or example[0].shape[1]
-        results["prefill"] = estimate_prefill(source.module, example, profile, batch, seq, prepare,
-                                              runtime=args.runtime)
-        results["decode"] = estimate_decode(source.module, example, profile, batch, seq, prepare,
-                                            runtime=args.runtime)
+        for phase, run in (("prefill", estimate_prefill), ("decode", estimate_decode)):
+            results[phase] = run(
+                source.module, example, profile, batch, seq, prepare, runtime=args.runtime
+            )
     else:
         if args.batch or args.seq:
-            why = ("is a captured graph with fixed shapes" if source.graph is not None
-                   else "does not take token ids (batch, seq)")
-            raise PeakcError(f"model '{args.model}' {why}: --batch/--seq cannot re-shape it; "
-                             "estimate it at its example shape instead")
+            why = (
+                "is a captured graph with fixed shapes"
+                if source.graph is not None
+                else "does not take token ids (batch, seq)"
+            )
+            raise PeakcError(
+                f"model '{args.model}' {why}: --batch/--seq cannot re-shape it; "
+                "estimate it at its example shape instead"
+            )
         if source.graph is not None:
             graph = source.graph
         else:
-            from peakc.ir import capture
+            from peakc.ir.capture import capture
 
             graph = capture(source.module, example, name=args.model)
         graph = prepare(graph) if prepare else graph
@@ -79,8 +102,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
         plot_roofline(shown, profile, args.plot)
     if args.json:
-        print(json.dumps({"model": args.model, "target": profile.name, "runtime": args.runtime,
-                          **{k: v.to_dict(args.top) for k, v in results.items()}}, indent=2))
+        data = {k: v.to_dict(args.top) for k, v in results.items()}
+        header = {"model": args.model, "target": profile.name, "runtime": args.runtime}
+        print(json.dumps({**header, **data}, indent=2))
         return 0
     _print_tables(args.model, shown, results, args.top)
     if args.plot:
@@ -89,13 +113,16 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _pipeline_runner(spec: str, profile):
+    """The graph preparation `estimate` runs: the pipeline, verified after every pass."""
     from peakc.passes.base import PassContext
     from peakc.passes.pipeline import Pipeline
 
     pipeline = Pipeline.parse(spec)  # spec errors before any work
+    ctx = PassContext(target=profile)
+    pipeline.check(ctx)  # unmet requirements (calibration data) before loading the model
 
     def run(graph):
-        return pipeline.run(graph, PassContext(target=profile))[0]
+        return pipeline.run(graph, ctx)[0]
 
     return run
 
@@ -106,36 +133,57 @@ def _print_tables(model: str, shown: Estimate, results: dict[str, Estimate], top
 
     console = Console(width=150)
     where = f"batch {shown.batch}, seq {shown.seq}" if shown.batch else "example shape"
-    blocks = Table(title=f"{model} on {shown.target}, {shown.runtime} runtime: {shown.phase} "
-                         f"({where}), per block")
+    blocks = Table(
+        title=f"{model} on {shown.target}, {shown.runtime} runtime: {shown.phase} "
+        f"({where}), per block"
+    )
     for col in ("block", "time", "share", "GFLOP", "MB moved", "kernels"):
         blocks.add_column(col, justify="left" if col == "block" else "right")
     total = shown.total_time or 1.0
     for b in shown.blocks:
-        blocks.add_row(b.name, fmt_time(b.time), f"{100 * b.time / total:.1f}%",
-                       f"{b.flops / 1e9:.3f}", f"{b.bytes / 1e6:.2f}", str(b.kernels))
+        blocks.add_row(
+            b.name,
+            fmt_time(b.time),
+            f"{100 * b.time / total:.1f}%",
+            f"{b.flops / 1e9:.3f}",
+            f"{b.bytes / 1e6:.2f}",
+            str(b.kernels),
+        )
     console.print(blocks)
     nodes = Table(title=f"top {top} nodes")
     for col in ("node", "op", "module", "shape", "time", "device", "GFLOP", "MB", "bound"):
         nodes.add_column(col)
     for n in shown.top_nodes(top):
-        nodes.add_row(n.name, n.op, n.module, n.shape, fmt_time(n.time), fmt_time(n.device_time),
-                      f"{n.flops / 1e9:.3f}", f"{n.bytes / 1e6:.2f}", n.bound)
+        nodes.add_row(
+            n.name,
+            n.op,
+            n.module,
+            n.shape,
+            fmt_time(n.time),
+            fmt_time(n.device_time),
+            f"{n.flops / 1e9:.3f}",
+            f"{n.bytes / 1e6:.2f}",
+            n.bound,
+        )
     console.print(nodes)
     for phase, est in results.items():
         m = est.memory
+        fits = "fits" if m.fits_device else "does NOT fit"
         console.print(
             f"[bold]{phase}[/bold]: {fmt_time(est.total_time)} ({est.runtime}; device "
             f"{fmt_time(est.device_time)}), {est.total_flops / 1e9:.2f} GFLOP,"
             f" {est.total_bytes / 1e6:.1f} MB moved, {est.kernels} kernels; memory: weights "
             f"{m.weights / 1e6:.1f} MB, peak activations {m.peak_activations / 1e6:.2f} MB, "
-            f"KV cache {m.kv_cache / 1e6:.2f} MB ({'fits' if m.fits_device else 'does NOT fit'}"
-            f" device memory {m.device_capacity / 2**30:.0f} GiB)", highlight=False)
+            f"KV cache {m.kv_cache / 1e6:.2f} MB ({fits} device memory "
+            f"{m.device_capacity / 2**30:.0f} GiB)",
+            highlight=False,
+        )
         for note in est.notes:
             console.print(f"  note: {note}", markup=False)
 
 
 def fmt_time(seconds: float) -> str:
+    """A duration in s, ms or us, whichever reads best."""
     if seconds >= 1:
         return f"{seconds:.3f} s"
     if seconds >= 1e-3:
@@ -146,14 +194,21 @@ def fmt_time(seconds: float) -> str:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from peakc.cost_model.calibrate import calibrate, write_profile
 
-    profile = calibrate(args.device, quick=args.quick, tiny=args.tiny, disk_dir=args.disk_dir,
-                        progress=sys.stderr.isatty() or not args.tiny)
+    profile = calibrate(
+        args.device,
+        quick=args.quick,
+        tiny=args.tiny,
+        disk_dir=args.disk_dir,
+        progress=sys.stderr.isatty() or not args.tiny,
+    )
     write_profile(profile, args.output)
     peaks = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in profile.peak_flops.items())
-    print(f"{profile.name}: {peaks}; memory {profile.memory_bandwidth / 1e9:.1f} GB/s; "
-          f"launch {profile.launch_overhead * 1e6:.1f} us")
+    print(
+        f"{profile.name}: {peaks}; memory {profile.memory_bandwidth / 1e9:.1f} GB/s; "
+        f"launch {profile.launch_overhead * 1e6:.1f} us"
+    )
     print(f"wrote {args.output}")
     return 0
 
 
-COST_MODEL_COMMANDS = {"estimate": cmd_estimate, "calibrate": cmd_calibrate}
+ESTIMATE_COMMANDS = {"estimate": cmd_estimate, "calibrate": cmd_calibrate}

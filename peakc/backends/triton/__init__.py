@@ -1,0 +1,1 @@
+"""Triton backend: kernels that peakc's ops lower to on CUDA devices."""

@@ -1,0 +1,1 @@
+"""Triton kernels, one file per peakc op (standalone: not yet registered as lowerings)."""
