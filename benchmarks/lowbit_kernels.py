@@ -280,13 +280,37 @@ def _resolve_split(config: KernelConfig, m: int, packed: RepackedLinear) -> Kern
     return dataclasses.replace(config, split_k=splits)
 
 
+def markdown_table(records: list[dict]) -> str:
+    """The four linears of a layer summed, per M: ms and speedup over cuBLAS bf16, per kernel
+    (RESULTS.md rows come from this, never typed by hand)."""
+    layer = [r for r in records if r["K"] == "layer"]
+    kernels = sorted({r["kernel"] for r in layer}, key=lambda k: (k != "cublas-bf16", k))
+    by = {(r["kernel"], r["M"]): r for r in layer}
+    cublas = {m: by[("cublas-bf16", m)]["ms"] for k, m in by if k == "cublas-bf16"}
+    lines = ["| M | " + " | ".join(kernels) + " | int4 floor |", "|---:" * (len(kernels) + 2) + "|"]
+    for m in sorted({r["M"] for r in layer}):
+        cells = []
+        for k in kernels:
+            r = by.get((k, m))
+            cells.append("-" if r is None else f"{r['ms']:.3f} ({cublas[m] / r['ms']:.2f}x)")
+        floor = by.get(("peakc-int4", m), {}).get("floor_ms")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {floor:.4f} |" if floor else "| - |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     root = Path(__file__).resolve().parent
     parser.add_argument("--out", type=Path, default=root / "results" / "lowbit_kernels.json")
     parser.add_argument("--sweep-out", type=Path, default=None)
     parser.add_argument("--sweep-rows", default="1,16,64,2048")
+    parser.add_argument(
+        "--table", action="store_true", help="print --out's layer rows as markdown and exit"
+    )
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())))
+        return
 
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()

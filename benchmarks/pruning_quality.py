@@ -35,8 +35,9 @@ from peakc.data import (
     with_sequence_length,
 )
 from peakc.ir.capture import capture
+from peakc.ir.graph import SPARSITY_KEY
 from peakc.passes.base import PassContext
-from peakc.passes.prune import SPARSITY_KEY, PruneOptions, PrunePass
+from peakc.passes.prune import PruneOptions, PrunePass
 from peakc.runtime.evaluate import perplexity
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -213,7 +214,7 @@ def owl_study(
 
     def one(label: str, options: dict, seed: int) -> dict:
         key = "calibration" if seed == 0 else f"calibration_s{seed}"
-        ctx = PassContext(calibration_data=data[key], device=device, settings={"progress": False})
+        ctx = PassContext(calibration_data=data[key], device=device)
         p = PrunePass(
             PruneOptions(nsamples=nsamples, sparsity=sparsity, targets=targets, **options)
         )
@@ -316,7 +317,7 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps({"owl_study": study}, indent=2))
         return
-    ctx = PassContext(calibration_data=calib, device=args.device, settings={"progress": False})
+    ctx = PassContext(calibration_data=calib, device=args.device)
     rows = []
     dense_ppl = None
     for name in args.configs.split(","):

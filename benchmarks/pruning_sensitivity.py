@@ -37,7 +37,8 @@ from peakc.passes.calibration import (
     linear_sites,
     target_selector,
 )
-from peakc.passes.prune import PruneOptions, _sparsegpt_compressor
+from peakc.passes.compress import block_compressor
+from peakc.passes.prune import PruneOptions, prune_solver
 from peakc.passes.prune.owl import measure_outliers
 from peakc.passes.prune.pattern import parse_pattern
 from peakc.passes.prune.profile import spread_sparsities
@@ -50,8 +51,10 @@ TARGET, PROBE = 0.5, 0.6
 def prune(graph, sparsity: dict[str, float], samples, device: str, select):
     """A SparseGPT-pruned copy of `graph` with one sparsity per linear (module path)."""
     pruned = graph.copy()
-    compress = _sparsegpt_compressor(PruneOptions(), parse_pattern("unstructured"), sparsity, {})
-    calibrate_blocks(pruned, samples, compress, select=select, device=device, progress=False)
+    compress = block_compressor(
+        prune_solver(PruneOptions(), parse_pattern("unstructured"), sparsity)
+    )
+    calibrate_blocks(pruned, samples, compress, select=select, device=device)
     return pruned
 
 
@@ -59,26 +62,19 @@ def reconstruction_errors(
     graph, units, params, samples, device, sparsity: float, select
 ) -> list[float]:
     """Per block: SparseGPT's relative error at `sparsity` on the DENSE model's inputs."""
-    records: dict[str, dict] = {}
-    compress = _sparsegpt_compressor(
-        PruneOptions(),
-        parse_pattern("unstructured"),
-        {m: sparsity for unit in units for m in unit},
-        records,
+    errors: dict[str, float] = {}
+    solver = prune_solver(
+        PruneOptions(), parse_pattern("unstructured"), {m: sparsity for unit in units for m in unit}
     )
+    compress = block_compressor(solver, errors)
 
     def measure_only(cal):
         compress(cal)  # records the error; returning nothing keeps the weights dense
 
-    calibrate_blocks(
-        graph.copy(), samples, measure_only, select=select, device=device, progress=False
-    )
+    calibrate_blocks(graph.copy(), samples, measure_only, select=select, device=device)
     sites = linear_sites(graph, list(graph.graph.nodes), select)
     sizes = {s.module: graph.get_weight(s.weight).numel() for s in sites}
-    return [
-        sum(records[m]["recon_error"] * sizes[m] for m in unit) / p
-        for unit, p in zip(units, params)
-    ]
+    return [sum(errors[m] * sizes[m] for m in unit) / p for unit, p in zip(units, params)]
 
 
 def residual_measures(hf_model, data: torch.Tensor, device: str) -> tuple[list, list]:

@@ -112,7 +112,7 @@ def main() -> None:
     started = time.perf_counter()
     graph = capture(module, with_sequence_length(example, SEQ_LEN))
     print(f"captured at (1, {SEQ_LEN}) in {time.perf_counter() - started:.1f} s", flush=True)
-    ctx = PassContext(calibration_data=calib, device=args.device, settings={"progress": False})
+    ctx = PassContext(calibration_data=calib, device=args.device)
     rows, dense_ppl = [], None
     for name in args.configs.split(","):
         steps = CONFIGS[name]

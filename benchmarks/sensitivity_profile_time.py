@@ -35,9 +35,7 @@ def main() -> None:
     source = load_hf(f"gguf:{args.gguf}", args.gguf, gguf=True)
     data = load_file(args.windows)
     graph = capture(source.module, with_sequence_length(source.example_inputs, 512))
-    ctx = PassContext(
-        calibration_data=data["calibration"], device="cuda", settings={"progress": False}
-    )
+    ctx = PassContext(calibration_data=data["calibration"], device="cuda")
     options = PruneOptions(nsamples=32, sparsity=0.5, sparsity_profile="sensitivity")
     rows = []
     for graphs in [True, False] * args.repeats:

@@ -20,7 +20,6 @@ from peakc.models import ModelSource
 from peakc.passes.base import PassContext
 from peakc.passes.instruments import DumpIR, Instrument, Parity, Reproducer, Timing
 from peakc.passes.pipeline import Pipeline
-from peakc.passes.prune import sparsity_record
 from peakc.progress import ProgressTask
 from peakc.runtime.artifact import ArtifactContents, write_artifact
 
@@ -150,13 +149,13 @@ def compile(
         capture_seconds=round(capture_seconds, 4),
         passes=records,
         timing=rows,
-        fusion_near_misses=ctx.settings.get("fusion_near_misses", []),
+        fusion_near_misses=[m for r in records for m in r.get("report", {}).get("near_misses", [])],
         fingerprint=graph.fingerprint(),
         dtype=weights_dtype,
     )
     if "generation" in graph.info:
         contents.extra_manifest["generation"] = graph.info["generation"]
-    sparsity = sparsity_record(graph)
+    sparsity = graph.sparsity_record()
     if sparsity:  # pruned linears, so backends can pick sparse kernels (2:4 and friends)
         contents.extra_manifest["sparsity"] = sparsity
         contents.report["sparsity"] = sparsity

@@ -88,14 +88,16 @@ def print_owners(kind: str, owners: dict[str, type], name: str | None) -> None:
     options = {owner: [str(row) for row in option_rows(cls)] for owner, cls in owners.items()}
     # column widths that add up to the terminal's (4 rules and 1 space each side of a cell):
     # an option per line where the width allows, the description wraps in what is left
-    name_width = max(len(kind), *(len(owner) for owner in owners))
-    text_width = max(console.width - name_width - 10, 24)
+    # (a long plug-in name folds rather than squeezing the description below a word's width)
+    name_width = min(max(len(kind), *(len(owner) for owner in owners)), 14)
+    text_width = max(console.width - name_width - 10, 40)
     longest = max((len(line) for lines in options.values() for line in lines), default=1)
-    options_width = max(min(longest, text_width * 3 // 5), len("options"))
+    description_width = max(text_width - longest, text_width * 2 // 5, 20)
+    options_width = text_width - description_width
     table = Table(title=title, show_lines=True)
-    table.add_column(kind, no_wrap=True, width=name_width)
+    table.add_column(kind, overflow="fold", width=name_width)
     table.add_column("options: type = default", width=options_width)
-    table.add_column("description", width=text_width - options_width)
+    table.add_column("description", width=description_width)
     for owner, cls in owners.items():
         table.add_row(owner, "\n".join(options[owner]) or "-", summary(cls))
     console.print(table, markup=False, highlight=False)

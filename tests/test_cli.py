@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -417,7 +418,8 @@ def test_eval_scores_a_generation_artifact_like_its_forward_program(
     want = capsys.readouterr().out
     assert main(["eval", str(decoder), "--ppl", str(text), "--seq-len", "32"]) == 0
     got = capsys.readouterr().out
-    assert "over 93 windows of 32 tokens" in got and "over 93 windows of 32 tokens" in want
+    windows = re.search(r"over (\d+) windows of 32 tokens", want)  # README text: count varies
+    assert windows and int(windows.group(1)) > 50 and windows.group(0) in got
     assert perplexity_of(got) == pytest.approx(perplexity_of(want), rel=1e-5)
     assert main(["eval", str(decoder), "--ppl", str(text)]) == 0  # windows as long as the cache
     assert "windows of 128 tokens" in capsys.readouterr().out
@@ -570,3 +572,15 @@ def test_generate_chat_without_a_template_is_one_line(tmp_path, capsys, torch_th
     capsys.readouterr()
     assert main(["generate", str(out), "--chat", "--prompt", "Hi"]) == 2
     assert_one_line_error(capsys, f"{out}'s tokenizer has no chat template: drop --chat")
+
+
+def test_generate_artifact_with_a_batch_of_one(tmp_path, capsys):
+    """--max-batch 1 makes the batch static (torch.export refuses a dim of range 1..1)."""
+    out = tmp_path / "b1"
+    argv = ["compile", "demo:llama", "-o", str(out), "--task", "generate", "--pipeline", "none"]
+    assert main([*argv, "--max-seq-len", "32", "--max-batch", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["generation"]["max_batch"] == 1
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt-ids", "1 2 3", "--max-new-tokens", "3"]) == 0
+    assert len(capsys.readouterr().out.split()) == 3

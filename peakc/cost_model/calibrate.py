@@ -65,28 +65,78 @@ class Sweep:
 def sweep_for(device: str, quick: bool, tiny: bool) -> Sweep:
     """The sweep for a device kind and mode (tiny: for tests, seconds on CPU)."""
     if tiny:
-        return Sweep([1, 16, 64], [(64, 64), (128, 256)], ["fp32"], [2**12, 2**16, 2**20],
-                     "tiny", 2**20, 2**20, 50, 0.002)
+        return Sweep(
+            [1, 16, 64],
+            [(64, 64), (128, 256)],
+            ["fp32"],
+            [2**12, 2**16, 2**20],
+            "tiny",
+            2**20,
+            2**20,
+            50,
+            0.002,
+        )
     if device == "cpu":
         kn = [(512, 512), (1024, 2048), (2048, 1024)]
         if quick:
-            return Sweep([1, 32, 256], kn, ["fp32", "bf16"], [2**12, 2**16, 2**20, 2**24],
-                         "cpu", 2**24, 2**25, 500, 0.02)
-        return Sweep([1, 8, 32, 128, 512], kn + [(2048, 2048)], ["fp32", "bf16"],
-                     [2**10, 2**12, 2**14, 2**16, 2**18, 2**20, 2**22, 2**24, 2**26],
-                     "cpu", 2**26, 2**27, 2000, 0.05)
+            return Sweep(
+                [1, 32, 256],
+                kn,
+                ["fp32", "bf16"],
+                [2**12, 2**16, 2**20, 2**24],
+                "cpu",
+                2**24,
+                2**25,
+                500,
+                0.02,
+            )
+        return Sweep(
+            [1, 8, 32, 128, 512],
+            kn + [(2048, 2048)],
+            ["fp32", "bf16"],
+            [2**10, 2**12, 2**14, 2**16, 2**18, 2**20, 2**22, 2**24, 2**26],
+            "cpu",
+            2**26,
+            2**27,
+            2000,
+            0.05,
+        )
     # Not the accuracy benchmark's shapes: no 4096/11008, 2048/8192 or 576/1536 layers.
-    kn = [(3072, 3072), (3072, 8192), (8192, 3072), (1024, 4096), (4096, 1024), (5120, 13824),
-          (13824, 5120), (1024, 1024), (768, 2304), (2304, 768), (3072, 50000), (512, 512),
-          (384, 1024), (1024, 384), (768, 128)]
+    kn = [
+        (3072, 3072),
+        (3072, 8192),
+        (8192, 3072),
+        (1024, 4096),
+        (4096, 1024),
+        (5120, 13824),
+        (13824, 5120),
+        (1024, 1024),
+        (768, 2304),
+        (2304, 768),
+        (3072, 50000),
+        (512, 512),
+        (384, 1024),
+        (1024, 384),
+        (768, 128),
+    ]
     m = [2, 8, 24, 64, 192, 384, 768, 1536, 3072, 6144]
     copies = [2**k for k in range(10, 31, 2)]
     if quick:
-        return Sweep(m[::2] + [6144], kn[:5] + kn[-1:], ["bf16", "fp16", "fp32"],
-                     copies[::2] + [2**29], "quick", 2**26, 2**27, 1000, 1e-3,
-                     other_dtype_shapes=3)
-    return Sweep(m, kn, ["bf16", "fp16", "fp32"], copies, "full", 2**28, 2**29, 3000, 2e-3,
-                 tf32=True)
+        return Sweep(
+            m[::2] + [6144],
+            kn[:5] + kn[-1:],
+            ["bf16", "fp16", "fp32"],
+            copies[::2] + [2**29],
+            "quick",
+            2**26,
+            2**27,
+            1000,
+            1e-3,
+            other_dtype_shapes=3,
+        )
+    return Sweep(
+        m, kn, ["bf16", "fp16", "fp32"], copies, "full", 2**28, 2**29, 3000, 2e-3, tf32=True
+    )
 
 
 # --- measurements ---------------------------------------------------------------------------
@@ -101,7 +151,7 @@ def measure_gemms(sweep: Sweep, device: str, step: Callable[[], None]) -> dict[s
         rows = []
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-        shapes = sweep.gemm_kn if name == "bf16" else sweep.gemm_kn[:sweep.other_dtype_shapes]
+        shapes = sweep.gemm_kn if name == "bf16" else sweep.gemm_kn[: sweep.other_dtype_shapes]
         try:
             for k, n in shapes:
                 size = torch.finfo(dtype).bits // 8
@@ -126,10 +176,16 @@ def measure_copies(sweep: Sweep, device: str, step: Callable[[], None]) -> list:
     rows = []
     for size in sweep.copy_sizes:
         count = copies_for(2 * size) if device == "cuda" else 1
-        pairs = [(torch.empty(size // 4, device=device).fill_(1.0),
-                  torch.empty(size // 4, device=device)) for _ in range(count)]
-        seconds = device_seconds([lambda s=s, d=d: d.copy_(s) for s, d in pairs], device,
-                                 sweep.target_seconds)
+        pairs = [
+            (
+                torch.empty(size // 4, device=device).fill_(1.0),
+                torch.empty(size // 4, device=device),
+            )
+            for _ in range(count)
+        ]
+        seconds = device_seconds(
+            [lambda s=s, d=d: d.copy_(s) for s, d in pairs], device, sweep.target_seconds
+        )
         rows.append((2.0 * size, seconds))
         step()
     return rows
@@ -193,15 +249,23 @@ def measure_disk(sweep: Sweep, directory: str | None) -> tuple[float, str]:
 # --- fitting --------------------------------------------------------------------------------
 
 
-def fit_profile(name: str, device_label: str, m: Measurements,
-                capacities: dict[str, float], asynchronous: bool,
-                base: HardwareProfile | None) -> HardwareProfile:
+def fit_profile(
+    name: str,
+    device_label: str,
+    m: Measurements,
+    capacities: dict[str, float],
+    asynchronous: bool,
+    base: HardwareProfile | None,
+) -> HardwareProfile:
     """Turn measurements into a profile: peaks are the best achieved, curves the fractions."""
     stamp = f"measured on {device_label} ({datetime.date.today().isoformat()})"
     gap = m.kernel_gap
     bandwidth = max(b / s for b, s in m.copies)
-    copy_curve = fit_curve([(b, b / work_seconds(s, 1, gap) / bandwidth) for b, s in m.copies],
-                           bins_per_decade=1, cap=1.5)
+    copy_curve = fit_curve(
+        [(b, b / work_seconds(s, 1, gap) / bandwidth) for b, s in m.copies],
+        bins_per_decade=1,
+        cap=1.5,
+    )
     peaks, by_dtype, gemm_bandwidth = {}, {}, []
     for dtype, rows in m.gemms.items():
         peaks[dtype], by_dtype[dtype], points = fit_gemms(rows, bandwidth, gap)
@@ -214,14 +278,29 @@ def fit_profile(name: str, device_label: str, m: Measurements,
                 sources[f"peak_flops.{dtype}"] = f"{base.name} built-in (not measured)"
     attention_dtype = "bf16" if asynchronous else "fp32"
     class_curves, attn_curve = fit_class_curves(
-        m.op_samples, bandwidth, gap, peaks.get(attention_dtype, max(peaks.values())))
+        m.op_samples, bandwidth, gap, peaks.get(attention_dtype, max(peaks.values()))
+    )
     if gemm_bandwidth:
         class_curves["gemm"] = fit_curve(gemm_bandwidth, bins_per_decade=3, cap=1.5)
     main = "bf16" if "bf16" in by_dtype else next(iter(by_dtype))
-    sources.update({k: stamp for k in ("memory_bandwidth", "copy_efficiency", "gemm_efficiency",
-                                       "attention_efficiency", "launch_overhead", "view_overhead",
-                                       "launch_overhead_by_kind", "h2d/d2h", "memory_capacity",
-                                       "bandwidth_efficiency", "kernel_gap")})
+    sources.update(
+        {
+            k: stamp
+            for k in (
+                "memory_bandwidth",
+                "copy_efficiency",
+                "gemm_efficiency",
+                "attention_efficiency",
+                "launch_overhead",
+                "view_overhead",
+                "launch_overhead_by_kind",
+                "h2d/d2h",
+                "memory_capacity",
+                "bandwidth_efficiency",
+                "kernel_gap",
+            )
+        }
+    )
     if m.eager_kernels:
         sources["eager_kernels"] = f"{stamp}: kernels per call counted by torch.profiler"
     if not asynchronous:
@@ -230,17 +309,27 @@ def fit_profile(name: str, device_label: str, m: Measurements,
     if not asynchronous:
         sources["h2d/d2h"] = f"{stamp}: host memory copy (no separate device)"
     return HardwareProfile(
-        name=name, peak_flops=peaks, memory_bandwidth=bandwidth,
+        name=name,
+        peak_flops=peaks,
+        memory_bandwidth=bandwidth,
         h2d_bandwidth_pinned=m.transfers["h2d_pinned"],
         h2d_bandwidth_pageable=m.transfers["h2d_pageable"],
         d2h_bandwidth_pinned=m.transfers["d2h_pinned"],
         d2h_bandwidth_pageable=m.transfers["d2h_pageable"],
-        disk_read_bandwidth=m.disk[0], memory_capacity=capacities,
-        launch_overhead=m.launch["memory"], launch_overhead_by_kind=dict(m.launch),
-        gemm_efficiency=by_dtype[main], gemm_efficiency_by_dtype=by_dtype,
-        attention_efficiency=attn_curve, copy_efficiency=copy_curve, view_overhead=m.view,
-        asynchronous_launch=asynchronous, kernel_gap=gap, bandwidth_efficiency=class_curves,
-        eager_kernels=dict(m.eager_kernels), sources=sources,
+        disk_read_bandwidth=m.disk[0],
+        memory_capacity=capacities,
+        launch_overhead=m.launch["memory"],
+        launch_overhead_by_kind=dict(m.launch),
+        gemm_efficiency=by_dtype[main],
+        gemm_efficiency_by_dtype=by_dtype,
+        attention_efficiency=attn_curve,
+        copy_efficiency=copy_curve,
+        view_overhead=m.view,
+        asynchronous_launch=asynchronous,
+        kernel_gap=gap,
+        bandwidth_efficiency=class_curves,
+        eager_kernels=dict(m.eager_kernels),
+        sources=sources,
     )
 
 
@@ -262,8 +351,14 @@ class Measurements:
 # --- the run --------------------------------------------------------------------------------
 
 
-def calibrate(device: str | None = None, *, quick: bool = False, tiny: bool = False,
-              disk_dir: str | None = None, progress: bool = True) -> HardwareProfile:
+def calibrate(
+    device: str | None = None,
+    *,
+    quick: bool = False,
+    tiny: bool = False,
+    disk_dir: str | None = None,
+    progress: bool = True,
+) -> HardwareProfile:
     """Run the sweeps on `device` ("cuda" or "cpu"; default: cuda when available) and fit."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cuda", "cpu"):
@@ -274,24 +369,38 @@ def calibrate(device: str | None = None, *, quick: bool = False, tiny: bool = Fa
     return fit_for_device(measurements, device, disk_dir)
 
 
-def fit_for_device(measurements: Measurements, device: str,
-                   disk_dir: str | None = None) -> HardwareProfile:
+def fit_for_device(
+    measurements: Measurements, device: str, disk_dir: str | None = None
+) -> HardwareProfile:
     """Fit measurements taken on this machine's `device` into a named profile."""
     label = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     base = _builtin_for(label) if device == "cuda" else None
     slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
-    return fit_profile(f"calibrated-{slug}", label, measurements, _capacities(device, disk_dir),
-                       asynchronous=device == "cuda", base=base)
+    return fit_profile(
+        f"calibrated-{slug}",
+        label,
+        measurements,
+        _capacities(device, disk_dir),
+        asynchronous=device == "cuda",
+        base=base,
+    )
 
 
-def measure(device: str, *, quick: bool = False, tiny: bool = False,
-            disk_dir: str | None = None, progress: bool = True) -> Measurements:
+def measure(
+    device: str,
+    *,
+    quick: bool = False,
+    tiny: bool = False,
+    disk_dir: str | None = None,
+    progress: bool = True,
+) -> Measurements:
     """Every measurement of one calibration, in order, each advancing the progress bar."""
     sweep = sweep_for(device, quick, tiny)
     cases = op_cases(sweep.op_scale)
     gemm_steps = len(sweep.gemm_m) * sum(
         len(sweep.gemm_kn) if d == "bf16" else min(len(sweep.gemm_kn), sweep.other_dtype_shapes)
-        for d in sweep.gemm_dtypes + (["tf32"] if sweep.tf32 else []))
+        for d in sweep.gemm_dtypes + (["tf32"] if sweep.tf32 else [])
+    )
     total = gemm_steps + len(sweep.copy_sizes) + len(cases) + 5
     threads = torch.get_num_threads()
     if tiny and device == "cpu":
@@ -309,8 +418,9 @@ def measure(device: str, *, quick: bool = False, tiny: bool = False,
             step()
             copies = measure_copies(sweep, device, stage("copy sweep"))
             gemms = measure_gemms(sweep, device, stage("GEMM sweep"))
-            samples = measure_op_classes(cases, device, sweep.target_seconds,
-                                         stage("op-class sweeps"))
+            samples = measure_op_classes(
+                cases, device, sweep.target_seconds, stage("op-class sweeps")
+            )
             step = stage("eager kernels per node")
             eager_kernels = count_eager_kernels(device)
             step()
@@ -325,8 +435,7 @@ def measure(device: str, *, quick: bool = False, tiny: bool = False,
             step()
     finally:
         torch.set_num_threads(threads)
-    return Measurements(gap, copies, gemms, samples, eager_kernels, transfers, disk, launch,
-                        view)
+    return Measurements(gap, copies, gemms, samples, eager_kernels, transfers, disk, launch, view)
 
 
 def measure_host_overheads(sweep: Sweep, device: str) -> tuple[dict[str, float], float]:
@@ -351,10 +460,18 @@ def measure_host_overheads(sweep: Sweep, device: str) -> tuple[dict[str, float],
         "memory": host_seconds(lambda: torch.add(a, b), device, iters),
         "gemm": host_seconds(lambda: F.linear(a, w), device, iters),
         "attention": host_seconds(
-            lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), device, iters // 4),
+            lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), device, iters // 4
+        ),
     }
-    model, (ids,) = demo_llama(0, vocab_size=64, hidden_size=64, intermediate_size=128,
-                               num_layers=4, num_heads=4, num_kv_heads=2)
+    model, (ids,) = demo_llama(
+        0,
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+    )
     ids = ids[:, :8]
     graph = capture(model, (ids,), name="calibration llama")
     counts = {"memory": 0, "gemm": 0, "attention": 0, "free": 0}
@@ -391,8 +508,12 @@ def _progress_bar(show: bool):
         return _SilentBar()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description:<24}"), BarColumn(),
-                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    return Progress(
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
 
 
 def _builtin_for(label: str) -> HardwareProfile | None:

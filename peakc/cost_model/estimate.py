@@ -41,8 +41,15 @@ from peakc.cost_model.op_costs import (
 from peakc.errors import PeakcError
 from peakc.ir.graph import MODULE_KEY, Graph
 
-__all__ = ["COST_RULES", "RUNTIMES", "Estimate", "estimate", "kernel_time", "node_device_time",
-           "register_cost_rule"]
+__all__ = [
+    "COST_RULES",
+    "RUNTIMES",
+    "Estimate",
+    "estimate",
+    "kernel_time",
+    "node_device_time",
+    "register_cost_rule",
+]
 
 RUNTIMES = ("eager", "graph")
 DEFAULT_RUNTIME = "eager"  # how peakc's backends (eager, ort) run a program today
@@ -125,11 +132,18 @@ class Estimate:
 
     def to_dict(self, top: int = 20) -> dict:
         return {
-            "target": self.target, "phase": self.phase, "runtime": self.runtime,
-            "batch": self.batch, "seq": self.seq, "device_time_s": self.device_time,
-            "total_time_s": self.total_time, "total_flops": self.total_flops,
-            "total_bytes": self.total_bytes, "kernels": self.kernels,
-            "host_time_s": self.host_time, "device_busy_s": self.device_busy,
+            "target": self.target,
+            "phase": self.phase,
+            "runtime": self.runtime,
+            "batch": self.batch,
+            "seq": self.seq,
+            "device_time_s": self.device_time,
+            "total_time_s": self.total_time,
+            "total_flops": self.total_flops,
+            "total_bytes": self.total_bytes,
+            "kernels": self.kernels,
+            "host_time_s": self.host_time,
+            "device_busy_s": self.device_busy,
             "memory": self.memory.to_dict(),
             "blocks": [asdict(b) for b in self.blocks],
             "top_nodes": [asdict(n) for n in self.top_nodes(top)],
@@ -148,8 +162,9 @@ def kernel_time(cost: OpCost, profile: HardwareProfile) -> tuple[float, str]:
     else:
         rate = profile.peak("fp32")
     compute = cost.flops / rate if cost.flops else 0.0
-    bandwidth = profile.memory_bandwidth * profile.bandwidth_efficiency_for(cost.op_class,
-                                                                            cost.lane_bytes)
+    bandwidth = profile.memory_bandwidth * profile.bandwidth_efficiency_for(
+        cost.op_class, cost.lane_bytes
+    )
     memory = cost.lane_bytes / bandwidth
     return (compute, "compute") if compute >= memory else (memory, "memory")
 
@@ -177,8 +192,7 @@ def estimate(
     memory estimate (default: none).
     """
     if runtime not in RUNTIMES:
-        raise PeakcError(f"estimate: runtime must be one of {', '.join(RUNTIMES)}, "
-                         f"got '{runtime}'")
+        raise PeakcError(f"estimate: runtime must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
     ctx = CostContext(kv_len=kv_len)
     block_of = {n: b.name for b in graph.blocks() for n in b.nodes}
     nodes: list[NodeEstimate] = []
@@ -188,12 +202,18 @@ def estimate(
         cost = node_cost(node, ctx)
         if cost.rule == "generic":
             generic.append(f"{node.name} ({op_name(node.target)})")
-        kernels = profile.eager_kernels.get(op_name(node.target), cost.kernels) \
-            if cost.kind != "free" else 0
+        kernels = (
+            profile.eager_kernels.get(op_name(node.target), cost.kernels)
+            if cost.kind != "free"
+            else 0
+        )
         dev, bound = node_device_time(cost, profile, kernels)
         before = device
-        issue = profile.view_overhead if cost.kind == "free" else \
-            kernels * profile.issue_time(cost.kind)
+        issue = (
+            profile.view_overhead
+            if cost.kind == "free"
+            else kernels * profile.issue_time(cost.kind)
+        )
         issued += issue
         busy += dev
         if cost.kind == "free":
@@ -207,14 +227,26 @@ def estimate(
             device = host = max(host, device) + issue + dev
         if cost.kind != "free" and dev < issue and runtime == "eager":
             bound = "launch"
-        nodes.append(NodeEstimate(
-            name=node.name, op=op_name(node.target), module=node.meta.get(MODULE_KEY, ""),
-            block=block_of.get(node, "prologue"), shape=shape_of(node), flops=cost.flops,
-            bytes=cost.bytes, kind=cost.kind, dtype=cost.dtype, rule=cost.rule,
-            device_time=dev, time=device - before if runtime == "eager" else
-            dev + (0.0 if profile.asynchronous_launch else issue),
-            bound=bound, kernels=kernels,
-        ))
+        nodes.append(
+            NodeEstimate(
+                name=node.name,
+                op=op_name(node.target),
+                module=node.meta.get(MODULE_KEY, ""),
+                block=block_of.get(node, "prologue"),
+                shape=shape_of(node),
+                flops=cost.flops,
+                bytes=cost.bytes,
+                kind=cost.kind,
+                dtype=cost.dtype,
+                rule=cost.rule,
+                device_time=dev,
+                time=device - before
+                if runtime == "eager"
+                else dev + (0.0 if profile.asynchronous_launch else issue),
+                bound=bound,
+                kernels=kernels,
+            )
+        )
     blocks: dict[str, BlockEstimate] = {}
     for n in nodes:
         b = blocks.setdefault(n.block, BlockEstimate(n.block, 0.0, 0.0, 0.0, 0))
@@ -230,14 +262,30 @@ def estimate(
     )
     notes = []
     if generic:
-        shown = ", ".join(generic[:5]) + (f" and {len(generic) - 5} more" if len(generic) > 5
-                                           else "")
-        notes.append(f"{len(generic)} node(s) had no cost rule and were costed as memory-bound "
-                     f"elementwise kernels: {shown}")
+        shown = ", ".join(generic[:5]) + (
+            f" and {len(generic) - 5} more" if len(generic) > 5 else ""
+        )
+        notes.append(
+            f"{len(generic)} node(s) had no cost rule and were costed as memory-bound "
+            f"elementwise kernels: {shown}"
+        )
     if not profile.asynchronous_launch:
         busy += issued  # one clock: the host's issue time is spent on the device's time line
     if runtime == "graph" and not profile.asynchronous_launch:
-        notes.append(f"{profile.name} issues kernels from the host (no device-side replay): "
-                     "graph time includes the host's issue time")
-    return Estimate(profile.name, phase, runtime, batch, seq, nodes, list(blocks.values()), memory,
-                    host_time=issued, device_busy=busy, notes=notes)
+        notes.append(
+            f"{profile.name} issues kernels from the host (no device-side replay): "
+            "graph time includes the host's issue time"
+        )
+    return Estimate(
+        profile.name,
+        phase,
+        runtime,
+        batch,
+        seq,
+        nodes,
+        list(blocks.values()),
+        memory,
+        host_time=issued,
+        device_busy=busy,
+        notes=notes,
+    )

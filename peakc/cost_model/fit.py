@@ -16,8 +16,9 @@ from peakc.cost_model.hardware import OP_CLASSES, Curve
 MIN_WORK_SHARE = 0.1  # a sample's work time is at least this share of its measured time
 
 
-def fit_curve(points: list[tuple[float, float]], bins_per_decade: int = 2,
-              cap: float = 1.0) -> Curve:
+def fit_curve(
+    points: list[tuple[float, float]], bins_per_decade: int = 2, cap: float = 1.0
+) -> Curve:
     """Median efficiency per log-size bin, as a curve with strictly increasing sizes."""
     if not points:
         return [(1.0, 1.0)]
@@ -38,8 +39,9 @@ def work_seconds(seconds: float, kernels: int, gap: float) -> float:
     return max(seconds - kernels * gap, MIN_WORK_SHARE * seconds)
 
 
-def fit_gemms(rows: list[tuple[float, float, float]], bandwidth: float,
-              gap: float) -> tuple[float, Curve, list[tuple[float, float]]]:
+def fit_gemms(
+    rows: list[tuple[float, float, float]], bandwidth: float, gap: float
+) -> tuple[float, Curve, list[tuple[float, float]]]:
     """(peak FLOP/s, FLOP-efficiency curve, bandwidth points) of one dtype's GEMM samples.
 
     Rows are (FLOPs, bytes, seconds). Samples whose arithmetic intensity is above the ridge
@@ -59,8 +61,9 @@ def fit_gemms(rows: list[tuple[float, float, float]], bandwidth: float,
     return peak, curve, memory
 
 
-def fit_class_curves(samples: list, bandwidth: float, gap: float,
-                     attention_peak: float) -> tuple[dict[str, Curve], Curve]:
+def fit_class_curves(
+    samples: list, bandwidth: float, gap: float, attention_peak: float
+) -> tuple[dict[str, Curve], Curve]:
     """(bandwidth curve per op class, attention FLOP curve) from op-class samples.
 
     `samples` are op_sweeps.OpSample; "attention_prefill" samples fit the FLOP curve,

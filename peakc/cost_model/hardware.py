@@ -32,8 +32,16 @@ CURVE_FIGURES = ("gemm_efficiency", "attention_efficiency", "copy_efficiency")
 CURVE_TABLES = ("gemm_efficiency_by_dtype", "bandwidth_efficiency")
 # Op classes with their own bandwidth curve (bytes moved -> fraction of memory_bandwidth).
 # "strided": elementwise ops and cat reading a non-contiguous view or a broadcast input.
-OP_CLASSES = ("elementwise", "strided", "reduction", "softmax", "norm", "gather", "gemm",
-              "attention")
+OP_CLASSES = (
+    "elementwise",
+    "strided",
+    "reduction",
+    "softmax",
+    "norm",
+    "gather",
+    "gemm",
+    "attention",
+)
 
 
 def efficiency_at(curve: Curve, size: float) -> float:
@@ -133,8 +141,7 @@ class HardwareProfile:
             _positive(where, key, getattr(self, key))
         if not isinstance(self.peak_flops, dict) or not self.peak_flops:
             raise PeakcError(f"{where}: 'peak_flops' is empty")
-        for table in ("peak_flops", "memory_capacity", "launch_overhead_by_kind",
-                      "eager_kernels"):
+        for table in ("peak_flops", "memory_capacity", "launch_overhead_by_kind", "eager_kernels"):
             values = getattr(self, table)
             if not isinstance(values, dict):
                 raise PeakcError(f"{where}: '{table}' must be an object of numbers")
@@ -148,8 +155,10 @@ class HardwareProfile:
             curves.update({f"{table}.{k}": v for k, v in values.items()})
         unknown = sorted(set(self.bandwidth_efficiency) - set(OP_CLASSES))
         if unknown:
-            raise PeakcError(f"{where}: 'bandwidth_efficiency.{unknown[0]}' is not an op class "
-                             f"({', '.join(OP_CLASSES)})")
+            raise PeakcError(
+                f"{where}: 'bandwidth_efficiency.{unknown[0]}' is not an op class "
+                f"({', '.join(OP_CLASSES)})"
+            )
         for key, curve in curves.items():
             _check_curve(where, key, curve)
 
@@ -166,8 +175,11 @@ class HardwareProfile:
         if not isinstance(data, dict):
             raise PeakcError(f"{where}: expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING]
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         missing = [k for k in required if k not in data]
         if missing:
             raise PeakcError(f"{where}: missing figure '{missing[0]}'")
@@ -211,8 +223,9 @@ def _positive(where: str, key: str, value: Any) -> None:
 
 
 def _as_curve(where: str, key: str, raw: Any) -> Curve:
-    if not isinstance(raw, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2
-                                            for p in raw):
+    if not isinstance(raw, list) or not all(
+        isinstance(p, (list, tuple)) and len(p) == 2 for p in raw
+    ):
         raise PeakcError(f"{where}: '{key}' must be a list of [size, efficiency] pairs")
     return [(p[0], p[1]) for p in raw]
 
@@ -234,33 +247,57 @@ GB = 1e9
 GiB = 2**30
 TB = 1e12
 
-ESTIMATED_CURVES = ("estimated from typical cuBLAS/FlashAttention results; "
-                    "refine with `peakc calibrate`")
-GRAPH_GAP = ("estimate of an H100's per-kernel time in a CUDA graph replay of near-empty "
-             "kernels; refine with `peakc calibrate`")
+ESTIMATED_CURVES = (
+    "estimated from typical cuBLAS/FlashAttention results; refine with `peakc calibrate`"
+)
+GRAPH_GAP = (
+    "estimate of an H100's per-kernel time in a CUDA graph replay of near-empty "
+    "kernels; refine with `peakc calibrate`"
+)
 EAGER_LAUNCH = "estimate of eager PyTorch per-op host cost; refine with `peakc calibrate`"
 
 
 def _gpu_curves() -> dict[str, Any]:
     """Efficiency curves shared by the built-in data-centre GPU profiles (estimates)."""
-    copy = [(1e4, 0.002), (1e5, 0.015), (1e6, 0.1), (1e7, 0.45), (1e8, 0.78), (1e9, 0.88),
-            (1e10, 0.9)]
+    copy = [
+        (1e4, 0.002),
+        (1e5, 0.015),
+        (1e6, 0.1),
+        (1e7, 0.45),
+        (1e8, 0.78),
+        (1e9, 0.88),
+        (1e10, 0.9),
+    ]
     return dict(
-        gemm_efficiency=[(1e6, 0.004), (1e7, 0.03), (1e8, 0.15), (1e9, 0.4), (1e10, 0.62),
-                         (1e11, 0.72), (1e12, 0.75)],
+        gemm_efficiency=[
+            (1e6, 0.004),
+            (1e7, 0.03),
+            (1e8, 0.15),
+            (1e9, 0.4),
+            (1e10, 0.62),
+            (1e11, 0.72),
+            (1e12, 0.75),
+        ],
         gemm_efficiency_by_dtype={
-            "fp32": [(1e6, 0.04), (1e7, 0.2), (1e8, 0.5), (1e9, 0.7), (1e10, 0.78),
-                     (1e12, 0.8)],
+            "fp32": [(1e6, 0.04), (1e7, 0.2), (1e8, 0.5), (1e9, 0.7), (1e10, 0.78), (1e12, 0.8)],
         },
-        attention_efficiency=[(1e6, 0.002), (1e7, 0.015), (1e8, 0.08), (1e9, 0.2),
-                              (1e10, 0.33), (1e11, 0.4), (1e12, 0.42)],
+        attention_efficiency=[
+            (1e6, 0.002),
+            (1e7, 0.015),
+            (1e8, 0.08),
+            (1e9, 0.2),
+            (1e10, 0.33),
+            (1e11, 0.4),
+            (1e12, 0.42),
+        ],
         copy_efficiency=copy,
         # Reductions, softmax and norms keep a row on chip and reach about 60% of a copy.
         # Large elementwise kernels on strided or broadcast inputs lose vectorised access
         # (~half); small ones are latency-bound like any other.
-        bandwidth_efficiency={**{k: [(s, 0.6 * e) for s, e in copy]
-                                 for k in ("reduction", "softmax", "norm")},
-                              "strided": [(s, e * (1.0 if s < 1e7 else 0.5)) for s, e in copy]},
+        bandwidth_efficiency={
+            **{k: [(s, 0.6 * e) for s, e in copy] for k in ("reduction", "softmax", "norm")},
+            "strided": [(s, e * (1.0 if s < 1e7 else 0.5)) for s, e in copy],
+        },
         kernel_gap=2.5e-6,
     )
 
@@ -290,35 +327,60 @@ class GpuFigures:
     disk_read_bandwidth: float = 3 * GB
 
 
-PCIE5 = HostLink(50 * GB, 20 * GB, "PCIe Gen5 x16 nominal (64 GB/s), typical achieved; "
-                 "pageable assumed ~40%")
-PCIE4 = HostLink(25 * GB, 10 * GB, "PCIe Gen4 x16 nominal (32 GB/s), typical achieved; "
-                 "pageable assumed ~40%")
+PCIE5 = HostLink(
+    50 * GB, 20 * GB, "PCIe Gen5 x16 nominal (64 GB/s), typical achieved; pageable assumed ~40%"
+)
+PCIE4 = HostLink(
+    25 * GB, 10 * GB, "PCIe Gen4 x16 nominal (32 GB/s), typical achieved; pageable assumed ~40%"
+)
 NVME = "typical datacentre NVMe sequential read (estimate)"
 # Dense tensor-core peaks of Hopper (GH100): the H100 SXM5 and H200 SXM datasheets list the
 # same figures; the H200 differs in memory (capacity and bandwidth) only.
-HOPPER_PEAK_FLOPS = {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12,
-                     "int8": 1979e12, "fp8": 1979e12}
+HOPPER_PEAK_FLOPS = {
+    "fp32": 67e12,
+    "tf32": 495e12,
+    "bf16": 989e12,
+    "fp16": 989e12,
+    "int8": 1979e12,
+    "fp8": 1979e12,
+}
 
 GPU_FIGURES: dict[str, GpuFigures] = {
     "h100-sxm": GpuFigures(
         datasheet="NVIDIA H100 SXM5 datasheet (dense, no sparsity)",
-        peak_flops=HOPPER_PEAK_FLOPS, memory_bandwidth=3.35 * TB, device_memory=80 * GiB,
-        link=PCIE5, host_memory=128 * GiB, disk_capacity=64 * GiB,
+        peak_flops=HOPPER_PEAK_FLOPS,
+        memory_bandwidth=3.35 * TB,
+        device_memory=80 * GiB,
+        link=PCIE5,
+        host_memory=128 * GiB,
+        disk_capacity=64 * GiB,
         host_source="the lent H100 machine's description",
     ),
     "h200": GpuFigures(
         datasheet="NVIDIA H200 SXM datasheet (dense, no sparsity)",
-        peak_flops=HOPPER_PEAK_FLOPS, memory_bandwidth=4.8 * TB, device_memory=141 * GB,
-        link=PCIE5, host_memory=128 * GiB, disk_capacity=64 * GiB,
+        peak_flops=HOPPER_PEAK_FLOPS,
+        memory_bandwidth=4.8 * TB,
+        device_memory=141 * GB,
+        link=PCIE5,
+        host_memory=128 * GiB,
+        disk_capacity=64 * GiB,
         host_source="the lent H200 machine's description",
     ),
     "a100-80gb": GpuFigures(
         datasheet="NVIDIA A100 80GB SXM datasheet (dense, no sparsity)",
-        peak_flops={"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12,
-                    "int8": 624e12},
-        memory_bandwidth=2.039 * TB, device_memory=80 * GiB, link=PCIE4,
-        host_memory=128 * GiB, disk_capacity=64 * GiB, host_source="assumed typical host",
+        peak_flops={
+            "fp32": 19.5e12,
+            "tf32": 156e12,
+            "bf16": 312e12,
+            "fp16": 312e12,
+            "int8": 624e12,
+        },
+        memory_bandwidth=2.039 * TB,
+        device_memory=80 * GiB,
+        link=PCIE4,
+        host_memory=128 * GiB,
+        disk_capacity=64 * GiB,
+        host_source="assumed typical host",
         disk_read_bandwidth=2 * GB,
     ),
 }
@@ -331,18 +393,29 @@ def gpu_profile(name: str, figures: GpuFigures) -> HardwareProfile:
         name=name,
         peak_flops=dict(figures.peak_flops),
         memory_bandwidth=figures.memory_bandwidth,
-        h2d_bandwidth_pinned=link.pinned, h2d_bandwidth_pageable=link.pageable,
-        d2h_bandwidth_pinned=link.pinned, d2h_bandwidth_pageable=link.pageable,
+        h2d_bandwidth_pinned=link.pinned,
+        h2d_bandwidth_pageable=link.pageable,
+        d2h_bandwidth_pinned=link.pinned,
+        d2h_bandwidth_pageable=link.pageable,
         disk_read_bandwidth=figures.disk_read_bandwidth,
-        memory_capacity={"device": figures.device_memory, "host": figures.host_memory,
-                         "disk": figures.disk_capacity},
+        memory_capacity={
+            "device": figures.device_memory,
+            "host": figures.host_memory,
+            "disk": figures.disk_capacity,
+        },
         launch_overhead=5e-6,
         **_gpu_curves(),
-        sources={"peak_flops": figures.datasheet, "memory_bandwidth": figures.datasheet,
-                 "memory_capacity.device": figures.datasheet, "h2d/d2h": link.source,
-                 "disk": NVME, "memory_capacity.host/disk": figures.host_source,
-                 "launch_overhead": EAGER_LAUNCH, "efficiency curves": ESTIMATED_CURVES,
-                 "kernel_gap": GRAPH_GAP},
+        sources={
+            "peak_flops": figures.datasheet,
+            "memory_bandwidth": figures.datasheet,
+            "memory_capacity.device": figures.datasheet,
+            "h2d/d2h": link.source,
+            "disk": NVME,
+            "memory_capacity.host/disk": figures.host_source,
+            "launch_overhead": EAGER_LAUNCH,
+            "efficiency curves": ESTIMATED_CURVES,
+            "kernel_gap": GRAPH_GAP,
+        },
     )
 
 
@@ -352,8 +425,10 @@ def _builtin() -> dict[str, HardwareProfile]:
         name="cpu",
         peak_flops={"fp32": 100e9, "bf16": 50e9, "fp16": 20e9, "int8": 100e9},
         memory_bandwidth=10 * GB,
-        h2d_bandwidth_pinned=10 * GB, h2d_bandwidth_pageable=10 * GB,
-        d2h_bandwidth_pinned=10 * GB, d2h_bandwidth_pageable=10 * GB,
+        h2d_bandwidth_pinned=10 * GB,
+        h2d_bandwidth_pageable=10 * GB,
+        d2h_bandwidth_pinned=10 * GB,
+        d2h_bandwidth_pageable=10 * GB,
         disk_read_bandwidth=1 * GB,
         memory_capacity={"device": 24 * GiB, "host": 24 * GiB, "disk": 50 * GiB},
         launch_overhead=5e-6,

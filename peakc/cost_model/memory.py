@@ -97,7 +97,8 @@ def kv_cache_bytes(graph: Graph, batch: int, tokens: int) -> float:
     return total
 
 
-def kv_cache_formula(layers: int, batch: int, tokens: int, kv_heads: int, head_dim: int,
-                     dtype_bytes: int) -> float:
+def kv_cache_formula(
+    layers: int, batch: int, tokens: int, kv_heads: int, head_dim: int, dtype_bytes: int
+) -> float:
     """2 (K and V) * layers * batch * tokens * kv_heads * head_dim * bytes per element."""
     return float(2 * layers * batch * tokens * kv_heads * head_dim * dtype_bytes)

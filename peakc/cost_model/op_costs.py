@@ -41,8 +41,13 @@ class OpCost:
 
 # Kernels eager PyTorch launches for one node of these ops (others: one; views: none). The
 # calibration counts them on its device (profile.eager_kernels), which takes precedence.
-EAGER_KERNELS = {"aten.rms_norm": 1, "aten.layer_norm": 1, "aten.var_mean": 1,
-                 "aten.scaled_dot_product_attention": 1, "aten.native_layer_norm": 1}
+EAGER_KERNELS = {
+    "aten.rms_norm": 1,
+    "aten.layer_norm": 1,
+    "aten.var_mean": 1,
+    "aten.scaled_dot_product_attention": 1,
+    "aten.native_layer_norm": 1,
+}
 
 
 @dataclass
@@ -56,8 +61,14 @@ Rule = Callable[[fx.Node, CostContext], OpCost]
 COST_RULES: dict[str, Rule] = {}
 
 DTYPE_NAMES = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-    torch.int8: "int8", torch.uint8: "int8", torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int8: "int8",
+    torch.uint8: "int8",
+    torch.float8_e4m3fn: "fp8",
+    torch.float8_e5m2: "fp8",
 }
 
 
@@ -134,8 +145,10 @@ def _require_shapes(node: fx.Node, name: str) -> None:
         )
     for o in outs:
         if isinstance(o, torch.Tensor) and not all(isinstance(d, int) for d in o.shape):
-            raise PeakcError(f"node '{node.name}' ({name}): shape {list(o.shape)} is symbolic; "
-                             "estimate a graph captured at a fixed shape")
+            raise PeakcError(
+                f"node '{node.name}' ({name}): shape {list(o.shape)} is symbolic; "
+                "estimate a graph captured at a fixed shape"
+            )
     for arg in node.all_input_nodes:
         if arg.op != "get_attr" and arg.meta.get("val") is None:
             raise PeakcError(f"node '{node.name}' ({name}): shape of input '{arg.name}' unknown")
@@ -156,18 +169,55 @@ def _out_numel(node: fx.Node) -> float:
 # --- rules ----------------------------------------------------------------------------------
 
 FREE_OPS = {
-    "aten.view", "aten._unsafe_view", "aten.reshape", "aten.permute", "aten.transpose",
-    "aten.t", "aten.expand", "aten.unsqueeze", "aten.squeeze", "aten.slice", "aten.select",
-    "aten.split", "aten.split_with_sizes", "aten.unbind", "aten.alias", "aten.detach",
-    "aten.as_strided", "aten.chunk", "aten.narrow", "aten._reshape_alias", "aten.lift_fresh",
-    "getitem", "aten.sym_size", "aten._assert_tensor_metadata",
+    "aten.view",
+    "aten._unsafe_view",
+    "aten.reshape",
+    "aten.permute",
+    "aten.transpose",
+    "aten.t",
+    "aten.expand",
+    "aten.unsqueeze",
+    "aten.squeeze",
+    "aten.slice",
+    "aten.select",
+    "aten.split",
+    "aten.split_with_sizes",
+    "aten.unbind",
+    "aten.alias",
+    "aten.detach",
+    "aten.as_strided",
+    "aten.chunk",
+    "aten.narrow",
+    "aten._reshape_alias",
+    "aten.lift_fresh",
+    "getitem",
+    "aten.sym_size",
+    "aten._assert_tensor_metadata",
 }
 
-REDUCTIONS = {"aten.mean", "aten.sum", "aten.amax", "aten.amin", "aten.max", "aten.min",
-              "aten.var", "aten.var_mean", "aten.argmax", "aten.prod", "aten.cumsum"}
+REDUCTIONS = {
+    "aten.mean",
+    "aten.sum",
+    "aten.amax",
+    "aten.amin",
+    "aten.max",
+    "aten.min",
+    "aten.var",
+    "aten.var_mean",
+    "aten.argmax",
+    "aten.prod",
+    "aten.cumsum",
+}
 
-ELEMENTWISE_FLOPS = {"aten.silu": 4.0, "aten.gelu": 8.0, "aten.rsqrt": 2.0, "aten.pow": 1.0,
-                     "aten.exp": 2.0, "aten.tanh": 4.0, "aten.sigmoid": 4.0}
+ELEMENTWISE_FLOPS = {
+    "aten.silu": 4.0,
+    "aten.gelu": 8.0,
+    "aten.rsqrt": 2.0,
+    "aten.pow": 1.0,
+    "aten.exp": 2.0,
+    "aten.tanh": 4.0,
+    "aten.sigmoid": 4.0,
+}
 
 
 def elementwise(node: fx.Node, ctx: CostContext) -> OpCost:
@@ -181,8 +231,13 @@ def elementwise(node: fx.Node, ctx: CostContext) -> OpCost:
         op_class = "reduction"
     else:
         op_class = "strided" if reads_strided(node) else "elementwise"
-    return OpCost(per * _out_numel(node), moved, "memory", dtype_name(out) if out is not None
-                  else "fp32", op_class=op_class)
+    return OpCost(
+        per * _out_numel(node),
+        moved,
+        "memory",
+        dtype_name(out) if out is not None else "fp32",
+        op_class=op_class,
+    )
 
 
 def reads_strided(node: fx.Node) -> bool:
@@ -213,17 +268,68 @@ def _cat_writes_strided(node: fx.Node, out: torch.Tensor) -> bool:
     return outer > 1
 
 
-for _name in ("aten.add", "aten.sub", "aten.mul", "aten.div", "aten.neg", "aten.pow",
-              "aten.rsqrt", "aten.sqrt", "aten.exp", "aten.silu", "aten.gelu", "aten.relu",
-              "aten.tanh", "aten.sigmoid", "aten.where", "aten._to_copy", "aten.clone",
-              "aten.copy", "aten.cat", "aten.contiguous", "aten.masked_fill", "aten.minimum",
-              "aten.maximum", "aten.eq", "aten.ne", "aten.lt", "aten.gt", "aten.le", "aten.ge",
-              "aten.abs", "aten.clamp", "aten.fill", "aten.zeros_like", "aten.ones_like",
-              "aten.full", "aten.arange", "aten.triu", "aten.tril", "aten.index",
-              "aten.cos", "aten.sin", "aten.floor", "aten.round", "aten.sign", "aten.reciprocal",
-              "aten.bitwise_and", "aten.bitwise_or", "aten.logical_not", "aten.empty",
-              "aten.mean", "aten.sum", "aten.amax", "aten.amin", "aten.max", "aten.min",
-              "aten.var", "aten.var_mean", "aten.argmax", "aten.prod", "aten.cumsum"):
+for _name in (
+    "aten.add",
+    "aten.sub",
+    "aten.mul",
+    "aten.div",
+    "aten.neg",
+    "aten.pow",
+    "aten.rsqrt",
+    "aten.sqrt",
+    "aten.exp",
+    "aten.silu",
+    "aten.gelu",
+    "aten.relu",
+    "aten.tanh",
+    "aten.sigmoid",
+    "aten.where",
+    "aten._to_copy",
+    "aten.clone",
+    "aten.copy",
+    "aten.cat",
+    "aten.contiguous",
+    "aten.masked_fill",
+    "aten.minimum",
+    "aten.maximum",
+    "aten.eq",
+    "aten.ne",
+    "aten.lt",
+    "aten.gt",
+    "aten.le",
+    "aten.ge",
+    "aten.abs",
+    "aten.clamp",
+    "aten.fill",
+    "aten.zeros_like",
+    "aten.ones_like",
+    "aten.full",
+    "aten.arange",
+    "aten.triu",
+    "aten.tril",
+    "aten.index",
+    "aten.cos",
+    "aten.sin",
+    "aten.floor",
+    "aten.round",
+    "aten.sign",
+    "aten.reciprocal",
+    "aten.bitwise_and",
+    "aten.bitwise_or",
+    "aten.logical_not",
+    "aten.empty",
+    "aten.mean",
+    "aten.sum",
+    "aten.amax",
+    "aten.amin",
+    "aten.max",
+    "aten.min",
+    "aten.var",
+    "aten.var_mean",
+    "aten.argmax",
+    "aten.prod",
+    "aten.cumsum",
+):
     COST_RULES[_name] = elementwise
 
 
@@ -235,8 +341,13 @@ def linear(node: fx.Node, ctx: CostContext) -> OpCost:
     k, n = w.shape[-1], w.shape[0]
     m = x.numel() // k
     flops = 2.0 * m * n * k + (m * n if b is not None else 0)
-    return OpCost(flops, nbytes(x) + nbytes(w) + nbytes(b) + _out_bytes(node), "gemm",
-                  dtype_name(x), op_class="gemm")
+    return OpCost(
+        flops,
+        nbytes(x) + nbytes(w) + nbytes(b) + _out_bytes(node),
+        "gemm",
+        dtype_name(x),
+        op_class="gemm",
+    )
 
 
 @register_cost_rule("aten.mm", "aten.bmm", "aten.matmul", "aten.addmm", "aten.baddbmm")
@@ -247,8 +358,13 @@ def matmul(node: fx.Node, ctx: CostContext) -> OpCost:
     a = val(node.args[a_idx])
     k = a.shape[-1]
     flops = 2.0 * _out_numel(node) * k
-    return OpCost(flops, sum(nbytes(t) for t in _tensor_inputs(node)) + _out_bytes(node), "gemm",
-                  dtype_name(a), op_class="gemm")
+    return OpCost(
+        flops,
+        sum(nbytes(t) for t in _tensor_inputs(node)) + _out_bytes(node),
+        "gemm",
+        dtype_name(a),
+        op_class="gemm",
+    )
 
 
 ATTENTION_OPS = ("aten.scaled_dot_product_attention", "peakc.attention")
@@ -282,9 +398,19 @@ def attention(node: fx.Node, ctx: CostContext) -> OpCost:
     return OpCost(flops, moved, "attention", dtype_name(q), op_class="attention")
 
 
-SHAPE_OPS = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.clone", "aten.expand",
-             "aten.unsqueeze", "aten.permute", "aten.transpose", "aten.contiguous",
-             "aten.repeat_interleave", "aten.repeat"}
+SHAPE_OPS = {
+    "aten.view",
+    "aten._unsafe_view",
+    "aten.reshape",
+    "aten.clone",
+    "aten.expand",
+    "aten.unsqueeze",
+    "aten.permute",
+    "aten.transpose",
+    "aten.contiguous",
+    "aten.repeat_interleave",
+    "aten.repeat",
+}
 
 
 def kv_heads_of(node: fx.Node) -> int:
@@ -306,8 +432,9 @@ def kv_heads_of(node: fx.Node) -> int:
 def embedding(node: fx.Node, ctx: CostContext) -> OpCost:
     """A gather: read one table row per index, write it; read the indices."""
     out = _out_bytes(node)
-    return OpCost(0.0, 2 * out + nbytes(val(node.args[1])), "memory", dtype_name(val(node)),
-                  op_class="gather")
+    return OpCost(
+        0.0, 2 * out + nbytes(val(node.args[1])), "memory", dtype_name(val(node)), op_class="gather"
+    )
 
 
 MAX_LANES = 4096  # elements one row-wise block covers per pass; wider rows loop over it
@@ -339,13 +466,25 @@ def softmax(node: fx.Node, ctx: CostContext) -> OpCost:
     x = val(node.args[0])
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
     width = x.shape[dim] if x.dim() else 1
-    return OpCost(5.0 * x.numel(), nbytes(x) + _out_bytes(node), "memory", dtype_name(x),
-                  op_class="softmax", padding=lane_padding(width))
+    return OpCost(
+        5.0 * x.numel(),
+        nbytes(x) + _out_bytes(node),
+        "memory",
+        dtype_name(x),
+        op_class="softmax",
+        padding=lane_padding(width),
+    )
 
 
-@register_cost_rule("aten.layer_norm", "aten.native_layer_norm", "aten.rms_norm",
-                    "peakc.rms_norm", "peakc.layer_norm", "peakc.skip_rms_norm",
-                    "peakc.skip_layer_norm")
+@register_cost_rule(
+    "aten.layer_norm",
+    "aten.native_layer_norm",
+    "aten.rms_norm",
+    "peakc.rms_norm",
+    "peakc.layer_norm",
+    "peakc.skip_rms_norm",
+    "peakc.skip_layer_norm",
+)
 def norm(node: fx.Node, ctx: CostContext) -> OpCost:
     """A fused norm (with its residual add): read inputs once, write outputs; ~5 FLOPs each."""
     x = val(node.args[0])

@@ -19,8 +19,12 @@ from peakc.cost_model.op_costs import lane_padding
 from peakc.cost_model.timing import copies_for, count_kernels, device_seconds
 
 Spec = tuple[tuple[int, ...], str]  # (shape, dtype name)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-          "int64": torch.int64}
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "int64": torch.int64,
+}
 
 
 @dataclass
@@ -64,11 +68,11 @@ def _embedding(ids, table):
 
 
 def _neg_half(x):
-    return -x[..., x.shape[-1] // 2:]
+    return -x[..., x.shape[-1] // 2 :]
 
 
 def _cat_halves(x, a):
-    return torch.cat((a, x[..., :x.shape[-1] // 2]), dim=-1)
+    return torch.cat((a, x[..., : x.shape[-1] // 2]), dim=-1)
 
 
 def _add_transposed(x, y):
@@ -83,14 +87,25 @@ def strided_cases(shapes: list[tuple[int, int, int]]) -> list[OpCase]:
         x, half = ((1, h, s, d), "bf16"), ((1, h, s, d // 2), "bf16")
         n = h * s * d
         cases += [
-            OpCase("strided", f"mul bf16 bcast h={h} s={s} d={d}", [x, ((s, d), "bf16")],
-                   torch.mul),
-            OpCase("strided", f"neg bf16 half-slice h={h} s={s} d={d}", [x], _neg_half,
-                   nbytes=2.0 * n),
-            OpCase("strided", f"cat bf16 halves h={h} s={s} d={d}", [x, half], _cat_halves,
-                   nbytes=4.0 * n),
-            OpCase("strided", f"add bf16 transposed h={h} s={s} d={d}",
-                   [((1, s, h, d), "bf16"), x], _add_transposed),
+            OpCase(
+                "strided", f"mul bf16 bcast h={h} s={s} d={d}", [x, ((s, d), "bf16")], torch.mul
+            ),
+            OpCase(
+                "strided", f"neg bf16 half-slice h={h} s={s} d={d}", [x], _neg_half, nbytes=2.0 * n
+            ),
+            OpCase(
+                "strided",
+                f"cat bf16 halves h={h} s={s} d={d}",
+                [x, half],
+                _cat_halves,
+                nbytes=4.0 * n,
+            ),
+            OpCase(
+                "strided",
+                f"add bf16 transposed h={h} s={s} d={d}",
+                [((1, s, h, d), "bf16"), x],
+                _add_transposed,
+            ),
         ]
     return cases
 
@@ -98,9 +113,17 @@ def strided_cases(shapes: list[tuple[int, int, int]]) -> list[OpCase]:
 def softmax_cases(widths: list[int], rows: list[int], dtype: str) -> list[OpCase]:
     """Softmax over the last dim at several row widths, each at several row counts, so that
     bytes and row width vary apart (its speed depends on both)."""
-    return [OpCase("softmax", f"softmax {dtype} {r}x{w}", [((r, w), dtype)],
-                   lambda x: torch.softmax(x, -1), padding=lane_padding(w))
-            for w in widths for r in rows]
+    return [
+        OpCase(
+            "softmax",
+            f"softmax {dtype} {r}x{w}",
+            [((r, w), dtype)],
+            lambda x: torch.softmax(x, -1),
+            padding=lane_padding(w),
+        )
+        for w in widths
+        for r in rows
+    ]
 
 
 def op_cases(scale: str) -> list[OpCase]:
@@ -116,47 +139,111 @@ def op_cases(scale: str) -> list[OpCase]:
     else:
         rows = [3, 96, 1000, 6000] + ([20000] if scale == "full" else [])
         widths = [1024, 3072, 5120]
-        attn = [(16, 384, 128), (16, 1536, 128), (12, 1000, 64), (12, 3000, 64), (24, 768, 128),
-                (16, 3072, 128), (40, 2560, 128), (8, 6144, 128), (16, 4096, 64)]
-        decode = [(1, 16, 16, 768, 128), (1, 16, 16, 6000, 128), (4, 16, 16, 1536, 128),
-                  (1, 24, 8, 2500, 128), (1, 12, 4, 700, 64), (2, 16, 4, 12000, 64),
-                  (8, 16, 16, 3000, 128), (16, 8, 8, 5000, 128)]
+        attn = [
+            (16, 384, 128),
+            (16, 1536, 128),
+            (12, 1000, 64),
+            (12, 3000, 64),
+            (24, 768, 128),
+            (16, 3072, 128),
+            (40, 2560, 128),
+            (8, 6144, 128),
+            (16, 4096, 64),
+        ]
+        decode = [
+            (1, 16, 16, 768, 128),
+            (1, 16, 16, 6000, 128),
+            (4, 16, 16, 1536, 128),
+            (1, 24, 8, 2500, 128),
+            (1, 12, 4, 700, 64),
+            (2, 16, 4, 12000, 64),
+            (8, 16, 16, 3000, 128),
+            (16, 8, 8, 5000, 128),
+        ]
         soft, soft_rows = [200, 384, 1024, 1536, 2560, 3072, 4096], [300, 5000, 40000]
         vocab = [(50000, 1024, 700), (100000, 768, 6000), (50000, 1024, 3)]
-        rope = [(12, 64, 64), (12, 700, 64), (12, 6000, 64), (24, 300, 128), (24, 3000, 128),
-                (40, 1500, 96), (8, 20000, 128)]
+        rope = [
+            (12, 64, 64),
+            (12, 700, 64),
+            (12, 6000, 64),
+            (24, 300, 128),
+            (24, 3000, 128),
+            (40, 1500, 96),
+            (8, 20000, 128),
+        ]
         if scale == "quick":
-            attn, decode, widths, soft, rope = attn[::2], decode[::2], widths[::2], soft[::2], \
-                rope[::2]
+            attn, decode, widths, soft, rope = (
+                attn[::2],
+                decode[::2],
+                widths[::2],
+                soft[::2],
+                rope[::2],
+            )
     cases: list[OpCase] = []
     for w in widths:
         for r in rows:
-            cases.append(OpCase("elementwise", f"add bf16 {r}x{w}", [((r, w), "bf16")] * 2,
-                                torch.add))
-            cases.append(OpCase("elementwise", f"silu bf16 {r}x{w + 8}",
-                                [((r, w + 8), "bf16")], F.silu))
-            cases.append(OpCase("strided", f"mul fp32 {r}x{w} bcast",
-                                [((r, w), "fp32"), ((w,), "fp32")], torch.mul))
-            cases.append(OpCase("reduction", f"mean fp32 {r}x{w}", [((r, w), "fp32")],
-                                lambda x: x.mean(-1, keepdim=True)))
-            cases.append(OpCase("norm", f"rms_norm bf16 {r}x{w}",
-                                [((r, w), "bf16"), ((w,), "bf16")], _rms_norm))
+            cases.append(
+                OpCase("elementwise", f"add bf16 {r}x{w}", [((r, w), "bf16")] * 2, torch.add)
+            )
+            cases.append(
+                OpCase("elementwise", f"silu bf16 {r}x{w + 8}", [((r, w + 8), "bf16")], F.silu)
+            )
+            cases.append(
+                OpCase(
+                    "strided",
+                    f"mul fp32 {r}x{w} bcast",
+                    [((r, w), "fp32"), ((w,), "fp32")],
+                    torch.mul,
+                )
+            )
+            cases.append(
+                OpCase(
+                    "reduction",
+                    f"mean fp32 {r}x{w}",
+                    [((r, w), "fp32")],
+                    lambda x: x.mean(-1, keepdim=True),
+                )
+            )
+            cases.append(
+                OpCase(
+                    "norm", f"rms_norm bf16 {r}x{w}", [((r, w), "bf16"), ((w,), "bf16")], _rms_norm
+                )
+            )
     cases += softmax_cases(soft, soft_rows, "bf16")
     if scale in ("tiny", "cpu"):
         cases += softmax_cases([s + 40 for s in soft], soft_rows[-1:], "fp32")
     cases += strided_cases(rope)
     for n, d, tokens in vocab:
-        cases.append(OpCase("gather", f"embedding {n}x{d} ids={tokens}",
-                            [((1, tokens), "int64"), ((n, d), "bf16")], _embedding))
+        cases.append(
+            OpCase(
+                "gather",
+                f"embedding {n}x{d} ids={tokens}",
+                [((1, tokens), "int64"), ((n, d), "bf16")],
+                _embedding,
+            )
+        )
     dt = "fp32" if scale in ("tiny", "cpu") else "bf16"
     for h, s, d in attn:
         flops = 2.0 * h * s * (s + 1) / 2 * 2 * d
-        cases.append(OpCase("attention_prefill", f"sdpa causal h={h} s={s} d={d}",
-                            [((1, h, s, d), dt)] * 3, _sdpa_causal, flops))
+        cases.append(
+            OpCase(
+                "attention_prefill",
+                f"sdpa causal h={h} s={s} d={d}",
+                [((1, h, s, d), dt)] * 3,
+                _sdpa_causal,
+                flops,
+            )
+        )
     for b, hq, hkv, ctx, d in decode:
-        cases.append(OpCase("attention", f"sdpa decode b={b} h={hq}/{hkv} ctx={ctx} d={d}",
-                            [((b, hq, 1, d), dt), ((b, hkv, ctx, d), dt), ((b, hkv, ctx, d), dt)],
-                            _sdpa_gqa, 2.0 * b * hq * ctx * 2 * d))
+        cases.append(
+            OpCase(
+                "attention",
+                f"sdpa decode b={b} h={hq}/{hkv} ctx={ctx} d={d}",
+                [((b, hq, 1, d), dt), ((b, hkv, ctx, d), dt), ((b, hkv, ctx, d), dt)],
+                _sdpa_gqa,
+                2.0 * b * hq * ctx * 2 * d,
+            )
+        )
     return cases
 
 
@@ -181,23 +268,35 @@ def case_bytes(case: OpCase) -> float:
     return float(sum(t.numel() * t.element_size() for t in metas) + out_bytes)
 
 
-def measure_op_classes(cases: list[OpCase], device: str, target: float,
-                       step: Callable[[], None]) -> list[OpSample]:
+def measure_op_classes(
+    cases: list[OpCase], device: str, target: float, step: Callable[[], None]
+) -> list[OpSample]:
     """Device seconds of every case, inputs rotated among copies larger than the cache."""
     samples = []
     kernels_of: dict[str, int] = {}
     for case in cases:
         moved = case_bytes(case)
         vocab = case.inputs[-1][0][0]
-        sets = [[_make(s, device, vocab) for s in case.inputs]
-                for _ in range(copies_for(moved) if device == "cuda" else 1)]
+        sets = [
+            [_make(s, device, vocab) for s in case.inputs]
+            for _ in range(copies_for(moved) if device == "cuda" else 1)
+        ]
         calls = [lambda xs=xs, fn=case.fn: fn(*xs) for xs in sets]
         kind = case.label.split(" ")[0] + " " + case.op_class
         if kind not in kernels_of:
             kernels_of[kind] = max(round(count_kernels(calls[0])), 1) if device == "cuda" else 1
         seconds = device_seconds(calls, device, target)
-        samples.append(OpSample(case.op_class, case.label, moved, case.flops, kernels_of[kind],
-                                seconds, case.padding))
+        samples.append(
+            OpSample(
+                case.op_class,
+                case.label,
+                moved,
+                case.flops,
+                kernels_of[kind],
+                seconds,
+                case.padding,
+            )
+        )
         step()
     return samples
 

@@ -31,9 +31,14 @@ def plot_roofline(est: Estimate, profile: HardwareProfile, path: str | Path) -> 
     for kind, marker in (("gemm", "o"), ("attention", "s"), ("memory", ".")):
         pts = [n for n in kernels if n.kind == kind]
         if pts:
-            ax.scatter([n.flops / n.bytes for n in pts],
-                       [n.flops / max(n.device_time, 1e-12) for n in pts], marker=marker, s=14,
-                       label=f"{kind} ({len(pts)})", alpha=0.7)
+            ax.scatter(
+                [n.flops / n.bytes for n in pts],
+                [n.flops / max(n.device_time, 1e-12) for n in pts],
+                marker=marker,
+                s=14,
+                label=f"{kind} ({len(pts)})",
+                alpha=0.7,
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(*xs)

@@ -34,8 +34,9 @@ def warm_up(calls: list[Callable[[], object]]) -> None:
     torch.cuda.synchronize()
 
 
-def graph_seconds(calls: list[Callable[[], object]], target: float = 2e-3,
-                  repeats: int = 5) -> float:
+def graph_seconds(
+    calls: list[Callable[[], object]], target: float = 2e-3, repeats: int = 5
+) -> float:
     """Device seconds of one call: replays of a CUDA graph of back-to-back calls, median.
 
     The graph holds `reps` calls cycling through `calls` (one per input copy), `reps` chosen
@@ -75,8 +76,9 @@ def _replay_seconds(graph: torch.cuda.CUDAGraph, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def device_seconds(calls: list[Callable[[], object]], device: str, target: float,
-                   repeats: int = 3) -> float:
+def device_seconds(
+    calls: list[Callable[[], object]], device: str, target: float, repeats: int = 3
+) -> float:
     """Device seconds of one call: a CUDA graph replay on a GPU; on a CPU, the fastest loop."""
     if device == "cuda":
         return graph_seconds(calls, target, repeats)

@@ -20,6 +20,8 @@ from peakc.errors import PeakcError
 from peakc.ir import meta as ir_meta
 
 MODULE_KEY = "peakc_module"
+# a pruned linear's record (achieved sparsity, pattern, method, error), set by the prune pass
+SPARSITY_KEY = "peakc_sparsity"
 _LAYER_RE = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
@@ -195,6 +197,14 @@ class Graph:
         for node, val in derived.items():
             if node.op != "output" and node.meta.get("val") is None:
                 node.meta["val"] = val
+
+    def sparsity_record(self) -> dict[str, dict]:
+        """Per pruned linear (by module path): the prune pass's record, for the manifest."""
+        return {
+            node.meta.get(MODULE_KEY, node.name): dict(node.meta[SPARSITY_KEY])
+            for node in self.call_nodes()
+            if SPARSITY_KEY in node.meta
+        }
 
     def fingerprint(self) -> str:
         """Structural hash: ops, wiring, shapes and dtypes; not weight values or node names."""

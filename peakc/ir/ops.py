@@ -106,9 +106,7 @@ def register_lowering(
 
     def wrap(fn: Callable) -> Callable:
         opdef = find_op(op_name, backend)
-        opdef.lowerings[backend] = Lowering(
-            op_name, backend, fn, label, stage, why_not, fallback
-        )
+        opdef.lowerings[backend] = Lowering(op_name, backend, fn, label, stage, why_not, fallback)
         return fn
 
     return wrap
@@ -485,7 +483,10 @@ class PackedWeight:
     def with_tensors(self, tensors: dict[str, torch.Tensor | torch.fx.Node]) -> PackedWeight:
         """The same layout holding other tensors (or nodes), keyed as `tensors()` keys them."""
         return PackedWeight(
-            tensors["qweight"], tensors["scales"], tensors["qzeros"], tensors.get("g_idx"),
+            tensors["qweight"],
+            tensors["scales"],
+            tensors["qzeros"],
+            tensors.get("g_idx"),
             *self.layout(),
         )
 

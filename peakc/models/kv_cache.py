@@ -167,13 +167,22 @@ def empty_cache(
 
 
 def dynamic_shapes(layout: CacheLayout) -> dict:
-    """torch.export dynamic shapes: batch 1..max_batch, sequence 1..max_seq_len."""
+    """torch.export dynamic shapes: batch 1..max_batch, sequence 1..max_seq_len (a batch of
+    at most one is static: torch.export refuses a dim whose range is one value)."""
+    batch = "batch" if layout.max_batch > 1 else None
+    dims = {"seq": [1, layout.max_seq_len]}
+    if batch:
+        dims = {"batch": [1, layout.max_batch], **dims}
+
+    def spec(**axes: str | None) -> dict[str, str]:
+        return {axis: dim for axis, dim in axes.items() if dim}
+
     return {
-        "dims": {"batch": [1, layout.max_batch], "seq": [1, layout.max_seq_len]},
+        "dims": dims,
         "inputs": [
-            {"0": "batch", "1": "seq"},
-            {"0": "batch", "1": "seq"},
-            {"1": "batch"},
-            {"1": "batch"},
+            spec(**{"0": batch, "1": "seq"}),
+            spec(**{"0": batch, "1": "seq"}),
+            spec(**{"1": batch}),
+            spec(**{"1": batch}),
         ],
     }

@@ -6,7 +6,6 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -49,7 +48,6 @@ class PassContext:
     calibration_data: torch.Tensor | None = None  # token windows for passes that calibrate
     device: str = "cpu"
     instruments: list[Instrument] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)  # TRANSITION: removed at integration
 
     @property
     def cost(self) -> CostModel:

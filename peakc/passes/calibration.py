@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from peakc.errors import PeakcError
 from peakc.ir.graph import MODULE_KEY, Block, Graph
+from peakc.progress import ProgressFn, silent
 from peakc.runtime.blocks import ActivationStore, BlockRunner, BlockStep, block_env, run_nodes
 
 aten = torch.ops.aten
@@ -115,7 +116,7 @@ def calibrate_blocks(
     *,
     select: Callable[[str], bool] = default_targets,
     device: torch.device | str = "cpu",
-    progress: bool = True,
+    progress: ProgressFn = silent,
     description: str = "calibrating",
     activations: str = "auto",
     stagewise: bool = False,
@@ -183,7 +184,7 @@ def variant_losses(
     loss: Callable[[torch.Tensor, tuple[torch.Tensor, ...]], float],
     *,
     device: torch.device | str = "cpu",
-    progress: bool = True,
+    progress: ProgressFn = silent,
     description: str = "probing",
     cuda_graphs: bool = True,
 ) -> tuple[float, dict[int, float]]:

@@ -21,6 +21,7 @@ NAMED_PIPELINES = {
     "none": "",
 }
 
+
 @dataclass
 class Pipeline:
     passes: list[Pass]

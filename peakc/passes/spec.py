@@ -93,7 +93,8 @@ def _expected(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + "|".join(str(c) for c in typing.get_args(tp))
     if typing.get_origin(tp) is list:
-        return f"a list like [{', '.join(['1', '8'] if typing.get_args(tp)[0] is not str else ['a', 'b'])}]"
+        example = "a, b" if typing.get_args(tp)[0] is str else "1, 8"
+        return f"a list like [{example}]"
     if _is_union(tp):
         return " or ".join(_expected(t) for t in typing.get_args(tp))
     return _EXPECTED.get(tp, str(tp))
@@ -238,7 +239,9 @@ class _SpecReader:
 
     def error(self, message: str) -> SpecError:
         kind = "pipeline" if self.what == "pass" else self.what
-        return SpecError(f"malformed {kind} spec at column {self.pos + 1}: {message} in '{self.text}'")
+        return SpecError(
+            f"malformed {kind} spec at column {self.pos + 1}: {message} in '{self.text}'"
+        )
 
     def peek(self) -> str:
         while self.pos < len(self.text) and self.text[self.pos].isspace():

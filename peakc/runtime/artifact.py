@@ -125,9 +125,7 @@ class ArtifactContents:
     extra_manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def tensor_signature(
-    t: torch.Tensor, name: str, dynamic: dict | None = None
-) -> dict[str, Any]:
+def tensor_signature(t: torch.Tensor, name: str, dynamic: dict | None = None) -> dict[str, Any]:
     """Name, dtype and shape; dynamic dimensions are given by their name (e.g. "seq")."""
     shape: list[int | str] = [d if isinstance(d, int) else str(d) for d in t.shape]
     for index, dim_name in (dynamic or {}).items():

@@ -24,6 +24,7 @@ import torch.fx as fx
 
 from peakc.errors import PeakcError
 from peakc.ir.graph import Block, Graph
+from peakc.progress import ProgressFn, silent
 
 aten = torch.ops.aten
 
@@ -98,20 +99,16 @@ class BlockRunner:
             self.store.put(node, list(values))
 
     def run(
-        self, before_block: BlockHook | None = None, progress: bool = True
+        self, before_block: BlockHook | None = None, progress: ProgressFn = silent
     ) -> dict[Hashable, float]:
         """Every block on every sample, `before_block` first; each run's summed score (0.0
-        without one), the main run under None. Values no later block reads are dropped."""
+        without one), the main run under None. Values no later block reads are dropped.
+        `progress` makes the task that advances once per block (silent by default)."""
         runs: dict[Hashable, ActivationStore] = {None: self.store}
         totals: dict[Hashable, float] = {None: 0.0}
         nsamples, score = self.nsamples, self.score
-        from rich.console import Console
-        from rich.progress import Progress
-
-        with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
-            task = bar.add_task(self.description, total=len(self.blocks))
+        with progress(self.description, len(self.blocks)) as task:
             for index, block in enumerate(self.blocks):
-                bar.update(task, description=f"{self.description} {block.name}")
                 weights = block_weights(self.graph, block, self.device)
                 step = BlockStep(index, block, weights, self.store, self.nsamples)
                 if before_block is not None:
@@ -128,7 +125,7 @@ class BlockRunner:
                 done = [n for n, i in self.needed_after.items() if i == index]
                 for store in runs.values():
                     store.drop(done)
-                bar.advance(task)
+                task.advance()
         return totals
 
 

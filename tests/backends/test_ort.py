@@ -317,7 +317,11 @@ def test_parity_failure_is_clear_and_leaves_no_export(tmp_path, monkeypatch):
     with pytest.raises(PeakcError, match=r"output_0 differs from the graph by .* \(norm-wise"):
         peakc.compile(model, inputs, backend="ort{parity_tol=0}")
     assert list(tmp_path.glob("peakc-ort-*")) == leftovers
-    with pytest.raises(PeakcError, match=r"backend 'ort': option 'parity_tol' expects one of auto or a number, got 'x' \(column 5\)"):
+    with pytest.raises(
+        PeakcError,
+        match=r"backend 'ort': option 'parity_tol' expects one of auto or a number, "
+        r"got 'x' \(column 5\)",
+    ):
         peakc.compile(model, inputs, backend="ort{parity_tol=x}")
 
 

@@ -219,7 +219,11 @@ def test_partial_rotary_is_left_apart_and_correct(tmp_path):
 
 
 def test_fold_rotary_option_is_validated(tmp_path):
-    with pytest.raises(PeakcError, match=r"backend 'ort': option 'fold_rotary' expects true or false, got 'maybe' \(column 16\)"):
+    with pytest.raises(
+        PeakcError,
+        match=r"backend 'ort': option 'fold_rotary' expects true or false, got 'maybe' "
+        r"\(column 16\)",
+    ):
         compile_ort(decoder(), "ort{device=cpu,fold_rotary=maybe}", tmp_path / "a")
 
 

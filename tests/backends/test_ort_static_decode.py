@@ -87,5 +87,9 @@ def test_generation_on_static_programs_equals_eager(artifacts):
 def test_decode_batches_option_errors(source, tmp_path):
     with pytest.raises(PeakcError, match="decode_batches '9' must lie in 1..3"):
         compile_to(source, "ort{device=cpu,decode_batches=[9]}", tmp_path / "a")
-    with pytest.raises(PeakcError, match=r"backend 'ort': option 'decode_batches' expects one of auto\|none or a list like \[1, 8\], got 'x' \(column 16\)"):
+    with pytest.raises(
+        PeakcError,
+        match=r"backend 'ort': option 'decode_batches' expects one of auto\|none or a list "
+        r"like \[1, 8\], got 'x' \(column 16\)",
+    ):
         compile_to(source, "ort{device=cpu,decode_batches=x}", tmp_path / "b")

@@ -26,7 +26,8 @@ def test_tiny_calibration_is_a_valid_measured_profile(tiny_profile, tmp_path):
     assert all(0 < e <= 1 for _, e in p.gemm_efficiency)
     assert all(0 < e <= 1.5 for _, e in p.copy_efficiency)
     assert {"elementwise", "reduction", "softmax", "norm", "gather", "attention", "gemm"} <= set(
-        p.bandwidth_efficiency)
+        p.bandwidth_efficiency
+    )
     assert 0 < p.kernel_gap < 1e-3
     assert "measured on cpu" in p.sources["memory_bandwidth"]
     p.save(tmp_path / "p.json")

@@ -43,8 +43,10 @@ def test_bad_profile_file_is_one_line(tmp_path, capsys):
 
 def test_batch_on_a_non_token_model_is_refused(capsys):
     assert main(["estimate", "demo:mlp", "--batch", "4"]) == 2
-    assert "does not take token ids (batch, seq): --batch/--seq cannot re-shape it" in \
-        capsys.readouterr().err
+    assert (
+        "does not take token ids (batch, seq): --batch/--seq cannot re-shape it"
+        in capsys.readouterr().err
+    )
 
 
 def test_plot_writes_png(tmp_path, capsys):

@@ -39,8 +39,9 @@ def test_block_totals_sum_to_graph_total(llama_graph, target):
 
 def test_kv_cache_matches_formula(llama_graph):
     # 2 layers, kv heads 2, head_dim 16, fp32
-    expected = kv_cache_formula(layers=2, batch=3, tokens=50, kv_heads=2, head_dim=16,
-                                dtype_bytes=4)
+    expected = kv_cache_formula(
+        layers=2, batch=3, tokens=50, kv_heads=2, head_dim=16, dtype_bytes=4
+    )
     assert kv_cache_bytes(llama_graph, batch=3, tokens=50) == expected
     assert expected == 2 * 2 * 3 * 50 * 2 * 16 * 4
 

@@ -33,13 +33,14 @@ def test_work_seconds_never_below_a_share_of_the_measurement():
 def test_class_curves_recover_per_class_efficiency():
     samples = []
     for nbytes in (1e6, 1e7, 1e8, 1e9):
-        for cls, eff, kernels in (("elementwise", 0.9, 1), ("softmax", 0.55, 1),
-                                  ("norm", 0.6, 2)):
-            samples.append(OpSample(cls, cls, nbytes, 0.0, kernels,
-                                    kernels * GAP + nbytes / (eff * BW)))
+        for cls, eff, kernels in (("elementwise", 0.9, 1), ("softmax", 0.55, 1), ("norm", 0.6, 2)):
+            samples.append(
+                OpSample(cls, cls, nbytes, 0.0, kernels, kernels * GAP + nbytes / (eff * BW))
+            )
     for flops in (1e9, 1e10, 1e11):
-        samples.append(OpSample("attention_prefill", "attn", 1e6, flops, 1,
-                                GAP + flops / (0.4 * PEAK)))
+        samples.append(
+            OpSample("attention_prefill", "attn", 1e6, flops, 1, GAP + flops / (0.4 * PEAK))
+        )
     curves, attn = fit_class_curves(samples, BW, GAP, PEAK)
     assert set(curves) == {"elementwise", "softmax", "norm"}
     for cls, eff in (("elementwise", 0.9), ("softmax", 0.55), ("norm", 0.6)):
@@ -55,5 +56,6 @@ def test_class_curves_recover_per_class_efficiency():
         assert node_device_time(cost, profile, s.kernels)[0] == pytest.approx(s.seconds)
     softmax = OpCost(0.0, 1e7, "memory", "bf16", op_class="softmax")
     copy = OpCost(0.0, 1e7, "memory", "bf16", op_class="elementwise")
-    assert kernel_time(softmax, profile)[0] == pytest.approx(kernel_time(copy, profile)[0] *
-                                                             0.9 / 0.55)
+    assert kernel_time(softmax, profile)[0] == pytest.approx(
+        kernel_time(copy, profile)[0] * 0.9 / 0.55
+    )

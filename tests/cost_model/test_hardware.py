@@ -43,8 +43,10 @@ def test_missing_figure_is_named(tmp_path):
         HardwareProfile.load(tmp_path / "p.json")
 
 
-@pytest.mark.parametrize("key,value", [("launch_overhead", 0), ("disk_read_bandwidth", -1.0),
-                                       ("h2d_bandwidth_pinned", "fast")])
+@pytest.mark.parametrize(
+    "key,value",
+    [("launch_overhead", 0), ("disk_read_bandwidth", -1.0), ("h2d_bandwidth_pinned", "fast")],
+)
 def test_non_positive_figure_is_named(key, value):
     data = _data()
     data[key] = value

@@ -82,8 +82,9 @@ def test_roofline_binding_resource():
     copy = OpCost(flops=1e6, bytes=1e9, kind="memory")
     t, bound = kernel_time(big_gemm, profile)
     assert bound == "compute"
-    assert t == pytest.approx(big_gemm.flops / (989e12 * profile.gemm_efficiency_for(
-        "bf16", big_gemm.flops)))
+    assert t == pytest.approx(
+        big_gemm.flops / (989e12 * profile.gemm_efficiency_for("bf16", big_gemm.flops))
+    )
     assert kernel_time(gemv, profile)[1] == "memory"
     t, bound = kernel_time(copy, profile)
     assert bound == "memory"

@@ -48,8 +48,13 @@ def test_rope_ops_read_strided_and_contiguous_ops_do_not():
     classes = {name: c.op_class for name, c in costs.items() if c.kind == "memory"}
     # mul by broadcast cos/sin, neg of a slice, cat of a slice along the last dim: strided;
     # the final add of two contiguous products: plain elementwise.
-    assert classes == {"mul": "strided", "neg": "strided", "cat": "strided",
-                       "mul_1": "strided", "add": "elementwise"}
+    assert classes == {
+        "mul": "strided",
+        "neg": "strided",
+        "cat": "strided",
+        "mul_1": "strided",
+        "add": "elementwise",
+    }
     a, b = torch.randn(6, 32), torch.randn(6, 32)
     costs, _ = _costs(Wrap(lambda a, b: torch.cat((a * b, torch.relu(a)), dim=0)), a, b)
     assert {c.op_class for c in costs.values() if c.kind == "memory"} == {"elementwise"}
@@ -68,7 +73,8 @@ def test_softmax_cost_keys_its_curve_by_row_width():
     wide = OpCost(0.0, 1e8, "memory", "bf16", op_class="softmax", padding=1.5)
     narrow = OpCost(0.0, 1e8, "memory", "bf16", op_class="softmax")
     assert node_device_time(wide, profile, 0)[0] == pytest.approx(
-        1.5 * node_device_time(narrow, profile, 0)[0])
+        1.5 * node_device_time(narrow, profile, 0)[0]
+    )
 
 
 def test_sweep_cases_are_costed_as_the_estimate_costs_them():
@@ -79,8 +85,10 @@ def test_sweep_cases_are_costed_as_the_estimate_costs_them():
     assert len(widths) >= 2  # bytes and row width vary apart
     for case in cases:
         vocab = case.inputs[-1][0][0]
-        inputs = tuple(torch.randn(s, dtype={"bf16": torch.bfloat16,
-                                             "fp32": torch.float32}[d]) for s, d in case.inputs)
+        inputs = tuple(
+            torch.randn(s, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[d])
+            for s, d in case.inputs
+        )
         del vocab
         costs, _ = _costs(Wrap(case.fn), *inputs)
         work = [c for c in costs.values() if c.kind == "memory"]
@@ -97,8 +105,11 @@ def _softmax_seconds(rows: int, width: int) -> float:
 
 
 def test_fit_on_some_widths_predicts_an_unseen_width():
-    samples = [OpSample("softmax", "s", r * w * 4.0, 0.0, 1, _softmax_seconds(r, w),
-                        lane_padding(w)) for w in (384, 1536, 3072) for r in (300, 5000, 40000)]
+    samples = [
+        OpSample("softmax", "s", r * w * 4.0, 0.0, 1, _softmax_seconds(r, w), lane_padding(w))
+        for w in (384, 1536, 3072)
+        for r in (300, 5000, 40000)
+    ]
     curves, _ = fit_class_curves(samples, BW, GAP, 1e15)
     assert all(e == pytest.approx(0.6) for _, e in curves["softmax"])
     profile = resolve_profile("h100-sxm")

@@ -104,7 +104,7 @@ def test_a_matmul_with_an_activation_is_not_a_linear():
 
 def _ctx():
     windows = torch.randint(0, 256, (4, SEQ), generator=torch.Generator().manual_seed(1))
-    return PassContext(calibration_data=windows, settings={"progress": False})
+    return PassContext(calibration_data=windows)
 
 
 def test_prune_changes_hand_written_linears(model_and_graph):

@@ -1,6 +1,5 @@
 """Greedy generation from a SmolLM2-135M artifact equals transformers' own generate."""
 
-
 import pytest
 import torch
 
@@ -21,9 +20,21 @@ PROMPTS = [
 def test_greedy_tokens_match_transformers(tmp_path, smollm2_gguf, capsys):
     gguf = smollm2_gguf
     out = tmp_path / "smol"
-    argv = ["compile", f"gguf:{gguf}", "-o", str(out), "--task", "generate",
-            "--max-seq-len", "128", "--max-batch", "4", "--no-parity",
-            "--dtype", "float32"]  # transformers' reference below runs in float32
+    argv = [
+        "compile",
+        f"gguf:{gguf}",
+        "-o",
+        str(out),
+        "--task",
+        "generate",
+        "--max-seq-len",
+        "128",
+        "--max-batch",
+        "4",
+        "--no-parity",
+        "--dtype",
+        "float32",
+    ]  # transformers' reference below runs in float32
     assert main(argv) == 0
     generator = Generator.from_artifact(peakc.load(out), "cpu")
     tokenizer = generator.tokenizer
@@ -39,7 +50,10 @@ def test_greedy_tokens_match_transformers(tmp_path, smollm2_gguf, capsys):
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         theirs = model.generate(
-            **batch, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            **batch,
+            max_new_tokens=64,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
             eos_token_id=None,
         )
     width = batch.input_ids.shape[1]

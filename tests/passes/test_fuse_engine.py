@@ -45,8 +45,17 @@ def test_rules_option_selects_and_rejects(llama_graph):
 
 def test_every_rule_and_op_is_documented():
     assert list(RULES)[0] == "redundant" and list(RULES)[-1] == "horizontal_linear"
-    for name in ("rms_norm", "layer_norm", "skip_rms_norm", "skip_layer_norm",
-                 "rotary_embedding", "attention", "gelu", "glu", "linear_act"):
+    for name in (
+        "rms_norm",
+        "layer_norm",
+        "skip_rms_norm",
+        "skip_layer_norm",
+        "rotary_embedding",
+        "attention",
+        "gelu",
+        "glu",
+        "linear_act",
+    ):
         assert OPS[name].doc
 
 
@@ -74,8 +83,9 @@ class DtypeRule(ShrinkingRule):
         )
 
 
-@pytest.mark.parametrize("rule, expected", [(ShrinkingRule, "f32[1,16,128]"),
-                                            (DtypeRule, "f16[1,16,128]")])
+@pytest.mark.parametrize(
+    "rule, expected", [(ShrinkingRule, "f32[1,16,128]"), (DtypeRule, "f16[1,16,128]")]
+)
 def test_bad_rewrite_is_refused_and_rolled_back(llama_graph, rule, expected):
     graph = llama_graph.copy()
     before = graph.dump()

@@ -34,16 +34,24 @@ def hf_generation():
     """transformers Llama's decoder: tables come from rotary_emb(x, position_ids)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      intermediate_size=128)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     decoder, layout = kv_cache.wrap_for_generation(model, MAX_SEQ, MAX_BATCH, "tiny-llama")
     inputs = kv_cache.example_inputs(layout)
-    return decoder, layout, *compile_for_generation(decoder, inputs,
-                                                    kv_cache.dynamic_shapes(layout))
+    return (
+        decoder,
+        layout,
+        *compile_for_generation(decoder, inputs, kv_cache.dynamic_shapes(layout)),
+    )
 
 
 def rotary_nodes(graph):

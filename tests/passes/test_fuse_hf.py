@@ -20,30 +20,68 @@ from peakc.passes.instruments import Parity  # noqa: E402
 from peakc.passes.pipeline import Pipeline  # noqa: E402
 
 T = transformers
-COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              intermediate_size=128)
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+)
 CONFIGS = {
     "llama": lambda: T.LlamaConfig(num_key_value_heads=2, **COMMON),
     "mistral": lambda: T.MistralConfig(num_key_value_heads=2, **COMMON),
     "qwen2": lambda: T.Qwen2Config(num_key_value_heads=2, **COMMON),
-    "phi3": lambda: T.Phi3Config(num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
-                                 bos_token_id=1, **COMMON),
+    "phi3": lambda: T.Phi3Config(
+        num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=1, **COMMON
+    ),
     "gemma": lambda: T.GemmaConfig(num_key_value_heads=1, head_dim=16, **COMMON),
-    "gpt2": lambda: T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                 bos_token_id=1, eos_token_id=1),
-    "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, intermediate_size=128),
-    "opt": lambda: T.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
-                               max_position_embeddings=64),
-    "gptj": lambda: T.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                 rotary_dim=8, bos_token_id=1, eos_token_id=1),
+    "gpt2": lambda: T.GPT2Config(
+        vocab_size=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=1,
+    ),
+    "gpt_neox": lambda: T.GPTNeoXConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+    ),
+    "opt": lambda: T.OPTConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=128,
+        word_embed_proj_dim=64,
+        max_position_embeddings=64,
+    ),
+    "gptj": lambda: T.GPTJConfig(
+        vocab_size=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        rotary_dim=8,
+        bos_token_id=1,
+        eos_token_id=1,
+    ),
 }
 # transformers 5.x has no SDPA path for GPT-J: its eager attention (matmul/softmax) exports.
 ATTN_IMPL = {"gptj": "eager"}
 
-_LLAMA_LIKE = {"rms_norm": 5, "skip_norm": 4, "rotary": 4, "attention": 2, "glu": 2,
-               "horizontal_linear": 4}
+_LLAMA_LIKE = {
+    "rms_norm": 5,
+    "skip_norm": 4,
+    "rotary": 4,
+    "attention": 2,
+    "glu": 2,
+    "horizontal_linear": 4,
+}
 # Expected fused counts for 2 layers ("rules not listed": 0). Per layer: one attention, two
 # norms (+ the final norm); rotary on q and k; q/k/v and gate/up each one wide linear.
 EXPECTED = {
@@ -52,16 +90,40 @@ EXPECTED = {
     "qwen2": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,  # (1 + weight) RMSNorm, GeGLU with tanh GELU, 1 KV head
     "phi3": {**_LLAMA_LIKE, "horizontal_linear": 0},  # qkv and gate_up are already one linear
-    "gpt2": {"addmm_linear": 8, "layer_norm": 5, "skip_norm": 5, "attention": 2, "gelu": 2,
-             "linear_act": 2},
-    "gpt_neox": {"layer_norm": 5, "skip_norm": 2, "rotary": 4, "attention": 2, "gelu": 2,
-                 "linear_act": 2},
-    "opt": {"layer_norm": 5, "skip_norm": 1, "attention": 2, "linear_act": 2,
-            "horizontal_linear": 2},
+    "gpt2": {
+        "addmm_linear": 8,
+        "layer_norm": 5,
+        "skip_norm": 5,
+        "attention": 2,
+        "gelu": 2,
+        "linear_act": 2,
+    },
+    "gpt_neox": {
+        "layer_norm": 5,
+        "skip_norm": 2,
+        "rotary": 4,
+        "attention": 2,
+        "gelu": 2,
+        "linear_act": 2,
+    },
+    "opt": {
+        "layer_norm": 5,
+        "skip_norm": 1,
+        "attention": 2,
+        "linear_act": 2,
+        "horizontal_linear": 2,
+    },
     # parallel residual (one ln_1 per layer + ln_f); interleaved partial rotary (8 of 16
     # channels) on q and k; gelu_new; q/k/v horizontal; eager attention is not fused.
-    "gptj": {"layer_norm": 3, "skip_norm": 2, "rotary": 4, "attention": 0, "gelu": 2,
-             "linear_act": 2, "horizontal_linear": 2},
+    "gptj": {
+        "layer_norm": 3,
+        "skip_norm": 2,
+        "rotary": 4,
+        "attention": 0,
+        "gelu": 2,
+        "linear_act": 2,
+        "horizontal_linear": 2,
+    },
 }
 # Where an architecture's graph defeats a rule, the reason it gives.
 NEAR_MISSES = {
@@ -74,12 +136,13 @@ NEAR_MISSES = {
 
 
 def fuse_with_parity(graph):
-    """Run cleanup,fuse with Parity (the pipeline verifies after every pass); returns (graph, fuse stats, near misses)."""
+    """Run cleanup,fuse with Parity (the pipeline verifies after every pass); returns (graph,
+    fuse stats, near misses)."""
     ctx = PassContext(instruments=[Parity()])
     fused, records = Pipeline.parse("cleanup,fuse").run(graph, ctx)
     assert records[-1]["parity_rel_error"] <= 1e-5
     stats = {k.removeprefix("fused."): v for k, v in records[-1]["stats"].items()}
-    return fused, stats, ctx.settings.get("fusion_near_misses", [])
+    return fused, stats, records[-1].get("report", {}).get("near_misses", [])
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -88,7 +151,8 @@ def fused_arch(request):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = T.AutoModelForCausalLM.from_config(
-            CONFIGS[request.param](), attn_implementation=ATTN_IMPL.get(request.param, "sdpa"),
+            CONFIGS[request.param](),
+            attn_implementation=ATTN_IMPL.get(request.param, "sdpa"),
             dtype=torch.float32,
         )
         ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -115,8 +179,9 @@ def test_fusion_counts_and_parity(fused_arch):
     ops = peakc_ops(fused)
     assert ops.get("attention", 0) == expected.get("attention", 0)
     assert ops.get("rotary_embedding", 0) == expected.get("rotary", 0)
-    assert not any(n.target is torch.ops.aten.scaled_dot_product_attention.default
-                   for n in fused.call_nodes())
+    assert not any(
+        n.target is torch.ops.aten.scaled_dot_product_attention.default for n in fused.call_nodes()
+    )
     if name in NEAR_MISSES:
         assert NEAR_MISSES[name] in misses
 
@@ -124,8 +189,7 @@ def test_fusion_counts_and_parity(fused_arch):
 def test_rotary_form_and_tables(fused_arch):
     """Rotate-half archs use half-width tables; GPT-J the interleaved form on its own tables."""
     name, _, fused, _, _ = fused_arch
-    rotary = [n for n in fused.call_nodes()
-              if n.target is torch.ops.peakc.rotary_embedding.default]
+    rotary = [n for n in fused.call_nodes() if n.target is torch.ops.peakc.rotary_embedding.default]
     for node in rotary:
         x, cos, sin, interleaved = node.args
         assert interleaved is (name == "gptj")
@@ -133,8 +197,10 @@ def test_rotary_form_and_tables(fused_arch):
         assert x.meta["val"].shape[-1] == 16 and cos.meta["val"].shape[-1] == rotated // 2
         assert node.meta["val"].shape == x.meta["val"].shape
     if name == "gptj":  # no rotate_every_two left: no stride-2 slices, no pairwise tables
-        assert not any(n.target is torch.ops.aten.slice.Tensor and len(n.args) > 4
-                       and n.args[4] == 2 for n in fused.call_nodes())
+        assert not any(
+            n.target is torch.ops.aten.slice.Tensor and len(n.args) > 4 and n.args[4] == 2
+            for n in fused.call_nodes()
+        )
         assert not any(n.target is torch.ops.aten.expand.default for n in fused.call_nodes())
 
 
@@ -147,8 +213,10 @@ def test_gqa_attention_reads_unrepeated_kv(fused_arch):
             assert q.meta["val"].shape[1] == 4 and k.meta["val"].shape[1] == heads
             assert v.meta["val"].shape[1] == heads
             assert causal is True and mask is None  # the constant causal mask was recognised
-    assert not any(n.target is torch.ops.aten.expand.default and len(n.meta["val"].shape) == 5
-                   for n in fused.call_nodes())
+    assert not any(
+        n.target is torch.ops.aten.expand.default and len(n.meta["val"].shape) == 5
+        for n in fused.call_nodes()
+    )
 
 
 # --- bf16: HF computes norms (and the rotary tables) in fp32 between casts -----------------
@@ -181,15 +249,22 @@ def test_bf16_fusion_counts_and_exact_parity(bf16_arch):
     scales in fp32 too (an op that rounded first would differ from the graph in ~25% of values).
     """
     name, graph, fused, stats, ids = bf16_arch
-    fp32_casts = [n for n in graph.call_nodes() if n.target is torch.ops.aten._to_copy.default
-                  and n.kwargs.get("dtype") is torch.float32]
+    fp32_casts = [
+        n
+        for n in graph.call_nodes()
+        if n.target is torch.ops.aten._to_copy.default and n.kwargs.get("dtype") is torch.float32
+    ]
     assert len(fp32_casts) >= 5  # HF upcasts every norm's input (the graph really has casts)
     for rule, count in stats.items():
         if rule != "redundant":
             assert count == EXPECTED[name].get(rule, 0), (name, rule, stats)
     for node in fused.call_nodes():
-        if peakc_op_name(node.target) in ("rms_norm", "skip_rms_norm", "rotary_embedding",
-                                          "attention"):
+        if peakc_op_name(node.target) in (
+            "rms_norm",
+            "skip_rms_norm",
+            "rotary_embedding",
+            "attention",
+        ):
             assert node.args[0].meta["val"].dtype is torch.bfloat16, node.name
     if name == "gemma":
         norms = [n for n in fused.call_nodes() if peakc_op_name(n.target) == "skip_rms_norm"]
@@ -239,8 +314,14 @@ def check_encoder(model: torch.nn.Module, layers: int, vocab: int) -> None:
 
 def test_bert_tiny():
     torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128, max_position_embeddings=64)
+    cfg = T.BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     check_encoder(T.BertModel(cfg, add_pooling_layer=False).eval(), layers=2, vocab=128)
 
 

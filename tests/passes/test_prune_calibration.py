@@ -52,7 +52,7 @@ def test_hessians_equal_direct_computation_and_are_shared():
         got[cal.block.name] = cal
         return None
 
-    run = calibrate_blocks(graph, data, keep, progress=False)
+    run = calibrate_blocks(graph, data, keep)
     assert run.blocks == ["prologue", "model.layers.0", "model.layers.1"]
     cal = got["model.layers.1"]
     for name in ("self_attn.q_proj", "mlp.down_proj"):
@@ -79,7 +79,7 @@ def test_next_block_sees_the_compressed_outputs():
             return {name: cal.weight(cal.sites[-1]) * 0.25}
         return None
 
-    calibrate_blocks(graph, data, halve_block0, progress=False)
+    calibrate_blocks(graph, data, halve_block0)
     assert torch.equal(graph.get_weight(name), model.get_submodule(name[:-7]).weight * 0.25)
     changed = copy.deepcopy(model)
     with torch.no_grad():
@@ -107,7 +107,6 @@ def test_host_streamed_activations_give_the_same_hessians():
             graph,
             data,
             lambda cal, m=mode: got.__setitem__((m, cal.block.name), cal.hessians),
-            progress=False,
             activations=mode,
         )
         assert run.activations_on == mode

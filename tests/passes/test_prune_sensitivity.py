@@ -42,7 +42,7 @@ def test_variant_losses_equal_whole_forwards_with_one_block_changed(graph):
     samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
     variants = scaled_blocks(graph)
     assert len(variants) == 3
-    base, losses = variant_losses(graph, samples, variants, sample_nll, progress=False)
+    base, losses = variant_losses(graph, samples, variants, sample_nll)
     assert base == pytest.approx(direct_loss(graph, samples), rel=1e-5)
     for index, weights in variants.items():
         changed = graph.copy()
@@ -69,7 +69,7 @@ def test_probes_keep_only_the_values_alive_between_blocks(graph):
 def test_cuda_graph_replays_give_the_interpreters_losses(graph):
     samples = calibration_samples(graph, WINDOWS, 6, 0, 0, "test")
     variants = scaled_blocks(graph)
-    run = dict(device="cuda", progress=False)
+    run = dict(device="cuda")
     replayed = variant_losses(graph, samples, variants, sample_nll, cuda_graphs=True, **run)
     interpreted = variant_losses(graph, samples, variants, sample_nll, cuda_graphs=False, **run)
     assert replayed[0] == pytest.approx(interpreted[0], rel=1e-5)

@@ -16,8 +16,18 @@ from peakc.runtime.generate import Generator, SamplingConfig, sample
 @pytest.fixture(scope="module")
 def gen_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "llama"
-    argv = ["compile", "demo:llama", "-o", str(out), "--task", "generate",
-            "--max-seq-len", "48", "--max-batch", "3"]
+    argv = [
+        "compile",
+        "demo:llama",
+        "-o",
+        str(out),
+        "--task",
+        "generate",
+        "--max-seq-len",
+        "48",
+        "--max-batch",
+        "3",
+    ]
     assert main(argv) == 0
     return out
 
@@ -34,7 +44,7 @@ def greedy_by_recompute(model, prompt, steps):
         for _ in range(steps):
             logits = model(torch.tensor([ids]))
             ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_manifest_records_program_and_limits(gen_artifact):
@@ -159,14 +169,34 @@ def test_unsupported_architecture_is_named():
 
 
 def test_bench_json(gen_artifact, capsys):
-    argv = ["bench", str(gen_artifact), "--batch", "2", "--prompt-len", "8", "--gen-len", "4",
-            "--repeats", "2", "--json"]
+    argv = [
+        "bench",
+        str(gen_artifact),
+        "--batch",
+        "2",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--repeats",
+        "2",
+        "--json",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["batch"] == 2 and result["decode_tokens_per_s"] > 0
     assert result["prefill_ms"]["median"] > 0
-    source = ["bench", "demo:llama", "--prompt-len", "8", "--gen-len", "4", "--repeats", "2",
-              "--json"]
+    source = [
+        "bench",
+        "demo:llama",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--repeats",
+        "2",
+        "--json",
+    ]
     assert main(source) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["target"] == "eager demo:llama" and result["decode_tokens_per_s"] > 0
@@ -177,17 +207,32 @@ def test_pruned_decoder_generates(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 300)
     out = tmp_path / "pruned"
-    argv = ["compile", "demo:llama", "-o", str(out), "--task", "generate", "--max-seq-len", "48",
-            "--max-batch", "2", "--calib-data", str(text),
-            "--pipeline", "prune{method=sparsegpt,sparsity=0.5,nsamples=4,seq_len=24},cleanup,fuse"]
+    argv = [
+        "compile",
+        "demo:llama",
+        "-o",
+        str(out),
+        "--task",
+        "generate",
+        "--max-seq-len",
+        "48",
+        "--max-batch",
+        "2",
+        "--calib-data",
+        str(text),
+        "--pipeline",
+        "prune{method=sparsegpt,sparsity=0.5,nsamples=4,seq_len=24},cleanup,fuse",
+    ]
     assert main(argv) == 0
     artifact = peakc.load(out)
     assert artifact.manifest["sparsity"]["model.layers.0.mlp.down_proj"]["sparsity"] == 0.5
     weight = artifact.weights["model.layers.1.self_attn.o_proj.weight"]
     assert (weight == 0).float().mean().item() == 0.5
-    tokens = Generator.from_artifact(artifact, "cpu").generate(
-        [[3, 4, 5]], SamplingConfig(max_new_tokens=6)
-    ).tokens
+    tokens = (
+        Generator.from_artifact(artifact, "cpu")
+        .generate([[3, 4, 5]], SamplingConfig(max_new_tokens=6))
+        .tokens
+    )
     assert len(tokens[0]) == 6
 
 
@@ -195,14 +240,29 @@ def test_quantized_decoder_generates(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 300)
     out = tmp_path / "q4"
-    argv = ["compile", "demo:llama", "-o", str(out), "--task", "generate", "--max-seq-len", "48",
-            "--max-batch", "2", "--calib-data", str(text),
-            "--pipeline", "quantize{method=gptq,bits=4,group_size=16,nsamples=4,seq_len=24},fuse"]
+    argv = [
+        "compile",
+        "demo:llama",
+        "-o",
+        str(out),
+        "--task",
+        "generate",
+        "--max-seq-len",
+        "48",
+        "--max-batch",
+        "2",
+        "--calib-data",
+        str(text),
+        "--pipeline",
+        "quantize{method=gptq,bits=4,group_size=16,nsamples=4,seq_len=24},fuse",
+    ]
     assert main(argv) == 0
     artifact = peakc.load(out)
     report = json.loads((out / "report.json").read_text())
     assert report["ops"]["linear_wq"] == "reference"
-    tokens = Generator.from_artifact(artifact, "cpu").generate(
-        [[3, 4, 5], [9]], SamplingConfig(max_new_tokens=6)
-    ).tokens
+    tokens = (
+        Generator.from_artifact(artifact, "cpu")
+        .generate([[3, 4, 5], [9]], SamplingConfig(max_new_tokens=6))
+        .tokens
+    )
     assert [len(t) for t in tokens] == [6, 6]

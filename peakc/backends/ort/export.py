@@ -219,9 +219,7 @@ def write_aligned_external_data(model: onnx_ir.Model, path: Path, data: Path) ->
             value.const_value = tensor
 
 
-def graph_for_export(
-    graph: Graph, context: MatMulNBitsContext
-) -> tuple[fx.GraphModule, list[str]]:
+def graph_for_export(graph: Graph, context: MatMulNBitsContext) -> tuple[fx.GraphModule, list[str]]:
     """A copy of the graph as ort emits it: each peakc op whose registered lowering rewrites
     it (linear_wq -> MatMulNBits' layout) rewritten, and the ops with no ort lowering calling
     their reference. Returns the module and the names of the ops left to their reference."""

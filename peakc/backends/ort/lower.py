@@ -10,8 +10,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import onnxruntime
@@ -84,7 +84,8 @@ class OrtBackend(Backend):
         batches = self.options.decode_batches
         if isinstance(batches, list) and (not batches or min(batches) < 1):
             raise self.option_error(
-                "decode_batches", f"must be auto, none or batch sizes >= 1 like [1,8]; got {batches}"
+                "decode_batches",
+                f"must be auto, none or batch sizes >= 1 like [1,8]; got {batches}",
             )
 
     def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents:

@@ -67,9 +67,7 @@ def _matmul_nbits_fake(x, b, scales, zero_points, perm, bias, bits, block_size, 
     return x.new_empty((*x.shape[:-1], b.shape[0]))
 
 
-MATMUL_NBITS = define_op(
-    "matmul_nbits", _matmul_nbits_reference, _matmul_nbits_fake, backend="ort"
-)
+MATMUL_NBITS = define_op("matmul_nbits", _matmul_nbits_reference, _matmul_nbits_fake, backend="ort")
 
 
 @dataclass

@@ -87,11 +87,11 @@ class Fuse(Pass):
             report = apply_rule(graph, rule_cls())
             stats[f"fused.{rule_cls.name}"] = report.matched
             near_misses += report.near_misses
-        ctx.settings.setdefault("fusion_near_misses", []).extend(near_misses)
         matched = sum(v for k, v in stats.items() if k.startswith("fused."))
         # Generation graphs hold the model's own cached attention (no rule made it): counted
         # beside fused.attention, so the report does not read as if attention went unfused.
         cached = sum(peakc_op_name(n.target) == "attention_cache" for n in graph.call_nodes())
         if cached:
             stats["already_fused.attention_cache"] = cached
-        return PassResult(graph, modified=matched > 0, stats=stats)
+        report = {"near_misses": near_misses} if near_misses else {}
+        return PassResult(graph, modified=matched > 0, stats=stats, report=report)

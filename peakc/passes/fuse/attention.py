@@ -23,8 +23,13 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
 def sdpa_arguments(node: fx.Node) -> dict:
     """aten.scaled_dot_product_attention's arguments by name, with defaults."""
-    args = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
-            "enable_gqa": False}
+    args = {
+        "attn_mask": None,
+        "dropout_p": 0.0,
+        "is_causal": False,
+        "scale": None,
+        "enable_gqa": False,
+    }
     args.update(zip(_SDPA_ARGS, node.args))
     args.update(node.kwargs)
     return args
@@ -87,8 +92,9 @@ class AttentionRule(FusionRule):
             elif kind == "none":
                 mask = None
         scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(shape_of(q)[-1])
-        return Match(outputs=[node], nodes=nodes,
-                     values={"args": (q, k, v, mask, causal, float(scale))})
+        return Match(
+            outputs=[node], nodes=nodes, values={"args": (q, k, v, mask, causal, float(scale))}
+        )
 
     def _classify_mask(self, mask: fx.Node, s: int, sk: int) -> str:
         """'causal', 'none' (all true) or 'tensor' for a mask node; evaluated once per node."""

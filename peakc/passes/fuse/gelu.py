@@ -55,8 +55,11 @@ class GeluRule(FusionRule):
             approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
             return self._with_bias(node.args[0], [node], node, approx)
         plus_one = only_user(node)
-        if not (is_op(plus_one, aten.add.Tensor) and scalar_operand(plus_one)
-                and is_scalar(scalar_operand(plus_one)[1], 1.0)):
+        if not (
+            is_op(plus_one, aten.add.Tensor)
+            and scalar_operand(plus_one)
+            and is_scalar(scalar_operand(plus_one)[1], 1.0)
+        ):
             return f"{node.target.__name__.split('.')[0]} is not followed by + 1"
         if is_op(node, aten.erf.default):
             x = _scaled_by_inv_sqrt2(node.args[0])
@@ -69,10 +72,15 @@ class GeluRule(FusionRule):
             if not is_op(poly, aten.add.Tensor):
                 return "tanh input is not sqrt(2/pi) * (x + 0.044715 x^3)"
             x = next((a for a in poly.args if not _scalar_mul_of(a, 0.044715)), None)
-            cube = next((_scalar_mul_of(a, 0.044715) for a in poly.args
-                         if _scalar_mul_of(a, 0.044715)), None)
-            if not (is_op(cube, aten.pow.Tensor_Scalar) and cube.args[0] is x
-                    and is_scalar(cube.args[1], 3.0)):
+            cube = next(
+                (_scalar_mul_of(a, 0.044715) for a in poly.args if _scalar_mul_of(a, 0.044715)),
+                None,
+            )
+            if not (
+                is_op(cube, aten.pow.Tensor_Scalar)
+                and cube.args[0] is x
+                and is_scalar(cube.args[1], 3.0)
+            ):
                 return "tanh polynomial is not x + 0.044715 * x^3"
             inner = [cube, cube.users and next(iter(cube.users)), poly, node.args[0], node]
             approx = "tanh"
@@ -93,9 +101,12 @@ class GeluRule(FusionRule):
         if is_op(x, aten.add.Tensor) and all(u in nodes for u in x.users):
             a, b = x.args[0], x.args[1]
             for t, bb in ((a, b), (b, a)):
-                if isinstance(bb, fx.Node) and isinstance(t, fx.Node) and shape_of(bb) == (
-                    shape_of(t)[-1],
-                ) and shape_of(t) == shape_of(x):
+                if (
+                    isinstance(bb, fx.Node)
+                    and isinstance(t, fx.Node)
+                    and shape_of(bb) == (shape_of(t)[-1],)
+                    and shape_of(t) == shape_of(x)
+                ):
                     x, bias, nodes = t, bb, [x, *nodes]
                     break
         return Match(outputs=[out], nodes=nodes, values={"args": (x, bias, approx)})

@@ -42,8 +42,9 @@ class GluRule(FusionRule):
         if len(act.users) != 1:
             return f"activation '{act.name}' has other users"
         gate = act.args[0]
-        return Match(outputs=[node], nodes=[act, node],
-                     values={"args": (gate, up, activation_name(act))})
+        return Match(
+            outputs=[node], nodes=[act, node], values={"args": (gate, up, activation_name(act))}
+        )
 
     def rewrite(self, graph: Graph, match: Match) -> fx.Node:
         return graph.graph.call_function(torch.ops.peakc.glu.default, match.values["args"])

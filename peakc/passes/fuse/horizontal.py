@@ -29,7 +29,7 @@ def fused_weight_name(targets: list[str]) -> str:
         if len(set(column)) != 1:
             break
         common.append(column[0])
-    leaves = ["_".join(m[len(common):]) or "self" for m in modules]
+    leaves = ["_".join(m[len(common) :]) or "self" for m in modules]
     return ".".join([*common, "fused_" + "_".join(leaves), targets[0].rsplit(".", 1)[1]])
 
 

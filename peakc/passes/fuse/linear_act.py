@@ -34,8 +34,11 @@ class LinearActRule(FusionRule):
             return f"linear '{linear.name}' has other users"
         x, weight = linear.args[0], linear.args[1]
         bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-        return Match(outputs=[node], nodes=[linear, node],
-                     values={"args": (x, weight, bias, epilogue_activation(node))})
+        return Match(
+            outputs=[node],
+            nodes=[linear, node],
+            values={"args": (x, weight, bias, epilogue_activation(node))},
+        )
 
     def rewrite(self, graph: Graph, match: Match) -> fx.Node:
         return graph.graph.call_function(peakc_ops.linear_act.default, match.values["args"])

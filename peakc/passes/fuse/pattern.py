@@ -40,8 +40,7 @@ class PatternRule(FusionRule):
         except Exception as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PeakcError(
-                f"fusion rule '{self.name}': pattern does not trace: {type(exc).__name__}: "
-                f"{detail}"
+                f"fusion rule '{self.name}': pattern does not trace: {type(exc).__name__}: {detail}"
             ) from exc
         outputs = [n for n in graph.nodes if n.op == "output"]
         if not any(n.op == "call_function" for n in graph.nodes) or not isinstance(
@@ -54,8 +53,13 @@ class PatternRule(FusionRule):
 
     def prepare(self, graph: Graph) -> None:
         pattern = self.trace()
-        matcher = SubgraphMatcher(pattern, match_output=False, match_placeholder=False,
-                                  remove_overlapping_matches=True, ignore_literals=False)
+        matcher = SubgraphMatcher(
+            pattern,
+            match_output=False,
+            match_placeholder=False,
+            remove_overlapping_matches=True,
+            ignore_literals=False,
+        )
         names = [n.name for n in pattern.nodes if n.op == "placeholder"]
         self._found: dict[fx.Node, Match] = {}
         for found in matcher.match(graph.graph):

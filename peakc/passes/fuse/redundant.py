@@ -16,11 +16,20 @@ from peakc.passes.fuse.engine import FusionRule, Match
 _COPIES = (aten.clone.default, aten.alias.default, aten.detach.default)
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
-_IDENTITY_ARITH = {aten.mul.Tensor: 1.0, aten.div.Tensor: 1.0, aten.add.Tensor: 0.0,
-                   aten.sub.Tensor: 0.0}
+_IDENTITY_ARITH = {
+    aten.mul.Tensor: 1.0,
+    aten.div.Tensor: 1.0,
+    aten.add.Tensor: 0.0,
+    aten.sub.Tensor: 0.0,
+}
 _ANCHORS = (
-    *_COPIES, *_VIEWS, *_IDENTITY_ARITH, aten._to_copy.default, aten.permute.default,
-    aten.slice.Tensor, aten.cat.default,
+    *_COPIES,
+    *_VIEWS,
+    *_IDENTITY_ARITH,
+    aten._to_copy.default,
+    aten.permute.default,
+    aten.slice.Tensor,
+    aten.cat.default,
 )
 
 
@@ -84,8 +93,9 @@ class RedundantRule(FusionRule):
 def undone_pair(node: fx.Node) -> fx.Node | None:
     """y when node undoes its input, which is a view, permute or widening cast of y."""
     inner = node.args[0]
-    if not isinstance(inner, fx.Node) or not isinstance(inner.args[0] if inner.args else None,
-                                                          fx.Node):
+    if not isinstance(inner, fx.Node) or not isinstance(
+        inner.args[0] if inner.args else None, fx.Node
+    ):
         return None
     y = inner.args[0]
     if dtype_of(y) != dtype_of(node):
@@ -100,8 +110,12 @@ def undone_pair(node: fx.Node) -> fx.Node | None:
         if not set(node.kwargs) | set(inner.kwargs) <= {"dtype"}:
             return None
         narrow, wide = dtype_of(y), dtype_of(inner)
-        exact = (narrow.is_floating_point and wide.is_floating_point and narrow != wide
-                 and torch.promote_types(narrow, wide) == wide)
+        exact = (
+            narrow.is_floating_point
+            and wide.is_floating_point
+            and narrow != wide
+            and torch.promote_types(narrow, wide) == wide
+        )
         return y if exact else None
     return None
 
@@ -110,9 +124,11 @@ def strip_copies(node: object) -> object:
     """Follow clone/alias/same-dtype casts back to the value they copy."""
     while isinstance(node, fx.Node) and (
         is_op(node, *_COPIES)
-        or (is_op(node, aten._to_copy.default) and set(node.kwargs) <= {"dtype"}
-            and dtype_of(node) == dtype_of(node.args[0]))
+        or (
+            is_op(node, aten._to_copy.default)
+            and set(node.kwargs) <= {"dtype"}
+            and dtype_of(node) == dtype_of(node.args[0])
+        )
     ):
         node = node.args[0]
     return node
-

@@ -87,8 +87,10 @@ class RmsNormRule(FusionRule):
         if torch.promote_types(dtype_of(x), dtype_of(weight)) != scaled_in:
             x = xf
         if torch.promote_types(dtype_of(x), dtype_of(weight)) != scaled_in:
-            return (f"normalized value is scaled in {scaled_in} by a {dtype_of(weight)} weight "
-                    f"after rounding")
+            return (
+                f"normalized value is scaled in {scaled_in} by a {dtype_of(weight)} weight "
+                f"after rounding"
+            )
         if x is not xf:
             nodes.insert(0, xf)
         values = {"x": x, "w": weight, "eps": eps, "shift": 0.0, "cast": None}

@@ -30,8 +30,13 @@ from peakc.passes.fuse.engine import FusionRule, Match
 from peakc.passes.fuse.rotary_interleaved import pair_swapped, pairwise_table
 
 # Elementwise steps HF applies to the angle table before it reaches the rotation.
-_TABLE_STEPS = (aten.cos.default, aten.sin.default, aten.mul.Tensor, aten.div.Tensor,
-                aten._to_copy.default)
+_TABLE_STEPS = (
+    aten.cos.default,
+    aten.sin.default,
+    aten.mul.Tensor,
+    aten.div.Tensor,
+    aten._to_copy.default,
+)
 _END = 2**62
 _SWAP_HEADS = [0, 2, 1, 3]  # [B, S, H, D] <-> [B, H, S, D]
 
@@ -85,8 +90,11 @@ def _split_halves(high: object, low: object) -> tuple[fx.Node, int] | None:
     width = shape_of(x)[-1]
     dim = split.args[2] if len(split.args) > 2 else 0
     sizes = split.args[1]
-    halves = list(sizes) == [width // 2] * 2 if isinstance(sizes, (list, tuple)) else (
-        sizes == width // 2)
+    halves = (
+        list(sizes) == [width // 2] * 2
+        if isinstance(sizes, (list, tuple))
+        else (sizes == width // 2)
+    )
     return (x, width // 2) if halves and last_dim(dim, len(shape_of(x))) else None
 
 
@@ -117,8 +125,10 @@ class RotaryRule(FusionRule):
     def is_anchor(self, node: fx.Node) -> bool:
         if not is_op(node, aten.add.Tensor):
             return False
-        return any(is_op(m, aten.mul.Tensor) and any(_rotated(a) for a in m.args[:2])
-                   for m in node.args[:2])
+        return any(
+            is_op(m, aten.mul.Tensor) and any(_rotated(a) for a in m.args[:2])
+            for m in node.args[:2]
+        )
 
     def match(self, node: fx.Node) -> Match | str:
         m1, m2 = node.args[0], node.args[1]
@@ -149,8 +159,13 @@ class RotaryRule(FusionRule):
             nodes = [x, *nodes, *tail]
             out = tail[-1]
         seq_major = heads_at == {2}
-        values = {"x": source, "tables": [t for t, _ in tables], "interleaved": interleaved,
-                  "seq_major": seq_major, "absorbed": False}
+        values = {
+            "x": source,
+            "tables": [t for t, _ in tables],
+            "interleaved": interleaved,
+            "seq_major": seq_major,
+            "absorbed": False,
+        }
         back = only_user(out)
         if seq_major and is_op(back, aten.permute.default) and list(back.args[1]) == _SWAP_HEADS:
             nodes, out, values["absorbed"] = [*nodes, back], back, True  # the op's layout
@@ -167,9 +182,11 @@ class RotaryRule(FusionRule):
             return recipe if isinstance(recipe, str) else (("steps", t.args[0], recipe), 1)
         if shape_of(t) == (seq, width) and self._constant_halves_equal(t):
             return ("const", t, None), 1  # a stored [S, D] table with equal halves
-        return (f"table '{t.name}' {list(shape_of(t) or ())} is neither a [B, S, D] "
-                "table unsqueezed at the head dim nor a constant [S, D] table whose "
-                "halves are equal")
+        return (
+            f"table '{t.name}' {list(shape_of(t) or ())} is neither a [B, S, D] "
+            "table unsqueezed at the head dim nor a constant [S, D] table whose "
+            "halves are equal"
+        )
 
     @staticmethod
     def _pairwise_tables(cos_b: fx.Node, sin_b: fx.Node) -> list[tuple[tuple, int] | str]:

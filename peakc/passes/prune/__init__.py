@@ -2,7 +2,7 @@
 
 Pruned weights stay dense-with-zeros in the graph. Each pruned linear node carries
 `node.meta["peakc_sparsity"]` (achieved sparsity, pattern, method, reconstruction error);
-`sparsity_record(graph)` collects them for the artifact's manifest, so a backend can pick
+`Graph.sparsity_record()` collects them for the artifact's manifest, so a backend can pick
 sparse kernels for 2:4 layers.
 
 Layers are picked, calibrated and solved by the compressor loop (peakc/passes/compress.py).
@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 import torch
 
 from peakc.errors import PeakcError
-from peakc.ir.graph import Graph
+from peakc.ir.graph import SPARSITY_KEY, Graph
 from peakc.passes.base import PassContext, PassResult, register_pass
 from peakc.passes.calibration import BlockCalibration, LinearSite, compute_device
 from peakc.passes.compress import CompressorPass, Solver, Stack, block_compressor
@@ -27,8 +27,6 @@ from peakc.passes.prune.owl import measure_outliers, owl_allocation
 from peakc.passes.prune.pattern import Pattern, check_divides, parse_pattern
 from peakc.passes.prune.sensitivity import measure_sensitivity
 from peakc.passes.prune.sparsegpt import Segment, sparsegpt_prune
-
-SPARSITY_KEY = "peakc_sparsity"
 
 
 @dataclass
@@ -283,12 +281,3 @@ def _annotate(
         stats["recon_error.mean"] = round(sum(measured) / len(measured), 6)
         stats["recon_error.max"] = round(max(measured), 6)
     return stats
-
-
-def sparsity_record(graph: Graph) -> dict[str, dict]:
-    """Per pruned linear (by module path): sparsity, pattern, method, error; for the manifest."""
-    return {
-        node.meta.get("peakc_module", node.name): dict(node.meta[SPARSITY_KEY])
-        for node in graph.call_nodes()
-        if SPARSITY_KEY in node.meta
-    }
