@@ -111,6 +111,14 @@ class CostModel:
         decode = self._decoder_phase(graph, "decode", batch, 1, prompt_len + 1)
         return self._graph_cost(prefill, decode)
 
+    def step_seconds(self, graph: Graph) -> float:
+        """Predicted seconds of the step a graph repeats most: one decode step (attending to
+        the example prompt) for a generation decoder, else the graph at its captured shapes."""
+        if graph.info.get("generation") is not None and graph.info.get("dynamic"):
+            ids = graph.example_inputs[0]
+            return self._decoder_phase(graph, "decode", ids.shape[0], 1, ids.shape[1] + 1).seconds
+        return self.estimate(graph).total_time
+
     def _decoder_phase(
         self, graph: Graph, phase: str, batch: int, tokens: int, context: int
     ) -> PhaseCost:

@@ -159,3 +159,18 @@ def test_inner_value_used_outside_is_a_near_miss(llama_graph):
     report = apply_rule(graph, EscapingRule())
     assert report.matched == 0
     assert "is used outside" in report.near_misses[0]
+
+
+def test_fuse_records_the_predicted_saving_per_rule():
+    """The cost model on the target prices each rule that fired (microseconds per step)."""
+    import peakc
+    from peakc.models.demo import demo_llama
+
+    model, inputs = demo_llama()
+    compiled = peakc.compile(model, inputs, pipeline="cleanup,fuse", target="h200")
+    fuse = compiled.contents.report["passes"][-1]
+    saving = fuse["report"]["predicted_saving_us"]
+    assert saving.pop("target") == "h200"
+    fired = {k.removeprefix("fused."): v for k, v in fuse["stats"].items() if v}
+    assert set(saving) == set(fired)  # one entry per rule that matched
+    assert saving["rms_norm"] > 0  # fewer kernels: fewer launches on the eager runtime

@@ -83,15 +83,32 @@ class Fuse(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         stats: dict[str, int | str] = {}
         near_misses: list[str] = []
+        saving: dict[str, float] = {}  # rule -> predicted microseconds saved per step
+        before = _step_seconds(ctx, graph)
         for rule_cls in self.selected():
             report = apply_rule(graph, rule_cls())
             stats[f"fused.{rule_cls.name}"] = report.matched
             near_misses += report.near_misses
+            if report.matched and before is not None:
+                after = _step_seconds(ctx, graph)
+                saving[rule_cls.name] = round((before - after) * 1e6, 3)
+                before = after
         matched = sum(v for k, v in stats.items() if k.startswith("fused."))
         # Generation graphs hold the model's own cached attention (no rule made it): counted
         # beside fused.attention, so the report does not read as if attention went unfused.
         cached = sum(peakc_op_name(n.target) == "attention_cache" for n in graph.call_nodes())
         if cached:
             stats["already_fused.attention_cache"] = cached
-        report = {"near_misses": near_misses} if near_misses else {}
+        report: dict = {"near_misses": near_misses} if near_misses else {}
+        if saving:
+            report["predicted_saving_us"] = {"target": ctx.target.name, **saving}
         return PassResult(graph, modified=matched > 0, stats=stats, report=report)
+
+
+def _step_seconds(ctx: PassContext, graph: Graph) -> float | None:
+    """The target's predicted step time (CostModel.step_seconds), or None for a graph the cost
+    model cannot shape (dynamic dims outside a generation decoder)."""
+    try:
+        return ctx.cost.step_seconds(graph)
+    except PeakcError:
+        return None
