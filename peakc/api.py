@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from peakc.backends.base import get_backend
+from peakc.backends.base import Backend, get_backend
 from peakc.cost_model.hardware import HardwareProfile, resolve_profile
 from peakc.errors import PeakcError
 from peakc.ir.capture import capture
@@ -59,7 +59,7 @@ def compile(
     example_inputs: tuple[torch.Tensor, ...] | None = None,
     *,
     pipeline: str | Pipeline = "default",
-    backend: str = "eager",
+    backend: str | Backend = "eager",
     target: str | HardwareProfile = "cpu",
     dump_ir: str | Path | None = None,
     parity: bool = True,
@@ -136,15 +136,18 @@ def compile(
     checks = passes_seconds - sum(r.get("seconds", 0.0) for r in records)
     rows.append({"phase": "pipeline checks (parity, dumps)", "seconds": round(max(checks, 0), 4)})
     started = time.perf_counter()
-    with _phase(ctx.instruments, f"lower ({backend})"):
+    with _phase(ctx.instruments, f"lower ({lowerer.name})"):
         contents = lowerer.lower(graph, ctx, str(pipe))
-    rows.append({"phase": f"lower ({backend})", "seconds": round(time.perf_counter() - started, 4)})
+    rows.append(
+        {"phase": f"lower ({lowerer.name})", "seconds": round(time.perf_counter() - started, 4)}
+    )
     contents.source = source
     contents.extra_files.update(extra_files or {})
     contents.report.update(
         source=source,
         pipeline=str(pipe),
-        backend=backend,
+        backend=lowerer.name,
+        backend_options=str(lowerer),
         target=profile.name,
         capture_seconds=round(capture_seconds, 4),
         passes=records,
