@@ -119,16 +119,24 @@ class CostModel:
             return self._decoder_phase(graph, "decode", ids.shape[0], 1, ids.shape[1] + 1).seconds
         return self.estimate(graph).total_time
 
+    def phases_or_reason(self, graph: Graph) -> GraphCost | str:
+        """`phases(graph)`, or the one-line reason the cost model could not cost it (a report
+        then says why its prediction is missing instead of the pass failing)."""
+        try:
+            return self.phases(graph)
+        except PeakcError as exc:
+            return str(exc)
+
     def _decoder_phase(
         self, graph: Graph, phase: str, batch: int, tokens: int, context: int
     ) -> PhaseCost:
         ids, positions, k_cache, v_cache = graph.example_inputs
-        inputs = (
-            _meta(ids, (batch, tokens)),
-            _meta(positions, (batch, tokens)),
-            _meta(k_cache, (*k_cache.shape[:1], batch, *k_cache.shape[2:])),
-            _meta(v_cache, (*v_cache.shape[:1], batch, *v_cache.shape[2:])),
-        )
+        inputs = [
+            _like(ids, (batch, tokens)),
+            _like(positions, (batch, tokens)),
+            _like(k_cache, (*k_cache.shape[:1], batch, *k_cache.shape[2:])),
+            _like(v_cache, (*v_cache.shape[:1], batch, *v_cache.shape[2:])),
+        ]
         shaped = concrete(graph, inputs)
         kv_len = context if phase == "decode" else None
         est = self.estimate(
@@ -136,7 +144,9 @@ class CostModel:
         )
         cost = self._phase(shaped, phase, est, context)
         # the cache a decoder takes is allocated whole (every slot), so it is what memory holds
-        cost.kv_cache_bytes = float(sum(t.numel() * t.element_size() for t in inputs[2:]))
+        cost.kv_cache_bytes = float(
+            sum(t.numel() * t.element_size() for t in shaped.example_inputs[2:])
+        )
         return cost
 
     def _phase(self, graph: Graph, phase: str, est: Estimate, context: int) -> PhaseCost:
@@ -171,20 +181,38 @@ class CostModel:
         )
 
 
-def concrete(graph: Graph, inputs: tuple[torch.Tensor, ...]) -> Graph:
-    """A copy of `graph` whose recorded values are those `inputs` give (static shapes)."""
-    out = graph.specialized(inputs, None)
-    derived = ir_meta.propagate(out.gm, inputs)
+def concrete(
+    graph: Graph, inputs: list[tuple[tuple[int, ...], torch.dtype, torch.device]]
+) -> Graph:
+    """A copy of `graph` whose recorded values are those inputs of (shape, dtype, device)
+    give (static shapes); its example inputs are meta tensors of those shapes (no memory)."""
+    metas = tuple(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype, _ in inputs)
+    out = graph.specialized(metas, None)
+    try:
+        derived = ir_meta.propagate_at(out.gm, inputs)
+    except Exception as exc:  # any failure of fake propagation: the graph cannot be shaped
+        text = str(exc).strip().splitlines()
+        raise PeakcError(
+            f"cost model: shape propagation at {[list(i[0]) for i in inputs]} failed: "
+            f"{text[0] if text else type(exc).__name__}"
+        ) from exc
     for node, value in derived.items():
         if node.op != "output":
             node.meta["val"] = value
     return out
 
 
-def _meta(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device="meta")
+def _like(
+    t: torch.Tensor, shape: tuple[int, ...]
+) -> tuple[tuple[int, ...], torch.dtype, torch.device]:
+    return tuple(int(d) for d in shape), t.dtype, t.device
 
 
-def cost_change(before: GraphCost, after: GraphCost) -> dict[str, Any]:
-    """The report entry a pass writes: predicted phases before and after it ran."""
-    return {"before": before.to_dict(), "after": after.to_dict()}
+def cost_change(before: GraphCost | str, after: GraphCost | str) -> dict[str, Any]:
+    """The report entry a pass writes: predicted phases before and after it ran (or, where
+    the cost model could not cost a graph, why)."""
+
+    def entry(cost: GraphCost | str) -> dict[str, Any]:
+        return {"unavailable": cost} if isinstance(cost, str) else cost.to_dict()
+
+    return {"before": entry(before), "after": entry(after)}

@@ -46,6 +46,25 @@ def propagate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[fx.N
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+    return _propagate(gm, mode, fake_inputs)
+
+
+def propagate_at(
+    gm: fx.GraphModule, inputs: list[tuple[tuple[int, ...], torch.dtype, torch.device]]
+) -> dict[fx.Node, object]:
+    """Shape propagation at other input shapes (shape, dtype, device each), with no memory
+    allocated for the inputs: they are fake tensors on their own device."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fake_inputs = [
+            torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in inputs
+        ]
+    return _propagate(gm, mode, fake_inputs)
+
+
+def _propagate(
+    gm: fx.GraphModule, mode: FakeTensorMode, fake_inputs: list
+) -> dict[fx.Node, object]:
     saved = {n: n.meta.get("val") for n in gm.graph.nodes}
     try:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)

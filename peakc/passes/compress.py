@@ -192,9 +192,9 @@ class CompressorPass(Pass):
         return errors
 
     def changed(
-        self, graph: Graph, ctx: PassContext, before: GraphCost, stats: dict[str, Any]
+        self, graph: Graph, ctx: PassContext, before: GraphCost | str, stats: dict[str, Any]
     ) -> PassResult:
         """The result of a run that changed `graph`, with the predicted cost before and after
         on the target in the report."""
-        after = ctx.cost.phases(graph)
+        after = ctx.cost.phases_or_reason(graph)
         return PassResult(graph, True, stats, report={"cost": cost_change(before, after)})

@@ -108,6 +108,8 @@ class Fuse(Pass):
 def _step_seconds(ctx: PassContext, graph: Graph) -> float | None:
     """The target's predicted step time (CostModel.step_seconds), or None for a graph the cost
     model cannot shape (dynamic dims outside a generation decoder)."""
+    if ctx.target is None:
+        return None
     try:
         return ctx.cost.step_seconds(graph)
     except PeakcError:

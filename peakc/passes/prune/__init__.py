@@ -118,7 +118,7 @@ class PrunePass(CompressorPass):
             return PassResult(graph, False, {"layers": 0})  # nothing to prune
         for site in sites:
             check_divides(pattern, graph.get_weight(site.weight).shape[1], site.module)
-        before = ctx.cost.phases(graph)
+        before = ctx.cost.phases_or_reason(graph)
         base = pattern.sparsity if pattern.structured else o.sparsity
         sparsity = {s.module: base for s in sites}
         samples = self.samples(graph, ctx) if self.requires else None

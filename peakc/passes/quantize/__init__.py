@@ -82,7 +82,7 @@ class QuantizePass(CompressorPass):
         select, sites = self.select_sites(graph)
         specs = {s.module: self._spec(graph, s) for s in sites}
         dtypes = {s.module: graph.get_weight(s.weight).dtype for s in sites}
-        before = ctx.cost.phases(graph)
+        before = ctx.cost.phases_or_reason(graph)
         bytes_before = _weight_bytes(graph)
         solver_type = GPTQSolver if o.method == "gptq" else RTNSolver
         solver = solver_type(o, specs, dtypes)
