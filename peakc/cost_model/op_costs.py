@@ -318,17 +318,7 @@ for _name in (
     "aten.bitwise_or",
     "aten.logical_not",
     "aten.empty",
-    "aten.mean",
-    "aten.sum",
-    "aten.amax",
-    "aten.amin",
-    "aten.max",
-    "aten.min",
-    "aten.var",
-    "aten.var_mean",
-    "aten.argmax",
-    "aten.prod",
-    "aten.cumsum",
+    *sorted(REDUCTIONS),
 ):
     COST_RULES[_name] = elementwise
 
