@@ -32,6 +32,26 @@ def test_cli_imports_no_heavy_module():
     assert run.stdout.strip() == ""
 
 
+def test_passes_lists_every_pass_fast_without_torch():
+    """`peakc passes` imports the pass declarations only (0.4 s on a 2-core machine; the bound
+    is generous for a busy one): the solvers, torch and the cost model load when a pass runs."""
+    code = (
+        "import sys, time\n"
+        "started = time.perf_counter()\n"
+        "from peakc.cli import main\n"
+        "assert main(['passes']) == 0\n"
+        "heavy = ('torch', 'transformers', 'onnx', 'scipy', 'networkx')\n"
+        "print('heavy:', ','.join(m for m in heavy if m in sys.modules))\n"
+        "print('seconds:', time.perf_counter() - started)\n"
+    )
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    assert run.returncode == 0, run.stderr
+    assert "heavy: \n" in run.stdout and "quantize" in run.stdout and "prune" in run.stdout
+    assert seconds < 2.5, f"peakc passes took {seconds:.2f} s"
+
+
 def test_inspect_reads_the_manifest_without_torch(tmp_path):
     out = tmp_path / "mlp"
     assert main(["compile", "demo:mlp", "-o", str(out), "--pipeline", "none"]) == 0

@@ -10,18 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
 from peakc.cost_model.hardware import HardwareProfile, resolve_profile
-from peakc.cost_model.predict import CostModel
 from peakc.errors import PeakcError
-from peakc.ir.graph import Graph
 from peakc.passes.spec import check_options_class, format_options, option_type
 from peakc.progress import ProgressTask
 
 __all__ = ["NoOptions", "Pass", "PassContext", "PassResult", "option_type", "register_pass"]
 
+# Declaring and listing passes imports no torch (`peakc passes` starts in well under a
+# second): what needs torch, the cost model or the IR is imported where it is used.
 if TYPE_CHECKING:
+    import torch
+
+    from peakc.cost_model.predict import CostModel
+    from peakc.ir.graph import Graph
     from peakc.passes.instruments import Instrument
 
 
@@ -53,6 +55,8 @@ class PassContext:
     def cost(self) -> CostModel:
         """The cost model on the target: `ctx.cost.phases(graph)`, `ctx.cost.estimate(graph)`."""
         if getattr(self, "_cost", None) is None or self._cost.profile is not self.target:
+            from peakc.cost_model.predict import CostModel
+
             self._cost = CostModel(self.target)
         return self._cost
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from peakc.ir.graph import Graph
 from peakc.passes.base import Pass, PassContext, PassResult, register_pass
+
+if TYPE_CHECKING:  # the declaration stays light for `peakc passes`
+    from peakc.ir.graph import Graph
 
 
 @register_pass
@@ -46,6 +48,8 @@ def eliminate_common_subexpressions(graph: Graph) -> int:
 
 
 def _is_pure(node) -> bool:
+    import torch
+
     schema = getattr(node.target, "_schema", None)
     if schema is None:
         return node.target.__module__ == "_operator"

@@ -14,24 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import torch
-
-from peakc.cost_model.predict import GraphCost, cost_change
 from peakc.errors import PeakcError
-from peakc.ir.graph import Graph
 from peakc.passes.base import Pass, PassContext, PassResult
-from peakc.passes.calibration import (
-    BlockCalibration,
-    CompressFn,
-    LinearSite,
-    calibrate_blocks,
-    compute_device,
-    linear_sites,
-    target_selector,
-)
-from peakc.runtime.samples import calibration_samples
+
+# Light at import (the pass declarations built on CompressorPass are listed by `peakc passes`
+# without torch); the calibration engine, torch and the cost model load when a pass runs.
+if TYPE_CHECKING:
+    import torch
+
+    from peakc.cost_model.predict import GraphCost
+    from peakc.ir.graph import Graph
+    from peakc.passes.calibration import BlockCalibration, CompressFn, LinearSite
 
 
 @dataclass
@@ -55,6 +50,8 @@ class Stack:
         return out
 
     def rows(self) -> torch.Tensor:
+        import torch
+
         return self.weights[0] if len(self.weights) == 1 else torch.cat(self.weights)
 
 
@@ -127,6 +124,8 @@ class CompressorPass(Pass):
     (prune, quantize). Its Options have targets, block_size, damp, nsamples, seq_len, seed."""
 
     def validate(self) -> None:
+        from peakc.passes.calibration import target_selector
+
         o = self.options
         if o.block_size < 1:
             raise PeakcError(
@@ -142,6 +141,8 @@ class CompressorPass(Pass):
 
     def select_sites(self, graph: Graph) -> tuple[Callable[[str], bool], list[LinearSite]]:
         """The module filter and the linears it selects; none is an error naming the option."""
+        from peakc.passes.calibration import linear_sites, target_selector
+
         targets = self.options.targets
         select = target_selector(targets, self.name)
         sites = linear_sites(graph, list(graph.graph.nodes), select)
@@ -151,6 +152,8 @@ class CompressorPass(Pass):
         return select, sites
 
     def samples(self, graph: Graph, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
+        from peakc.runtime.samples import calibration_samples
+
         o = self.options
         return calibration_samples(
             graph, ctx.calibration_data, o.nsamples, o.seq_len, o.seed, self.name
@@ -170,6 +173,8 @@ class CompressorPass(Pass):
         """Run `solver` over `sites` on the compute device: block by block over the
         calibration samples when it calibrates (`stagewise`: per stage of a block, GPTQ's
         order), else one linear at a time. Returns module path → reconstruction error."""
+        from peakc.passes.calibration import calibrate_blocks, compute_device
+
         device = compute_device(ctx.device)
         errors: dict[str, float] = {}
         if solver.calibrated:
@@ -196,5 +201,7 @@ class CompressorPass(Pass):
     ) -> PassResult:
         """The result of a run that changed `graph`, with the predicted cost before and after
         on the target in the report."""
+        from peakc.cost_model.predict import cost_change
+
         after = ctx.cost.phases_or_reason(graph)
         return PassResult(graph, True, stats, report={"cost": cost_change(before, after)})

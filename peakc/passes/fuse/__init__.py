@@ -2,53 +2,73 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from peakc.errors import PeakcError
-from peakc.ir.graph import Graph
-from peakc.ir.ops import peakc_op_name
 from peakc.passes.base import Pass, PassContext, PassResult, register_pass
-from peakc.passes.fuse.addmm_linear import AddmmLinearRule
-from peakc.passes.fuse.attention import AttentionRule
-from peakc.passes.fuse.engine import FusionRule, Match, apply_rule
-from peakc.passes.fuse.gelu import GeluRule
-from peakc.passes.fuse.glu import GluRule
-from peakc.passes.fuse.horizontal import HorizontalLinearRule
-from peakc.passes.fuse.layer_norm import LayerNormRule
-from peakc.passes.fuse.linear_act import LinearActRule
-from peakc.passes.fuse.pattern import PatternRule
-from peakc.passes.fuse.redundant import RedundantRule
-from peakc.passes.fuse.rms_norm import RmsNormRule
-from peakc.passes.fuse.rotary import RotaryRule
-from peakc.passes.fuse.skip_norm import SkipNormRule
+
+if TYPE_CHECKING:
+    from peakc.ir.graph import Graph
+    from peakc.passes.fuse.engine import FusionRule
 
 # Application order: canonicalize first, norms before skip-norms, GLU before GELU/epilogues,
-# horizontal fusion last (it needs the plain linears that remain).
-RULES: dict[str, type[FusionRule]] = {
-    rule.name: rule
-    for rule in (
-        RedundantRule,
-        AddmmLinearRule,
-        RmsNormRule,
-        LayerNormRule,
-        SkipNormRule,
-        RotaryRule,
-        AttentionRule,
-        GluRule,
-        GeluRule,
-        LinearActRule,
-        HorizontalLinearRule,
-    )
+# horizontal fusion last (it needs the plain linears that remain). Each built-in rule is
+# named here and imported when a fuse pass runs, so declaring the pass needs no torch.
+BUILTIN_RULES = {
+    "redundant": "redundant:RedundantRule",
+    "addmm_linear": "addmm_linear:AddmmLinearRule",
+    "rms_norm": "rms_norm:RmsNormRule",
+    "layer_norm": "layer_norm:LayerNormRule",
+    "skip_norm": "skip_norm:SkipNormRule",
+    "rotary": "rotary:RotaryRule",
+    "attention": "attention:AttentionRule",
+    "glu": "glu:GluRule",
+    "gelu": "gelu:GeluRule",
+    "linear_act": "linear_act:LinearActRule",
+    "horizontal_linear": "horizontal:HorizontalLinearRule",
+}
+USER_RULES: dict[str, type[FusionRule]] = {}  # register_rule's, applied after the built-ins
+
+# Names this package re-exports from its heavier modules, imported on first use.
+_LAZY = {
+    "RULES": None,
+    "FusionRule": "engine",
+    "Match": "engine",
+    "PatternRule": "pattern",
 }
 
-__all__ = ["RULES", "Fuse", "FusionRule", "Match", "PatternRule", "register_rule"]
+__all__ = ["RULES", "Fuse", "FusionRule", "Match", "PatternRule", "register_rule", "rules"]
+
+
+def rules() -> dict[str, type[FusionRule]]:
+    """Every fusion rule by name, in application order (built-ins, then registered ones)."""
+    found = {}
+    for name, where in BUILTIN_RULES.items():
+        module, cls = where.split(":")
+        found[name] = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    return found | USER_RULES
+
+
+def rule_names() -> list[str]:
+    return [*BUILTIN_RULES, *(n for n in USER_RULES if n not in BUILTIN_RULES)]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _LAZY[name] is None:
+        return rules()
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
 
 
 def register_rule(rule: type[FusionRule]) -> type[FusionRule]:
     """Class decorator: make a user rule selectable by name (applied after the built-ins)."""
-    if not rule.name or rule.name in RULES and RULES[rule.name] is not rule:
+    taken = rule.name in BUILTIN_RULES or USER_RULES.get(rule.name, rule) is not rule
+    if not rule.name or taken:
         raise PeakcError(f"fusion rule '{rule.name}' has no name or is already registered")
-    RULES[rule.name] = rule
+    USER_RULES[rule.name] = rule
     return rule
 
 
@@ -65,22 +85,30 @@ class Fuse(Pass):
     Options = FuseOptions
     parity_tol = 1e-5
 
-    def selected(self) -> list[type[FusionRule]]:
+    def selected_names(self) -> list[str]:
+        known = rule_names()
         if self.options.rules == "all":
-            return list(RULES.values())
+            return known
         names = [r for r in self.options.rules.split("+") if r]
         for r in names:
-            if r not in RULES:
+            if r not in known:
                 raise PeakcError(
                     f"pass 'fuse': option 'rules' names unknown rule '{r}' "
-                    f"(known: {', '.join(RULES)})"
+                    f"(known: {', '.join(known)})"
                 )
-        return [rule for name, rule in RULES.items() if name in names]
+        return [name for name in known if name in names]
+
+    def selected(self) -> list[type[FusionRule]]:
+        every = rules()
+        return [every[name] for name in self.selected_names()]
 
     def validate(self) -> None:
-        self.selected()
+        self.selected_names()
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        from peakc.ir.ops import peakc_op_name
+        from peakc.passes.fuse.engine import apply_rule
+
         stats: dict[str, int | str] = {}
         near_misses: list[str] = []
         saving: dict[str, float] = {}  # rule -> predicted microseconds saved per step

@@ -13,20 +13,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from peakc.errors import PeakcError
-from peakc.ir.graph import SPARSITY_KEY, Graph
 from peakc.passes.base import PassContext, PassResult, register_pass
-from peakc.passes.calibration import BlockCalibration, LinearSite, compute_device
 from peakc.passes.compress import CompressorPass, Solver, Stack, block_compressor
-from peakc.passes.prune.magnitude import magnitude_prune
-from peakc.passes.prune.owl import measure_outliers, owl_allocation
 from peakc.passes.prune.pattern import Pattern, check_divides, parse_pattern
-from peakc.passes.prune.sensitivity import measure_sensitivity
-from peakc.passes.prune.sparsegpt import Segment, sparsegpt_prune
+
+# The declaration stays light for `peakc passes`; the solvers import torch where they run.
+if TYPE_CHECKING:
+    import torch
+
+    from peakc.ir.graph import Graph
+    from peakc.passes.calibration import BlockCalibration, LinearSite
 
 
 @dataclass
@@ -144,6 +143,10 @@ class PrunePass(CompressorPass):
     ) -> tuple[dict[str, float], dict[str, float]]:
         """Module path → sparsity from the OWL or sensitivity profile (overall: o.sparsity),
         and module path → the score that placed it (outlier ratio, or loss rise per token)."""
+        from peakc.passes.calibration import compute_device
+        from peakc.passes.prune.owl import measure_outliers, owl_allocation
+        from peakc.passes.prune.sensitivity import measure_sensitivity
+
         o = self.options
         device = compute_device(ctx.device)
         if o.sparsity_profile == "owl":
@@ -186,6 +189,8 @@ class MagnitudeSolver:
         return site.module
 
     def solve(self, stack: Stack) -> torch.Tensor:
+        from peakc.passes.prune.magnitude import magnitude_prune
+
         return magnitude_prune(stack.rows(), self.sparsity[stack.sites[0].module], self.pattern)
 
     def accept(self, site: LinearSite, part: torch.Tensor) -> torch.Tensor:
@@ -205,6 +210,8 @@ class SparseGPTSolver(MagnitudeSolver):
         return None
 
     def solve(self, stack: Stack) -> torch.Tensor:
+        from peakc.passes.prune.sparsegpt import Segment, sparsegpt_prune
+
         segments = [
             Segment(start, stop, self.sparsity[s.module])
             for s, (start, stop) in zip(stack.sites, stack.spans())
@@ -248,6 +255,8 @@ def _annotate(
     scores: dict[str, float],
 ) -> dict[str, float | int | str]:
     """Measure what was achieved, mark each pruned linear node, and return the stats."""
+    from peakc.ir.graph import SPARSITY_KEY
+
     zeros = total = 0
     measured = []
     for site in sites:

@@ -14,20 +14,23 @@ Layers are picked, calibrated and solved by the compressor loop (peakc/passes/co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from peakc.errors import PeakcError
-from peakc.ir.graph import Graph
-from peakc.ir.ops import PackedWeight
 from peakc.passes.base import PassContext, PassResult, register_pass
-from peakc.passes.calibration import LinearSite
 from peakc.passes.compress import CompressorPass, Stack
-from peakc.passes.quantize.gptq import QuantizedWeight, gptq_quantize, rtn_quantize
-from peakc.passes.quantize.grid import GridSpec
-from peakc.passes.quantize.rewrite import QUANT_KEY, pack_layer, replace_linear
 
+# The declaration stays light for `peakc passes`; the solvers import torch where they run.
+if TYPE_CHECKING:
+    import torch
+
+    from peakc.ir.graph import Graph
+    from peakc.ir.ops import PackedWeight
+    from peakc.passes.calibration import LinearSite
+    from peakc.passes.quantize.gptq import QuantizedWeight
+    from peakc.passes.quantize.grid import GridSpec
+
+QUANT_KEY = "peakc_quant"  # node.meta entry of each linear_wq: method, bits, group, error
 BITS = (2, 3, 4, 8)
 KERNELS = ("auto", "torch", "triton")
 
@@ -78,6 +81,8 @@ class QuantizePass(CompressorPass):
         super().validate()
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        from peakc.passes.quantize.rewrite import replace_linear
+
         o = self.options
         select, sites = self.select_sites(graph)
         specs = {s.module: self._spec(graph, s) for s in sites}
@@ -109,6 +114,8 @@ class QuantizePass(CompressorPass):
         return self.changed(graph, ctx, before, stats)
 
     def _spec(self, graph: Graph, site: LinearSite) -> GridSpec:
+        from peakc.passes.quantize.grid import GridSpec
+
         o = self.options
         cols = graph.get_weight(site.weight).shape[1]
         if o.group_size > cols:
@@ -135,9 +142,13 @@ class RTNSolver:
         return site.module
 
     def solve(self, stack: Stack) -> QuantizedWeight:
+        from peakc.passes.quantize.gptq import rtn_quantize
+
         return rtn_quantize(stack.rows(), self.specs[stack.sites[0].module])
 
     def accept(self, site: LinearSite, part: QuantizedWeight) -> torch.Tensor | None:
+        from peakc.passes.quantize.rewrite import pack_layer
+
         spec = self.specs[site.module]
         self.packed[site.module] = pack_layer(
             part, self.o.bits, spec.group_size, self.dtypes[site.module]
@@ -156,6 +167,8 @@ class GPTQSolver(RTNSolver):
         return self.specs[site.module].group_size
 
     def solve(self, stack: Stack) -> QuantizedWeight:
+        from peakc.passes.quantize.gptq import gptq_quantize
+
         o = self.o
         q = gptq_quantize(
             stack.rows(),

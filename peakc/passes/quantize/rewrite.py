@@ -8,9 +8,8 @@ import torch.fx as fx
 from peakc.ir.graph import Graph
 from peakc.ir.ops import PackedWeight, pack_bits
 from peakc.passes.calibration import LinearSite
+from peakc.passes.quantize import QUANT_KEY
 from peakc.passes.quantize.gptq import QuantizedWeight
-
-QUANT_KEY = "peakc_quant"
 
 
 def pack_layer(q: QuantizedWeight, bits: int, group_size: int, dtype: torch.dtype) -> PackedWeight:
