@@ -24,7 +24,14 @@ import torch
 import torch.fx as fx
 
 from peakc.ir.graph import Graph
-from peakc.ir.ops import define_op, dequantize_weight, pack_bits, register_lowering, unpack_bits
+from peakc.ir.ops import (
+    PackedWeight,
+    define_op,
+    dequantize_weight,
+    pack_bits,
+    register_lowering,
+    unpack_bits,
+)
 
 MAX_BLOCK = 128
 # Bit widths each provider's MatMulNBits kernel takes (onnxruntime 1.31/1.32; checked on the
@@ -112,7 +119,8 @@ def block_size_for(group_size: int, in_features: int) -> int:
 
 def why_not(node: fx.Node, graph: Graph, bits_supported: tuple[int, ...]) -> str | None:
     """None when `node` (a linear_wq) can become MatMulNBits, else the reason."""
-    _, qweight, _, _, g_idx, _, bits, group_size, in_features = node.args
+    _, packed, _ = PackedWeight.of(node.args)
+    bits, group_size, in_features = packed.layout()
     if bits not in bits_supported:
         return (
             f"{bits}-bit weights: MatMulNBits takes {bits_supported} bits here; exported as a "
@@ -120,10 +128,10 @@ def why_not(node: fx.Node, graph: Graph, bits_supported: tuple[int, ...]) -> str
         )
     if block_size_for(group_size, in_features) == 0:
         return f"group size {group_size} has no power-of-two block size >= 16"
-    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (qweight, node.args[2])):
+    if not all(_is_constant(a) for a in (packed.qweight, packed.scales)):
         return "packed weights are not constants of the graph"
-    if g_idx is not None:
-        groups = graph.get_weight(g_idx.target).long()
+    if packed.g_idx is not None:
+        groups = graph.get_weight(packed.g_idx.target).long()
         counts = torch.bincount(groups)
         full = counts[:-1] if len(counts) > 1 else counts[:0]
         if bool((full != group_size).any()) or int(counts[-1]) > group_size:
@@ -199,18 +207,17 @@ def lower_linear_wq(graph: Graph, node: fx.Node, context: MatMulNBitsContext) ->
         report.not_rewritten[module] = reason
         _dequantize_in_place(graph, node)
         return
-    x, qweight, scales, qzeros, g_idx, bias, bits, group_size, in_features = node.args
+    x, packed, bias = PackedWeight.of(node.args)
+    weight = _constants(graph, packed)
     layout = to_layout(
-        graph.get_weight(qweight.target),
-        graph.get_weight(scales.target),
-        graph.get_weight(qzeros.target),
-        None if g_idx is None else graph.get_weight(g_idx.target),
-        bits,
-        group_size,
-        in_features,
+        weight.qweight,
+        weight.scales,
+        weight.qzeros,
+        weight.g_idx,
+        *weight.layout(),
         x.meta["val"].dtype,
     )
-    prefix = qweight.target.rsplit(".", 1)[0]
+    prefix = packed.qweight.target.rsplit(".", 1)[0]
     tensors = {"nbits_b": layout.b, "nbits_scales": layout.scales}
     if layout.zero_points is not None:
         tensors["nbits_zero_points"] = layout.zero_points
@@ -231,37 +238,46 @@ def lower_linear_wq(graph: Graph, node: fx.Node, context: MatMulNBitsContext) ->
                 attrs.get("nbits_zero_points"),
                 attrs.get("nbits_perm"),
                 bias,
-                bits,
+                packed.bits,
                 layout.block_size,
-                in_features,
+                packed.in_features,
             ),
         )
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
-    graph.graph.erase_node(node)
-    for old in (qweight, scales, qzeros, g_idx):
-        if isinstance(old, fx.Node) and not old.users:
-            graph.graph.erase_node(old)
+    _erase_with_unused(graph, node, packed)
     report.rewritten += 1
 
 
 def _dequantize_in_place(graph: Graph, node: fx.Node) -> None:
     """linear_wq with constant weights -> aten.linear on the dequantized float weight."""
-    x, qweight, scales, qzeros, g_idx, bias, bits, group_size, in_features = node.args
-    packed = (qweight, scales, qzeros, g_idx)
-    if not all(a is None or (isinstance(a, fx.Node) and a.op == "get_attr") for a in packed):
+    x, packed, bias = PackedWeight.of(node.args)
+    if not all(_is_constant(a) for a in packed.tensors().values()):
         return  # left to its reference implementation
-    tensors = [None if a is None else graph.get_weight(a.target) for a in packed]
-    weight = dequantize_weight(*tensors, bits, group_size, in_features).to(x.meta["val"].dtype)
-    prefix = qweight.target.rsplit(".", 1)[0]
+    weight = _constants(graph, packed).dequantize().to(x.meta["val"].dtype)
+    prefix = packed.qweight.target.rsplit(".", 1)[0]
     attr = graph.add_weight(f"{prefix}.dequantized_weight", weight, before=node)
     with graph.graph.inserting_before(node):
         new = graph.graph.call_function(torch.ops.aten.linear.default, (x, attr, bias))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
+    _erase_with_unused(graph, node, packed)
+
+
+def _is_constant(arg: object) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "get_attr"
+
+
+def _constants(graph: Graph, packed: PackedWeight) -> PackedWeight:
+    """The node-valued packed weight with the graph's tensors in place of its get_attr nodes."""
+    return packed.with_tensors({k: graph.get_weight(n.target) for k, n in packed.tensors().items()})
+
+
+def _erase_with_unused(graph: Graph, node: fx.Node, packed: PackedWeight) -> None:
+    """Erase the replaced linear_wq node and the packed-weight nodes nothing else reads."""
     graph.graph.erase_node(node)
-    for old in packed:
-        if isinstance(old, fx.Node) and not old.users:
+    for old in packed.tensors().values():
+        if not old.users:
             graph.graph.erase_node(old)
 
 
