@@ -22,6 +22,7 @@ from torch import nn
 
 from peakc.errors import PeakcError
 from peakc.ir import ops  # noqa: F401  (registers peakc::attention_cache)
+from peakc.runtime import kv_cache as runtime_kv_cache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -162,8 +163,7 @@ def example_inputs(layout: CacheLayout, prompt_len: int = 8) -> tuple[torch.Tens
 def empty_cache(
     layout: CacheLayout, batch: int, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
-    shape = (layout.num_layers, batch, layout.num_kv_heads, layout.max_seq_len, layout.head_dim)
-    return torch.zeros(shape, dtype=getattr(torch, layout.dtype), device=device)
+    return runtime_kv_cache.empty_cache(layout.to_dict(), batch, device)
 
 
 def dynamic_shapes(layout: CacheLayout) -> dict:

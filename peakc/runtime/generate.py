@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from peakc.errors import PeakcError
+from peakc.runtime.kv_cache import empty_cache
 
 
 @dataclass
@@ -224,15 +225,7 @@ class Generator:
         if isinstance(self.step, CacheOwningStep):
             self.step.begin(batch)
             return None, None
-        dtype = getattr(torch, self.layout["dtype"])
-        shape = (
-            self.layout["num_layers"],
-            batch,
-            self.layout["num_kv_heads"],
-            self.layout["max_seq_len"],
-            self.layout["head_dim"],
-        )
-        k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        k_cache = empty_cache(self.layout, batch, self.device)
         return k_cache, torch.zeros_like(k_cache)
 
     def prefill_logits(self, ids: torch.Tensor) -> torch.Tensor:

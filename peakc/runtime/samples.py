@@ -12,6 +12,7 @@ import torch
 from peakc.data import calibration_windows
 from peakc.errors import PeakcError
 from peakc.ir.graph import Graph
+from peakc.runtime.kv_cache import empty_cache
 
 
 def calibration_samples(
@@ -32,7 +33,7 @@ def calibration_samples(
                 f"{layout['max_seq_len']} tokens"
             )
         windows = calibration_windows(data, nsamples, seq_len, seed, owner)
-        cache = _empty_cache(layout, batch=1)
+        cache = empty_cache(layout, batch=1)
         positions = torch.arange(seq_len).view(1, seq_len)
         return [(windows[i : i + 1], positions, cache, cache) for i in range(len(windows))]
     inputs = graph.example_inputs
@@ -50,16 +51,3 @@ def calibration_samples(
     windows = calibration_windows(data, nsamples, seq_len, seed, owner)
     batch = inputs[0].shape[0]
     return [(windows[i : i + batch],) for i in range(0, len(windows) - batch + 1, batch)]
-
-
-def _empty_cache(layout: dict, batch: int) -> torch.Tensor:
-    """Zeros [layers, batch, kv_heads, max_seq_len, head_dim] in the layout's dtype, on the CPU
-    (the layout as `CacheLayout.to_dict()` writes it into graph.info)."""
-    shape = (
-        layout["num_layers"],
-        batch,
-        layout["num_kv_heads"],
-        layout["max_seq_len"],
-        layout["head_dim"],
-    )
-    return torch.zeros(shape, dtype=getattr(torch, layout["dtype"]))
