@@ -178,10 +178,10 @@ def test_tampered_artifact_via_cli(compiled, tmp_path, capsys):
     assert main(["run", str(copy)]) == 2
     assert "report.md was changed" in capsys.readouterr().err
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert main(["inspect", str(copy)]) == 2
-    assert "format version 2" in capsys.readouterr().err
+    assert "format version 3" in capsys.readouterr().err
 
 
 def test_failing_pass_leaves_reproducer_not_artifact(tmp_path, capsys):

@@ -15,7 +15,10 @@ from peakc.errors import PeakcError
 from peakc.version import __version__
 
 FORMAT = "peakc-artifact"
-FORMAT_VERSION = 1
+# 2: generation artifacts may omit their zero KV-cache inputs (manifest "zero_inputs") and
+# artifacts may hold several backends' and stages' programs; 1 (every input stored) still reads.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -33,10 +36,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PeakcError(f"{path} is not a peakc artifact manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
         raise PeakcError(
             f"artifact {directory} has format version {version}; this peakc "
-            f"({__version__}) reads version {FORMAT_VERSION}"
+            f"({__version__}) reads versions {readable}"
         )
     return manifest
 

@@ -96,11 +96,14 @@ def test_missing_and_extra_files_are_refused(copy_of):
         peakc.load(copy_of)
 
 
-def test_incompatible_version_is_refused(copy_of):
+def test_incompatible_version_is_refused_and_version_1_still_reads(copy_of):
     manifest = json.loads((copy_of / "manifest.json").read_text())
+    manifest["format_version"] = 1  # written before zero inputs could be omitted
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    assert peakc.load(copy_of).manifest["format_version"] == 1
     manifest["format_version"] = 99
     (copy_of / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(PeakcError, match="format version 99; this peakc .* reads version 1"):
+    with pytest.raises(PeakcError, match="format version 99; this peakc .* reads versions 1 and 2"):
         peakc.load(copy_of)
 
 
