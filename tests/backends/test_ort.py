@@ -64,6 +64,22 @@ def test_mlp_gelu(tmp_path):
     assert rel_error(artifact()[0], model(*inputs).detach()) < 1e-4
 
 
+def test_sessions_use_the_runtime_thread_count(tmp_path):
+    """--threads (torch's thread count, set by runtime/threads.py) reaches ONNX Runtime too."""
+    from peakc.backends.ort.session import load_session
+
+    model, inputs = demo_mlp()
+    _, artifact = compile_ort(model, inputs, tmp_path, "mlp")
+    path = next(tmp_path.rglob("*.onnx"))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        session = load_session(path, "CPUExecutionProvider")
+        assert session.get_session_options().intra_op_num_threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_gpt2_from_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     from peakc.models.hf import CausalLMLogits

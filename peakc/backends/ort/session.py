@@ -194,6 +194,9 @@ def load_session(
     own copies; load failures as a one-line PeakcError."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # the CPU threads the runtime commands set (--threads, runtime/threads.py), not ONNX
+    # Runtime's own default of every core
+    options.intra_op_num_threads = torch.get_num_threads()
     if shared is not None:
         shared.add_to(options)
     try:
