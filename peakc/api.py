@@ -113,6 +113,11 @@ def compile(
         instruments.append(Reproducer(reproducer_dir))
     ctx = PassContext(target=profile, instruments=instruments, calibration_data=calibration_data)
     pipe.check(ctx)
+    if any(p.name == "partition" for p in pipe.passes) and not lowerer.lowers_stages:
+        raise PeakcError(  # before capture: the backend would drop the stage plan
+            f"backend '{lowerer.name}' does not lower pipeline stages (pass 'partition'): "
+            "compile with --backend eager, or leave partition out of the pipeline"
+        )
 
     earlier = [{"phase": name, "seconds": round(s, 4)} for name, s in (timing or {}).items()]
     rows = list(earlier)
@@ -158,6 +163,8 @@ def compile(
     )
     if "generation" in graph.info:
         contents.extra_manifest["generation"] = graph.info["generation"]
+    if "offload" in graph.info:  # the offload pass's placement, followed on a GPU
+        contents.extra_manifest["offload"] = graph.info["offload"]
     sparsity = graph.sparsity_record()
     if sparsity:  # pruned linears, so backends can pick sparse kernels (2:4 and friends)
         contents.extra_manifest["sparsity"] = sparsity
@@ -281,4 +288,19 @@ def load(directory: str | Path):
     """Load and verify an artifact directory; returns a callable LoadedArtifact."""
     from peakc.runtime.artifact import load_artifact
 
+    _use_cuda_kernels()
     return load_artifact(directory)
+
+
+def _use_cuda_kernels() -> None:
+    """On a CUDA machine with Triton, run linear_wq and the 2:4 ops of eager programs on the
+    Triton kernels (their CUDA implementation); elsewhere they keep their references."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return
+    from peakc.backends.triton.kernels.compressed_linear import register_cuda_kernels
+
+    register_cuda_kernels()

@@ -13,6 +13,7 @@ from pathlib import Path
 from peakc.cli_estimate import ESTIMATE_COMMANDS, add_estimate_commands
 from peakc.cli_options import add_options_commands, cmd_backends, cmd_passes
 from peakc.errors import PeakcError
+from peakc.runtime.stage_options import add_worker_arguments, worker_arguments
 from peakc.runtime.threads import cpu_threads
 
 
@@ -80,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_argument(p)
 
     add_options_commands(sub)  # passes, backends
+
+    p = sub.add_parser(
+        "launch", help="run a partitioned artifact's stages on N processes (torchrun)"
+    )
+    p.add_argument("artifact")
+    p.add_argument("--nproc-per-node", type=int, required=True, help="processes on this host")
+    p.add_argument("--nnodes", default="1", help="hosts (torchrun's MIN:MAX form allowed)")
+    p.add_argument("--node-rank", type=int, help="this host's rank (multi-host)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous (multi-host)")
+    p.add_argument("--rdzv-id", default="peakc", help="job id shared by every host")
+    add_worker_arguments(p)
 
     p = sub.add_parser("inspect", help="show an artifact's manifest and report")
     p.add_argument("artifact")
@@ -431,7 +443,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if "generation" in artifact.manifest:  # a decoder over a KV cache: windows are prefills
             return _eval_decoder_artifact(args, spec, artifact, threads)
         info = artifact.manifest["programs"][artifact.default_program]
-        if info.get("format") == "onnx":  # no Graph to read back: its own session scores it
+        if info.get("format") in ("onnx", "triton"):  # no Graph to read back: it runs itself
             return _eval_onnx_artifact(args, spec, artifact, info, threads)
         source = artifact_source(spec, artifact)
     else:
@@ -497,6 +509,30 @@ def _print_perplexity(spec: str, result, path, text, threads: int) -> None:
     )
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    """torchrun (torch.distributed.run) with one stage process per rank of the artifact."""
+    from peakc.runtime.pipeline import launch, launch_arguments, read_plan
+
+    _, plan = read_plan(Path(args.artifact))  # unpartitioned: an error before torchrun
+    if args.nnodes == "1" and args.nproc_per_node != plan["world_size"]:
+        raise PeakcError(
+            f"artifact {args.artifact} has stages for {plan['world_size']} processes: "
+            f"--nproc-per-node {args.nproc_per_node} does not match"
+        )
+    launch(
+        launch_arguments(
+            args.artifact,
+            args.nproc_per_node,
+            worker_arguments(args),
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            rdzv_endpoint=args.rdzv_endpoint,
+            rdzv_id=args.rdzv_id,
+        )
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from peakc.models import eager_generation_step
     from peakc.runtime.bench import bench_target, format_bench
@@ -525,6 +561,7 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "generate": cmd_generate,
     "bench": cmd_bench,
+    "launch": cmd_launch,
     "eval": cmd_eval,
 }
 

@@ -29,6 +29,7 @@ from peakc.runtime.artifact import ArtifactContents
 BUILTIN_BACKENDS = {
     "eager": "peakc.backends.eager",
     "ort": "peakc.backends.ort.lower",
+    "triton": "peakc.backends.triton.backend",
 }
 
 
@@ -42,6 +43,9 @@ class Backend:
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "backend"  # how spec errors name the owner of options
     Options: ClassVar[type] = NoOptions
+    # lowers a partition plan (graph.info["partition"]) as one program per pipeline stage;
+    # a backend that does not is refused such a graph rather than ignoring the plan
+    lowers_stages: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from peakc.backends.base import Backend, lowering_report, programs_to_export, register_backend
+from peakc.backends.stages import PLAN_KEY, lower_stages
 from peakc.ir.graph import Graph
 from peakc.passes.base import PassContext
 from peakc.runtime.artifact import ArtifactContents, export_program
@@ -19,8 +20,11 @@ class EagerBackend(Backend):
     """The program as torch.export archives with weights as leading inputs; nothing pickled."""
 
     name: ClassVar[str] = "eager"
+    lowers_stages: ClassVar[bool] = True
 
     def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents:
+        if PLAN_KEY in graph.info:  # the partition pass ran: one program per pipeline stage
+            return lower_stages(graph, ctx, self.name, pipeline, export_program)
         programs = {}
         for name, program in programs_to_export(graph).items():
             with ctx.progress(f"export {name}", 1):  # a line of the CLI's progress display

@@ -41,6 +41,9 @@ OP_CLASSES = (
     "gather",
     "gemm",
     "attention",
+    "lowbit",  # linear_wq: packed codes unpacked in registers (instruction-bound GEMVs)
+    "sparse24",  # linear_sparse24: 2:4-compressed values + metadata
+    "sparse24_lowbit",  # linear_sparse24_wq: 2:4-compressed int codes + metadata
 )
 
 
@@ -99,6 +102,9 @@ class HardwareProfile:
     # Kernels eager PyTorch launches per node of an op (`aten.rms_norm`: 1 when fused);
     # ops not listed use op_costs.EAGER_KERNELS.
     eager_kernels: dict[str, int] = field(default_factory=dict)
+    # Bytes/s one device sends another over each kind of link ("nvlink", "pcie", "network"):
+    # what a pipeline cut's transfer costs (the partition pass).
+    interconnect_bandwidth: dict[str, float] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # figure -> where it came from
 
     # --- reading figures -------------------------------------------------------------------
@@ -141,7 +147,13 @@ class HardwareProfile:
             _positive(where, key, getattr(self, key))
         if not isinstance(self.peak_flops, dict) or not self.peak_flops:
             raise PeakcError(f"{where}: 'peak_flops' is empty")
-        for table in ("peak_flops", "memory_capacity", "launch_overhead_by_kind", "eager_kernels"):
+        for table in (
+            "peak_flops",
+            "memory_capacity",
+            "launch_overhead_by_kind",
+            "eager_kernels",
+            "interconnect_bandwidth",
+        ):
             values = getattr(self, table)
             if not isinstance(values, dict):
                 raise PeakcError(f"{where}: '{table}' must be an object of numbers")
@@ -257,6 +269,17 @@ GRAPH_GAP = (
 EAGER_LAUNCH = "estimate of eager PyTorch per-op host cost; refine with `peakc calibrate`"
 
 
+# The Triton low-bit and 2:4 kernels (peakc/backends/triton/kernels/) at decode batches: bytes
+# read -> fraction of the copy bandwidth, from benchmarks/results/lowbit_kernels.json (H200,
+# 2026-12-03, M = 1-16, one 8B layer's linears). They are bound by the instructions that unpack
+# codes, so they reach far less of the bandwidth than a copy of the same size.
+LOWBIT_CURVES: dict[str, Curve] = {
+    "lowbit": [(1e5, 0.005), (1e6, 0.03), (1e7, 0.12), (3e7, 0.22), (6e7, 0.32), (1e9, 0.35)],
+    "sparse24": [(1e5, 0.005), (1e6, 0.03), (1e7, 0.12), (2e7, 0.19), (1e8, 0.27), (1e9, 0.3)],
+    "sparse24_lowbit": [(1e5, 0.002), (1e6, 0.015), (7e6, 0.066), (2.5e7, 0.08), (1e9, 0.1)],
+}
+
+
 def _gpu_curves() -> dict[str, Any]:
     """Efficiency curves shared by the built-in data-centre GPU profiles (estimates)."""
     copy = [
@@ -297,6 +320,7 @@ def _gpu_curves() -> dict[str, Any]:
         bandwidth_efficiency={
             **{k: [(s, 0.6 * e) for s, e in copy] for k in ("reduction", "softmax", "norm")},
             "strided": [(s, e * (1.0 if s < 1e7 else 0.5)) for s, e in copy],
+            **LOWBIT_CURVES,
         },
         kernel_gap=2.5e-6,
     )
@@ -325,6 +349,7 @@ class GpuFigures:
     disk_capacity: float
     host_source: str  # where the host memory and disk capacities came from
     disk_read_bandwidth: float = 3 * GB
+    interconnect: Interconnect | None = None
 
 
 PCIE5 = HostLink(
@@ -334,6 +359,31 @@ PCIE4 = HostLink(
     25 * GB, 10 * GB, "PCIe Gen4 x16 nominal (32 GB/s), typical achieved; pageable assumed ~40%"
 )
 NVME = "typical datacentre NVMe sequential read (estimate)"
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    """Device-to-device bandwidths (bytes/s, one direction) by link, and their source."""
+
+    bandwidth: dict[str, float]
+    source: str
+
+
+# NVLink 4 (Hopper SXM): 900 GB/s bidirectional = 450 GB/s per direction; nccl-tests' p2p
+# sendrecv reaches ~370 GB/s. PCIe 5 peer copies ~ the host link's pinned rate. Network: one
+# 400 Gb/s NDR InfiniBand port per GPU (50 GB/s), ~45 GB/s achieved.
+HOPPER_LINKS = Interconnect(
+    {"nvlink": 370 * GB, "pcie": 50 * GB, "network": 45 * GB},
+    "NVLink 4 datasheet (450 GB/s per direction), ~370 GB/s achieved p2p (nccl-tests); "
+    "PCIe 5 x16 achieved; 400 Gb/s NDR InfiniBand per GPU, ~45 GB/s achieved (estimates)",
+)
+# NVLink 3 (A100 SXM): 600 GB/s bidirectional = 300 per direction, ~240 achieved; PCIe 4;
+# 200 Gb/s HDR InfiniBand (25 GB/s), ~22 achieved.
+AMPERE_LINKS = Interconnect(
+    {"nvlink": 240 * GB, "pcie": 25 * GB, "network": 22 * GB},
+    "NVLink 3 datasheet (300 GB/s per direction), ~240 GB/s achieved p2p; PCIe 4 x16 "
+    "achieved; 200 Gb/s HDR InfiniBand, ~22 GB/s achieved (estimates)",
+)
 # Dense tensor-core peaks of Hopper (GH100): the H100 SXM5 and H200 SXM datasheets list the
 # same figures; the H200 differs in memory (capacity and bandwidth) only.
 HOPPER_PEAK_FLOPS = {
@@ -355,6 +405,7 @@ GPU_FIGURES: dict[str, GpuFigures] = {
         host_memory=128 * GiB,
         disk_capacity=64 * GiB,
         host_source="the lent H100 machine's description",
+        interconnect=HOPPER_LINKS,
     ),
     "h200": GpuFigures(
         datasheet="NVIDIA H200 SXM datasheet (dense, no sparsity)",
@@ -365,6 +416,7 @@ GPU_FIGURES: dict[str, GpuFigures] = {
         host_memory=128 * GiB,
         disk_capacity=64 * GiB,
         host_source="the lent H200 machine's description",
+        interconnect=HOPPER_LINKS,
     ),
     "a100-80gb": GpuFigures(
         datasheet="NVIDIA A100 80GB SXM datasheet (dense, no sparsity)",
@@ -382,6 +434,7 @@ GPU_FIGURES: dict[str, GpuFigures] = {
         disk_capacity=64 * GiB,
         host_source="assumed typical host",
         disk_read_bandwidth=2 * GB,
+        interconnect=AMPERE_LINKS,
     ),
 }
 
@@ -405,6 +458,7 @@ def gpu_profile(name: str, figures: GpuFigures) -> HardwareProfile:
         },
         launch_overhead=5e-6,
         **_gpu_curves(),
+        interconnect_bandwidth=dict(figures.interconnect.bandwidth) if figures.interconnect else {},
         sources={
             "peak_flops": figures.datasheet,
             "memory_bandwidth": figures.datasheet,
@@ -415,6 +469,7 @@ def gpu_profile(name: str, figures: GpuFigures) -> HardwareProfile:
             "launch_overhead": EAGER_LAUNCH,
             "efficiency curves": ESTIMATED_CURVES,
             "kernel_gap": GRAPH_GAP,
+            **({"interconnect": figures.interconnect.source} if figures.interconnect else {}),
         },
     )
 
@@ -437,6 +492,8 @@ def _builtin() -> dict[str, HardwareProfile]:
         gemm_efficiency=[(1e4, 0.05), (1e6, 0.3), (1e8, 0.7), (1e10, 0.8)],
         attention_efficiency=[(1e4, 0.02), (1e6, 0.15), (1e8, 0.4), (1e10, 0.5)],
         copy_efficiency=[(1e3, 0.05), (1e5, 0.4), (1e7, 0.8), (1e9, 0.8)],
+        # gloo over loopback TCP between processes on one host; 10 GbE between hosts
+        interconnect_bandwidth={"pcie": 2 * GB, "network": 1.25 * GB},
         sources={"all": "rough estimates for a 2-core cloud VM; run `peakc calibrate`"},
     )
     return profiles

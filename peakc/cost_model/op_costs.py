@@ -521,10 +521,29 @@ def is_view(node: fx.Node) -> bool:
 @register_cost_rule("peakc.linear_wq")
 def linear_wq(node: fx.Node, ctx: CostContext) -> OpCost:
     """A linear on packed low-bit weights, costed as one kernel that reads them packed:
-    2*M*N*K FLOPs; moves x, the packed weight, scales, zero points and y."""
-    x, scales = val(node.args[0]), val(node.args[2])
+    2*M*N*K FLOPs; moves x, the packed weight, scales, zero points and y, at the Triton
+    kernels' measured bandwidth (class "lowbit")."""
+    return _compressed_linear(node, "lowbit")
+
+
+@register_cost_rule("peakc.linear_sparse24")
+def linear_sparse24(node: fx.Node, ctx: CostContext) -> OpCost:
+    """A linear on a 2:4-compressed weight: the dense FLOPs (large batches run it dense or on
+    sparse tensor cores at about that rate); moves x, values, metadata and y."""
+    return _compressed_linear(node, "sparse24")
+
+
+@register_cost_rule("peakc.linear_sparse24_wq")
+def linear_sparse24_wq(node: fx.Node, ctx: CostContext) -> OpCost:
+    """A linear on 2:4-compressed, quantized weights: as linear_sparse24, reading codes."""
+    return _compressed_linear(node, "sparse24_lowbit")
+
+
+def _compressed_linear(node: fx.Node, op_class: str) -> OpCost:
+    """2*M*N*K FLOPs in x's dtype and every operand's bytes, in bandwidth class `op_class`."""
+    x = val(node.args[0])
     out = val(node)
     k, n = x.shape[-1], out.shape[-1]
     m = x.numel() // k
     moved = sum(nbytes(t) for t in _tensor_inputs(node)) + _out_bytes(node)
-    return OpCost(2.0 * m * n * k, moved, "gemm", dtype_name(scales), op_class="gemm")
+    return OpCost(2.0 * m * n * k, moved, "gemm", dtype_name(x), op_class=op_class)

@@ -127,9 +127,11 @@ class CostModel:
         except PeakcError as exc:
             return str(exc)
 
-    def _decoder_phase(
+    def decoder_estimate(
         self, graph: Graph, phase: str, batch: int, tokens: int, context: int
-    ) -> PhaseCost:
+    ) -> tuple[Graph, Estimate]:
+        """A generation decoder shaped for `batch` x `tokens` new tokens attending to `context`
+        slots, and its per-node and per-block estimate (offload places blocks from it)."""
         ids, positions, k_cache, v_cache = graph.example_inputs
         inputs = [
             _like(ids, (batch, tokens)),
@@ -142,6 +144,12 @@ class CostModel:
         est = self.estimate(
             shaped, phase=phase, batch=batch, seq=tokens, kv_len=kv_len, kv_tokens=context
         )
+        return shaped, est
+
+    def _decoder_phase(
+        self, graph: Graph, phase: str, batch: int, tokens: int, context: int
+    ) -> PhaseCost:
+        shaped, est = self.decoder_estimate(graph, phase, batch, tokens, context)
         cost = self._phase(shaped, phase, est, context)
         # the cache a decoder takes is allocated whole (every slot), so it is what memory holds
         cost.kv_cache_bytes = float(

@@ -11,6 +11,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from peakc.errors import PeakcError
+from peakc.ir.experts import adopt_grouped_mm, tag_experts
 from peakc.ir.graph import MODULE_KEY, Graph
 from peakc.ir.linear_forms import recognize_linears
 
@@ -75,6 +76,9 @@ def capture(
     graph = from_exported(program, example_inputs, info=info)
     # Linears spelled `x @ W.T + b` in a module's forward reach passes as aten.linear too.
     if recognize_linears(graph.graph):
+        graph.recompile()
+    tag_experts(graph)  # mixture-of-experts layers: each expert's nodes carry its index
+    if adopt_grouped_mm(graph):  # stacked experts' routed matmuls as a peakc op
         graph.recompile()
     return graph
 

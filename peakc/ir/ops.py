@@ -559,3 +559,161 @@ def to_matmul_nbits(
     q = torch.nn.functional.pad(q, (0, n_blocks * group_size - in_features))
     blob = pack_bits(q, bits).view(rows, n_blocks, group_size * bits // 8)
     return blob, scales.reshape(-1), qzeros.reshape(-1)
+
+
+# --- linear_compressed: linear with dictionary-coded ternary / 2-bit weights (QMoE) ---------
+#
+# W [N, K] = levels * scales[:, None], levels in {-1, 0, 1} (or {-2, -1, 0, 1}) coded by
+# peakc/ir/dictionary_code.py (layout there): words int16 [W], offsets int32 [N*n_seg + 1],
+# table int16 [D, 8] (often one weight shared by every expert), checksum int64 [1]; scales
+# [N] in the weight's dtype. `segment` columns per coded segment, `max_words` the most words
+# in one segment (kernels size their tiles by it).
+
+
+def _linear_compressed_reference(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    offsets: torch.Tensor,
+    table: torch.Tensor,
+    checksum: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    segment: int,
+    max_words: int,
+) -> torch.Tensor:
+    """Linear with dictionary-coded weights: decode (checked: damaged streams are an error),
+    scale per output row, then x @ Wᵀ + bias."""
+    from peakc.ir.dictionary_code import decode
+
+    rows = scales.shape[0]
+    levels = decode(words, offsets, table, checksum, rows, in_features, segment, max_words)
+    w = levels.to(scales.dtype) * scales[:, None]
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+def _linear_compressed_fake(x, words, offsets, table, checksum, scales, *rest):
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+LINEAR_COMPRESSED = define_op(
+    "linear_compressed", _linear_compressed_reference, _linear_compressed_fake
+)
+
+
+# --- grouped_mm: the routed experts of a mixture-of-experts layer ---------------------------
+
+
+def _grouped_mm_reference(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Per-expert matmul of routed tokens: x [T, K] sorted by expert, weight [E, K, N] (all
+    experts stacked), offsets [E] cumulative token counts; rows offsets[e-1]:offsets[e] of
+    the output are x's rows times weight[e] (transformers' grouped_mm, which its MoE models
+    export through)."""
+    out = x.new_zeros((x.shape[0], weight.shape[2]))
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ weight[expert]
+        start = end
+    return out
+
+
+def _grouped_mm_fake(x, weight, offsets):
+    return x.new_empty((x.shape[0], weight.shape[2]))
+
+
+GROUPED_MM = define_op("grouped_mm", _grouped_mm_reference, _grouped_mm_fake)
+
+
+# --- linear_sparse24 / linear_sparse24_wq: linear with 2:4-compressed weights ----------------
+#
+# Layout (W [N, K], K a multiple of 4, at most two nonzeros in every 4 consecutive columns of a
+# row, as prune{pattern=2:4} leaves it):
+#   values  float [N, K/2]  the two kept weights of each group of 4 columns, in column order (a
+#           group with fewer than two nonzeros keeps zeros, at its first zero positions).
+#   meta    uint8 [N, K/8]  each kept value's column (0-3) within its group, 2 bits per value,
+#           packed like linear_wq's codes (`pack_bits`, LSB first): 1 bit per dense weight.
+# linear_sparse24_wq quantizes the kept values like linear_wq quantizes a row: qvalues, scales,
+# qzeros are a linear_wq weight of in_features K/2 and group_size G/2 (a group of G dense
+# columns, G a multiple of 4, holds exactly G/2 kept values; per channel: G = K), so 4-bit codes
+# cost 2 + 1 (meta) bits per dense weight plus scales. Groups are contiguous (no g_idx): an
+# act-order column order would put one kept value's group at a different place in every row.
+
+
+def compress_sparse24(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [N, K/2], meta uint8 [N, K/8]) of a 2:4-sparse W [N, K]; a ValueError names
+    `name` when K is not a multiple of 4 or a group of 4 holds more than two nonzeros."""
+    rows, k = w.shape
+    if k % 4:
+        raise ValueError(f"{name}: 2:4 sparsity needs in_features divisible by 4, got {k}")
+    groups = w.reshape(rows, k // 4, 4)
+    nonzero = groups != 0
+    if bool((nonzero.sum(-1) > 2).any()):
+        raise ValueError(f"{name}: some group of 4 input columns holds more than two nonzeros")
+    position = torch.arange(4, device=w.device)
+    rank = (~nonzero).to(torch.int64) * 4 + position  # nonzeros first, then by column
+    kept = rank.argsort(-1)[..., :2].sort(-1).values
+    values = groups.gather(-1, kept).reshape(rows, k // 2)
+    return values, pack_bits(kept.reshape(rows, k // 2), 2)
+
+
+def decompress_sparse24(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The dense W [N, K] of `compress_sparse24`'s (values, meta)."""
+    rows = values.shape[0]
+    kept = unpack_bits(meta, 2, in_features // 2).long().reshape(rows, in_features // 4, 2)
+    dense = values.new_zeros(rows, in_features // 4, 4)
+    dense.scatter_(-1, kept, values.reshape(rows, in_features // 4, 2))
+    return dense.reshape(rows, in_features)
+
+
+def sparse24_values_weight(
+    qvalues: object, scales: object, qzeros: object, bits: int, group_size: int, in_features: int
+) -> PackedWeight:
+    """linear_sparse24_wq's kept values as the linear_wq weight they are quantized as."""
+    return PackedWeight(qvalues, scales, qzeros, None, bits, group_size // 2, in_features // 2)
+
+
+def _linear_sparse24_reference(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+) -> torch.Tensor:
+    """Linear with a 2:4-compressed weight: decompress (values, meta), then x @ Wᵀ + bias."""
+    w = decompress_sparse24(values, meta, in_features)
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+def _linear_sparse24_fake(x, values, *rest):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _linear_sparse24_wq_reference(
+    x: torch.Tensor,
+    qvalues: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    meta: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Linear with 2:4-compressed, b-bit quantized weights: dequantize the kept values (a
+    linear_wq weight of K/2 columns, groups of G/2), decompress, then x @ Wᵀ + bias."""
+    kept = sparse24_values_weight(qvalues, scales, qzeros, bits, group_size, in_features)
+    w = decompress_sparse24(kept.dequantize(), meta, in_features)
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+def _linear_sparse24_wq_fake(x, qvalues, scales, *rest):
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+LINEAR_SPARSE24 = define_op("linear_sparse24", _linear_sparse24_reference, _linear_sparse24_fake)
+LINEAR_SPARSE24_WQ = define_op(
+    "linear_sparse24_wq", _linear_sparse24_wq_reference, _linear_sparse24_wq_fake
+)

@@ -142,8 +142,12 @@ def load_builtin_passes() -> None:
     """Import the built-in passes and the `peakc.passes` entry-point group once."""
     global _entry_points_loaded
     import peakc.passes.cleanup  # noqa: F401
+    import peakc.passes.compress_moe  # noqa: F401
     import peakc.passes.fuse  # noqa: F401
+    import peakc.passes.offload  # noqa: F401
+    import peakc.passes.partition  # noqa: F401
     import peakc.passes.prune  # noqa: F401
+    import peakc.passes.prune.sparse24  # noqa: F401
     import peakc.passes.quantize  # noqa: F401
 
     if _entry_points_loaded:

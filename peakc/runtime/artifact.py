@@ -80,7 +80,7 @@ class ProgramFile:
     runtime: dict[str, Any] = field(default_factory=dict)  # options for the program's runner
 
 
-PROGRAM_SUFFIX = {"torch.export": "pt2", "onnx": "onnx"}
+PROGRAM_SUFFIX = {"torch.export": "pt2", "onnx": "onnx", "triton": "triton.json"}
 
 # loader(path, runtime options of the manifest's program entry) -> callable program
 ProgramLoader = Callable[[Path, dict[str, Any]], Callable]
@@ -88,7 +88,10 @@ _PROGRAM_LOADERS: dict[str, ProgramLoader] = {}
 
 # The module of each backend whose programs need a loader from outside the runtime; importing it
 # registers the loader (torch.export programs, the eager backend's, load without one).
-BACKEND_MODULES = {"ort": "peakc.backends.ort.session"}
+BACKEND_MODULES = {
+    "ort": "peakc.backends.ort.session",
+    "triton": "peakc.backends.triton.program",
+}
 
 
 def register_program_format(format: str, loader: ProgramLoader) -> None:
@@ -123,6 +126,8 @@ class ArtifactContents:
     report_md: str = ""
     extra_files: dict[str, bytes | Path] = field(default_factory=dict)  # Path: moved in
     extra_manifest: dict[str, Any] = field(default_factory=dict)
+    # more safetensors files by name, e.g. one per pipeline stage, so a rank reads only its own
+    weight_files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def tensor_signature(t: torch.Tensor, name: str, dynamic: dict | None = None) -> dict[str, Any]:
@@ -248,6 +253,8 @@ def write_artifact(
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         save_file(_contiguous(contents.weights), str(staging / WEIGHTS))
+        for rel, tensors in contents.weight_files.items():
+            save_file(_contiguous(tensors), str(staging / rel))
         stored, zeros = split_zero_inputs(contents.example_inputs)
         save_file(stored, str(staging / INPUTS))
         programs = {}
@@ -388,10 +395,12 @@ class LoadedArtifact:
         from peakc.ir.capture import from_exported
 
         program = self.manifest["programs"][self.default_program]
-        if program.get("format") == "onnx":
+        format = program.get("format", "torch.export")
+        if format != "torch.export":
             raise PeakcError(
-                f"artifact {self.directory}: its program is ONNX (ort backend) and cannot be "
-                "read back as a graph; start from the source model instead"
+                f"artifact {self.directory}: its program is {format.replace('onnx', 'ONNX')} "
+                f"({self.backend} backend) and cannot be read back as a graph; start from the "
+                "source model instead"
             )
         exported = _load_exported(self.directory / program["file"])
         weights = tuple(self.weight_list(self.default_program))
@@ -446,6 +455,11 @@ def load_artifact(directory: str | Path) -> LoadedArtifact:
     """Open an artifact after checking its format version and every file's checksum."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    if manifest.get("partition"):  # one program per pipeline stage: peakc/runtime/pipeline.py
+        raise PeakcError(
+            f"artifact {directory} holds pipeline stages: run it with `peakc launch {directory} "
+            f"--nproc-per-node {manifest['partition']['world_size']}`"
+        )
     verify_files(directory, manifest)
     for ns in manifest.get("ops", []):
         if not _namespace_registered(ns):

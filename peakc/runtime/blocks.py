@@ -53,6 +53,8 @@ class BlockStep:
 
 
 BlockHook = Callable[[BlockStep], None]
+# (block index, block) -> the block's weights on the device (default: `block_weights`)
+WeightSource = Callable[[int, Block], dict[str, torch.Tensor]]
 
 
 class BlockRunner:
@@ -62,7 +64,9 @@ class BlockRunner:
     `activations`: "device" keeps cross-block values on the device, "host" streams them from
     host memory per sample, "auto" picks host only when `runs` runs' values would not fit.
     `score`: a node whose value is scored per sample instead of kept; each run's scores are
-    summed. `cuda_graphs`: on CUDA, record each block once per set of weights and replay it."""
+    summed. `cuda_graphs`: on CUDA, record each block once per set of weights and replay it.
+    `weights`: where each block's weights come from (the offload executor hands out streamed
+    copies); by default the graph's own, moved to the device."""
 
     def __init__(
         self,
@@ -76,6 +80,7 @@ class BlockRunner:
         score: Score | None = None,
         cuda_graphs: bool = False,
         description: str = "running",
+        weights: WeightSource | None = None,
     ) -> None:
         if activations not in ("auto", "device", "host"):
             raise PeakcError(f"{description}: activations must be auto, device or host")
@@ -87,6 +92,7 @@ class BlockRunner:
         self.score = score
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.description = description
+        self.weights = weights or (lambda index, block: block_weights(graph, block, self.device))
         skip = (score[0],) if score is not None else ()
         on_device = activations == "device" or (
             activations == "auto"
@@ -109,7 +115,7 @@ class BlockRunner:
         nsamples, score = self.nsamples, self.score
         with progress(self.description, len(self.blocks)) as task:
             for index, block in enumerate(self.blocks):
-                weights = block_weights(self.graph, block, self.device)
+                weights = self.weights(index, block)
                 step = BlockStep(index, block, weights, self.store, self.nsamples)
                 if before_block is not None:
                     before_block(step)

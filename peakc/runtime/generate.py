@@ -96,6 +96,11 @@ class Generator:
                 "--task generate"
             )
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if "offload" in artifact.manifest and device.type == "cuda":  # weights across tiers
+            from peakc.runtime.offload import offload_step
+
+            step = offload_step(artifact, device)
+            return cls(step, layout, device, load_tokenizer(artifact.directory))
         program = place_on_device(artifact.program("decoder"), device)
         owning = getattr(program, "cache_owning_step", None)
         step = owning(layout) if owning is not None else None

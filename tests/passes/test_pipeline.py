@@ -1,5 +1,6 @@
 import dataclasses
 import textwrap
+import types
 from typing import Literal
 
 import pytest
@@ -106,6 +107,10 @@ def _value_strategy(tp):
         return st.floats(allow_nan=False, allow_infinity=False, width=64)
     if typing.get_origin(tp) is typing.Literal:
         return st.sampled_from(typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Literal["auto"] | int
+        return st.one_of([_value_strategy(arg) for arg in typing.get_args(tp)])
+    if typing.get_origin(tp) is list:
+        return st.lists(_value_strategy(typing.get_args(tp)[0]), max_size=3)
     return st.text(min_size=0, max_size=12)
 
 

@@ -48,6 +48,7 @@ class PruneOptions:
     sensitivity_lambda: float = 0.05  # blocks spread over [S − λ, S + λ] by measured loss rise
     sensitivity_step: float = 0.1  # each block probed at S + step
     sensitivity_nsamples: int = 0  # calibration samples that score the probes (0: all)
+    emit: Literal["dense", "sparse24"] = "dense"  # sparse24: 2:4 layers as linear_sparse24
 
 
 @register_pass
@@ -108,6 +109,8 @@ class PrunePass(CompressorPass):
                 f"pass 'prune': sparsity_profile={o.sparsity_profile} applies to unstructured "
                 "patterns"
             )
+        if o.emit == "sparse24" and (pattern.n, pattern.m) != (2, 4):
+            raise PeakcError(f"pass 'prune': emit=sparse24 needs pattern=2:4, got {pattern}")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -131,6 +134,10 @@ class PrunePass(CompressorPass):
         stats = _annotate(graph, sites, pattern, o.method, errors, scores)
         if o.sparsity_profile != "uniform":
             stats["profile_s"] = round(profile_s, 2)  # measuring the profile, before pruning
+        if o.emit == "sparse24":
+            from peakc.passes.prune.sparse24 import compress_sparse24_linears
+
+            stats["sparse24"] = compress_sparse24_linears(graph, [s.node for s in sites]).rewritten
         return self.changed(graph, ctx, before, stats)
 
     def _profile(

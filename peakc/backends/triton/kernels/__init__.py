@@ -1,1 +1,11 @@
-"""Triton kernels, one file per peakc op (standalone: not yet registered as lowerings)."""
+"""Triton kernels, one file per peakc op; importing this package registers each as the op's
+triton lowering (peakc/ir/ops.py's registry)."""
+
+from peakc.backends.triton.kernels import (  # noqa: F401  (importing registers the lowerings)
+    attention,
+    compressed_linear,
+    glu,
+    linear_compressed,
+    norms,
+    rotary,
+)

@@ -161,14 +161,13 @@ def _tile_product(
     WORDS: tl.constexpr,
     FINE_GROUPS: tl.constexpr,
     HAS_PERM: tl.constexpr,
-    X_PACKED: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     """acc + the product of x's K-tile t with the weight's K-tile t for columns offs_n.
 
     The tile is WORDS rows of words [BLOCK_N, WORDS]; slot j of every word is one [BLOCK_N,
-    WORDS] slice of the weight (columns PER_WORD*i + j), multiplied with the matching columns of
-    x: strided in x itself, or contiguous when X_PACKED (x already in the tile's slot order).
+    WORDS] slice of the weight (columns PER_WORD*i + j), multiplied with the matching (strided)
+    columns of x.
     BLOCK_M == 1: acc [BLOCK_N, WORDS] of elementwise products (summed by the caller); else acc
     [BLOCK_N, BLOCK_M] += tl.dot(weight slice, x slice)."""
     PER_WORD: tl.constexpr = 32 // BITS
@@ -195,14 +194,10 @@ def _tile_product(
             moved = words << (TOP - BITS * j)
         mantissa = (moved & ((LEVELS - 1) << TOP)) | 0x3F800000
         w = mantissa.to(tl.float32, bitcast=True) * slope + offset
-        if X_PACKED:
-            kk = t * (WORDS * PER_WORD) + j * WORDS + tl.arange(0, WORDS)
-            in_k = kk < K
-        else:
-            kk = t * (WORDS * PER_WORD) + tl.arange(0, WORDS) * PER_WORD + j
-            in_k = kk < K
-            if HAS_PERM:
-                kk = tl.load(perm_ptr + kk, mask=in_k, other=0)
+        kk = t * (WORDS * PER_WORD) + tl.arange(0, WORDS) * PER_WORD + j
+        in_k = kk < K
+        if HAS_PERM:
+            kk = tl.load(perm_ptr + kk, mask=in_k, other=0)
         if BLOCK_M == 1:
             xv = tl.load(x_ptr + offs_m * stride_xm + kk, mask=in_k, other=0.0)
             acc += w * xv.to(tl.float32)[None, :]
@@ -215,6 +210,56 @@ def _tile_product(
             else:
                 acc = tl.dot(w.to(xt.dtype), xt, acc)
     return acc
+
+
+@triton.jit
+def _tile_row_factored(
+    x_ptr,
+    perm_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    t,
+    row,
+    offs_n,
+    mask_n,
+    N,
+    K,
+    group_words,
+    BITS: tl.constexpr,
+    WORDS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+):
+    """One row of x times K-tile t [BLOCK_N] when the tile lies inside one group: the codes
+    enter as f = 1 + q / 2^b straight from the words' bits, and scale and zero point apply once
+    per column and tile, (q - z) s = 2^b s f - (2^b + z) s: one multiply-add per weight fewer
+    than dequantizing each weight."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    LEVELS: tl.constexpr = 1 << BITS
+    TOP: tl.constexpr = 23 - BITS
+    rows = t * WORDS + tl.arange(0, WORDS)
+    words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
+    lanes = tl.zeros(words.shape, dtype=tl.float32)
+    x_sum = tl.zeros([WORDS], dtype=tl.float32)
+    for j in tl.static_range(PER_WORD):
+        if BITS * j >= TOP:
+            moved = words >> (BITS * j - TOP)
+        else:
+            moved = words << (TOP - BITS * j)
+        f = ((moved & ((LEVELS - 1) << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
+        kk = t * (WORDS * PER_WORD) + tl.arange(0, WORDS) * PER_WORD + j
+        in_k = kk < K
+        if HAS_PERM:
+            kk = tl.load(perm_ptr + kk, mask=in_k, other=0)
+        xv = tl.load(x_ptr + row + kk, mask=in_k, other=0.0).to(tl.float32)
+        lanes += f * xv[None, :]
+        x_sum += xv
+    cell = (t * WORDS) // group_words * N + offs_n
+    scale = tl.load(s_ptr + cell, mask=mask_n, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + cell, mask=mask_n, other=0).to(tl.float32)
+    return (
+        tl.sum(lanes, axis=1) * (scale * LEVELS) - tl.sum(x_sum, axis=0) * (zero + LEVELS) * scale
+    )
 
 
 @triton.jit
@@ -241,10 +286,12 @@ def linear_wq_splitk_kernel(
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr,
+    FACTORED: tl.constexpr,
     REDUCTION: tl.constexpr,
 ):
     """Decode GEMV: program (n, m, s) computes out[m-tile, n-tile] over the K-tiles of split s,
-    on the CUDA cores when BLOCK_M == 1 (one row), else with tl.dot. REDUCTION 0: store out;
+    on the CUDA cores when BLOCK_M == 1 (one row; FACTORED: scales applied per tile, which
+    needs tiles inside groups), else with tl.dot. REDUCTION 0: store out;
     1: store fp32 partials [split, M, N]; 2: atomic add into a zeroed fp32 [M, N]."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -253,7 +300,16 @@ def linear_wq_splitk_kernel(
     mask_n = offs_n < N
     first = pid_s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, k_tiles)
-    if BLOCK_M == 1:
+    if BLOCK_M == 1 and FACTORED:
+        row_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for t in range(first, last):
+            row_acc += _tile_row_factored(
+                x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, t, pid_m * stride_xm, offs_n, mask_n, N,
+                K, group_words, BITS, WORDS, HAS_PERM,
+            )  # fmt: skip
+        acc = row_acc[:, None]
+        offs_m = pid_m + tl.arange(0, 1)
+    elif BLOCK_M == 1:
         offs_m = pid_m
         mask_m = pid_m < M
         lanes = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
@@ -261,7 +317,7 @@ def linear_wq_splitk_kernel(
             lanes = _tile_product(
                 lanes, x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, t, offs_m, mask_m, offs_n, mask_n,
                 N, K, stride_xm, group_words, BITS, BLOCK_M, WORDS, FINE_GROUPS, HAS_PERM,
-                False, DOT_F32,
+                DOT_F32,
             )  # fmt: skip
         acc = tl.sum(lanes, axis=1)[:, None]
         offs_m = pid_m + tl.arange(0, 1)
@@ -273,7 +329,7 @@ def linear_wq_splitk_kernel(
             acc = _tile_product(
                 acc, x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, t, offs_m, mask_m, offs_n, mask_n,
                 N, K, stride_xm, group_words, BITS, BLOCK_M, WORDS, FINE_GROUPS, HAS_PERM,
-                False, DOT_F32,
+                DOT_F32,
             )  # fmt: skip
     mask = mask_n[:, None] & (offs_m < M)[None, :]
     cell = offs_m[None, :] * N + offs_n[:, None]
@@ -310,6 +366,46 @@ def sum_splits_kernel(
 
 
 @triton.jit
+def _dequantized_tile(
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    t,
+    offs_n,
+    mask_n,
+    N,
+    group_words,
+    BITS: tl.constexpr,
+    WORDS: tl.constexpr,
+    FINE_GROUPS: tl.constexpr,
+):
+    """K-tile t of the weight for columns offs_n as floats [WORDS * 32 / BITS, BLOCK_N] in
+    column order: each word row is loaded once and spread over its slots in registers.
+
+    A code q under the exponent of 2^23 reads 2^23 + q exactly, so (q - z) * s is one add and
+    one multiply on the loaded word, without an int-to-float conversion."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    BLOCK_K: tl.constexpr = WORDS * PER_WORD
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    rows = t * WORDS + tl.arange(0, WORDS)
+    words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    shifts = tl.arange(0, PER_WORD) * BITS
+    codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+    codes = tl.reshape(codes, [BLOCK_K, BLOCK_N])
+    magic = (codes | 0x4B000000).to(tl.float32, bitcast=True)
+    if FINE_GROUPS:
+        group_rows = (t * BLOCK_K + tl.arange(0, BLOCK_K)) // (group_words * PER_WORD)
+        cell = group_rows[:, None] * N + offs_n[None, :]
+        scale = tl.load(s_ptr + cell, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + cell, mask=mask_n[None, :], other=0).to(tl.float32)
+    else:
+        cell = (t * WORDS) // group_words * N + offs_n
+        scale = tl.load(s_ptr + cell, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        zero = tl.load(z_ptr + cell, mask=mask_n, other=0).to(tl.float32)[None, :]
+    return (magic - (zero + 8388608.0)) * scale
+
+
+@triton.jit
 def linear_wq_gemm_kernel(
     x_ptr,
     qw_ptr,
@@ -332,9 +428,11 @@ def linear_wq_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """Prefill GEMM on x already in the tiles' slot order (`slot_order_columns`): each program
-    owns an out tile and walks all of K, dequantizing in registers for the tensor cores;
-    programs go in bands of GROUP_M m-tiles so neighbours share weight tiles in L2."""
+    """Prefill GEMM (x in packed column order: permuted when act-order): each program owns an
+    out tile [BLOCK_M, BLOCK_N] and walks K in tiles, dequantizing a whole weight tile in
+    registers for one tl.dot; programs go in bands of GROUP_M m-tiles so that neighbours share
+    weight tiles in L2."""
+    BLOCK_K: tl.constexpr = WORDS * (32 // BITS)
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -347,17 +445,53 @@ def linear_wq_gemm_kernel(
     mask_n = offs_n < N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for t in range(0, k_tiles):
-        acc = _tile_product(
-            acc, x_ptr, x_ptr, qw_ptr, s_ptr, z_ptr, t, offs_m, mask_m, offs_n, mask_n, N, K,
-            stride_xm, group_words, BITS, BLOCK_M, WORDS, FINE_GROUPS, False, True, DOT_F32,
-        )  # fmt: skip
+        w = _dequantized_tile(
+            qw_ptr, s_ptr, z_ptr, t, offs_n, mask_n, N, group_words, BITS, WORDS, FINE_GROUPS
+        )
+        kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        ptrs = x_ptr + offs_m[:, None] * stride_xm + kk[None, :]
+        xt = tl.load(ptrs, mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
+        if DOT_F32:  # the CPU interpreter multiplies bf16 bit patterns (triton 3.9)
+            acc = tl.dot(xt.to(tl.float32), w.to(xt.dtype).to(tl.float32), acc,
+                         input_precision="ieee")  # fmt: skip
+        else:
+            acc = tl.dot(xt, w.to(xt.dtype), acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    cell = offs_m[None, :] * N + offs_n[:, None]
-    mask = mask_n[:, None] & mask_m[None, :]
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    cell = offs_m[:, None] * N + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
     tl.store(out_ptr + cell, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dequantize_kernel(
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    N,
+    K,
+    group_words,
+    BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WORDS: tl.constexpr,
+    FINE_GROUPS: tl.constexpr,
+):
+    """Writes the float weight transposed in packed column order, Wᵀ [K, N] in out's dtype,
+    tile (n, t) per program: for large batches, where a library GEMM on it beats
+    dequantizing per output tile."""
+    BLOCK_K: tl.constexpr = WORDS * (32 // BITS)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    t = tl.program_id(1)
+    w = _dequantized_tile(
+        qw_ptr, s_ptr, z_ptr, t, offs_n, mask_n, N, group_words, BITS, WORDS, FINE_GROUPS
+    )
+    kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (kk < K)[:, None] & mask_n[None, :]
+    tl.store(out_ptr + kk[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --- choosing and launching ------------------------------------------------------------------
@@ -365,10 +499,12 @@ def linear_wq_gemm_kernel(
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One launch's shape: block_k columns per K-tile (a multiple of 16 words for tl.dot);
-    split_k = 0 picks the split from the multiprocessor count."""
+    """One launch's shape: block_k columns per K-tile (a multiple of 16 words for the split-K
+    kernel's tl.dot); split_k = 0 picks the split from the multiprocessor count. kernel
+    "dequant": the weight dequantized into a scratch Wᵀ (tiles block_k x block_n), then
+    torch.matmul (cuBLAS)."""
 
-    kernel: Literal["splitk", "gemm"]
+    kernel: Literal["splitk", "gemm", "dequant"]
     block_m: int
     block_n: int
     block_k: int
@@ -376,20 +512,25 @@ class KernelConfig:
     num_stages: int = 3
     split_k: int = 0
     reduction: Literal["partials", "atomic"] = "partials"
+    factored: bool = True  # block_m 1: scales per tile when a tile lies inside one group
 
 
 # M bucket (upper bound) -> configuration per bits; the first bucket that holds M wins.
+# Measured on an H200 (benchmarks/lowbit_kernels.py --sweep-out): the factored GEMV wins for
+# int4 and loses for int8; from M = 128 on, dequantize + cuBLAS beats every fused GEMM tried.
 CONFIGS: list[tuple[int, dict[int, KernelConfig]]] = [
-    (1, {4: KernelConfig("splitk", 1, 256, 128), 8: KernelConfig("splitk", 1, 256, 64)}),
-    (16, {4: KernelConfig("splitk", 16, 128, 128), 8: KernelConfig("splitk", 16, 128, 64)}),
+    (
+        1,
+        {
+            4: KernelConfig("splitk", 1, 256, 128),
+            8: KernelConfig("splitk", 1, 256, 64, factored=False),
+        },
+    ),
+    (16, {4: KernelConfig("splitk", 16, 128, 128), 8: KernelConfig("splitk", 16, 128, 128)}),
     (64, {4: KernelConfig("splitk", 64, 128, 128), 8: KernelConfig("splitk", 64, 128, 64)}),
-    (128, {4: KernelConfig("gemm", 64, 128, 128), 8: KernelConfig("gemm", 64, 128, 64)}),
     (
         1 << 62,
-        {
-            4: KernelConfig("gemm", 128, 128, 128, num_warps=8),
-            8: KernelConfig("gemm", 128, 128, 64, num_warps=8),
-        },
+        {4: KernelConfig("dequant", 1, 64, 256), 8: KernelConfig("dequant", 1, 64, 128)},
     ),
 ]
 # (bits, N, K, M bucket) -> configuration measured better than the bucket's for that shape.
@@ -411,26 +552,28 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def split_count(programs: int, k_tiles: int, multiprocessors: int) -> tuple[int, int]:
-    """(splits, K-tiles per split) giving about two waves of programs."""
-    want = max(1, min(k_tiles, -(-2 * multiprocessors // programs)))
+    """(splits, K-tiles per split) giving about four waves of programs (measured better than
+    two on an H200 for decode batches)."""
+    want = max(1, min(k_tiles, -(-4 * multiprocessors // programs)))
     per_split = -(-k_tiles // want)
     return -(-k_tiles // per_split), per_split
 
 
-def slot_order_columns(packed: RepackedLinear, block_k: int) -> torch.Tensor:
-    """For each packed column position of a K-tile taken slot by slot (slot j's WORDS columns
-    together), the column of x it reads; padding reads column K (a zero column)."""
+def dequantize_transposed(
+    packed: RepackedLinear, dtype: torch.dtype, config: KernelConfig
+) -> torch.Tensor:
+    """The float weight transposed in packed column order, Wᵀ [K, N] in `dtype`."""
+    k, n = packed.in_features, packed.out_features
     per_word = 32 // packed.bits
-    words = block_k // per_word
-    device = packed.qweight.device
-    tiles = torch.arange(packed.k_padded // block_k, device=device)[:, None, None] * block_k
-    slot = torch.arange(per_word, device=device)[None, :, None]
-    row = torch.arange(words, device=device)[None, None, :] * per_word
-    source = (tiles + slot + row).reshape(-1)
-    inside = source < packed.in_features
-    if packed.perm is not None:
-        source = packed.perm.long()[source.clamp(max=packed.in_features - 1)]
-    return torch.where(inside, source, packed.in_features)
+    words = config.block_k // per_word
+    out = torch.empty(k, n, dtype=dtype, device=packed.qweight.device)
+    grid = (triton.cdiv(n, config.block_n), packed.k_padded // config.block_k)
+    dequantize_kernel[grid](
+        packed.qweight, packed.scales, packed.zeros, out, n, k, packed.group // per_word,
+        BITS=packed.bits, BLOCK_N=config.block_n, WORDS=words,
+        FINE_GROUPS=packed.group // per_word < words, num_warps=config.num_warps,
+    )  # fmt: skip
+    return out
 
 
 def linear_wq_triton(
@@ -451,7 +594,7 @@ def linear_wq_triton(
     words = config.block_k // per_word
     if config.block_k % per_word or packed.k_padded % config.block_k:
         raise ValueError(f"block_k {config.block_k} does not tile {packed.k_padded} columns")
-    if config.block_m > 1 and words < 16:
+    if config.kernel == "splitk" and config.block_m > 1 and words < 16:
         raise ValueError(f"tl.dot needs block_k >= {16 * per_word} for {packed.bits}-bit codes")
     k_tiles = packed.k_padded // config.block_k
     group_words = packed.group // per_word
@@ -468,13 +611,17 @@ def linear_wq_triton(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    if config.kernel == "dequant":
+        wt = dequantize_transposed(packed, x.dtype, config)
+        xp = x2 if packed.perm is None else x2.index_select(1, packed.perm)
+        out = xp @ wt if bias is None else torch.addmm(bias.to(x.dtype), xp, wt)
+        return out.reshape(*lead, n)
     if config.kernel == "gemm":
-        columns = slot_order_columns(packed, config.block_k)
-        xp = torch.nn.functional.pad(x2, (0, 1)).index_select(1, columns)
+        xp = x2 if packed.perm is None else x2.index_select(1, packed.perm)
         programs = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
         linear_wq_gemm_kernel[(programs,)](
             xp, packed.qweight, packed.scales, packed.zeros, bias_arg, out,
-            m, n, packed.k_padded, k_tiles, group_words, xp.stride(0), GROUP_M=8, **common,
+            m, n, k, k_tiles, group_words, xp.stride(0), GROUP_M=8, **common,
         )  # fmt: skip
         return out.reshape(*lead, n)
     tiles = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))
@@ -487,6 +634,7 @@ def linear_wq_triton(
     weights = (packed.qweight, packed.scales, packed.zeros, perm, bias_arg)
     scalars = (m, n, k, k_tiles, per_split, group_words, x2.stride(0))
     common["HAS_PERM"] = packed.perm is not None
+    common["FACTORED"] = config.factored and not common["FINE_GROUPS"]
     grid = (*tiles, splits)
     if splits == 1:
         linear_wq_splitk_kernel[grid](x2, *weights, out, *scalars, REDUCTION=0, **common)

@@ -1,0 +1,368 @@
+"""The low-bit and 2:4 linears as the Triton backend lowers them, and as eager programs run them
+on CUDA.
+
+Triton backend: a "rewrite" lowering turns each `linear_wq`, `linear_sparse24` and
+`linear_sparse24_wq` node into one of the backend's own ops holding the kernels' repacked
+layout as new weights (so the artifact stores that layout), and an "emit" lowering runs that op
+with the launcher contract (`fn(*args, config=None)`, `fn.kernels`, `fn.configs`). A layout
+the kernels do not cover is declined with the reason (the report names the layer); a 2:4
+weight whose K is not a multiple of 4 (or whose groups do not hold whole groups of 4) is a
+compile error naming the layer.
+
+Eager backend: `register_cuda_kernels()` makes the kernels the CUDA implementation of the three
+peakc ops; their weights stay in peakc's layout in the artifact and are repacked once, on first
+use, per weight tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from peakc.ir.ops import (
+    LINEAR_SPARSE24,
+    LINEAR_SPARSE24_WQ,
+    LINEAR_WQ,
+    PackedWeight,
+    define_op,
+    register_lowering,
+)
+
+from . import linear_wq as wq
+from . import sparse24
+
+if TYPE_CHECKING:
+    from torch import fx
+
+    from peakc.ir.graph import Graph
+
+BACKEND = "triton"
+X_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# --- the backend's own ops: the repacked layouts ---------------------------------------------
+
+
+def _repacked_linear(
+    qweight, scales, zeros, perm, bits, group_size, in_features
+) -> wq.RepackedLinear:
+    """The RepackedLinear that a linear_wq_repacked call's operands describe."""
+    k_padded = qweight.shape[0] * (32 // bits)
+    per_channel = scales.shape[0] == 1  # one scale row: group = the padded K
+    groups = 1 if per_channel else -(-in_features // group_size)
+    group = k_padded if per_channel else group_size
+    return wq.RepackedLinear(
+        qweight, scales, zeros, perm, bits, group_size, group, groups, in_features,
+        qweight.shape[1], k_padded,
+    )  # fmt: skip
+
+
+def _linear_wq_repacked_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """linear_wq on the Triton kernels' repacked layout (linear_wq.py): unpack, dequantize,
+    x @ Wᵀ + bias."""
+    packed = _repacked_linear(qweight, scales, zeros, perm, bits, group_size, in_features)
+    w = wq.dequantize_repacked(packed)
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+def _linear_wq_repacked_fake(x, qweight, *rest):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+def _sparse24_of(values, meta, scales, zeros, bits, group_rows, in_features) -> Any:
+    """The RepackedSparse24 that a linear_sparse24_repacked call's operands describe."""
+    if bits == 0:
+        return sparse24.RepackedSparse24(values, meta, in_features, values.shape[1])
+    kept = in_features // 2
+    k_padded = values.shape[0] * (32 // bits)
+    per_channel = scales.shape[0] == 1
+    groups = 1 if per_channel else -(-kept // group_rows)
+    inner = wq.RepackedLinear(
+        values, scales, zeros, None, bits, kept if per_channel else group_rows, group_rows,
+        groups, kept, values.shape[1], k_padded,
+    )  # fmt: skip
+    return sparse24.RepackedSparse24(inner, meta, in_features, values.shape[1])
+
+
+def _linear_sparse24_repacked_reference(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_rows: int,
+    in_features: int,
+) -> torch.Tensor:
+    """linear_sparse24(_wq) on the Triton kernel's repacked layout (sparse24.py; bits 0: float
+    values): decompress (and dequantize), x @ Wᵀ + bias."""
+    packed = _sparse24_of(values, meta, scales, zeros, bits, group_rows, in_features)
+    w = sparse24.dense_weight(packed)
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+def _linear_sparse24_repacked_fake(x, values, *rest):
+    return x.new_empty((*x.shape[:-1], values.shape[1]))
+
+
+LINEAR_WQ_REPACKED = define_op(
+    "linear_wq_repacked", _linear_wq_repacked_reference, _linear_wq_repacked_fake, backend=BACKEND
+)
+LINEAR_SPARSE24_REPACKED = define_op(
+    "linear_sparse24_repacked",
+    _linear_sparse24_repacked_reference,
+    _linear_sparse24_repacked_fake,
+    backend=BACKEND,
+)
+
+
+# --- launchers (the emit lowerings of the backend's ops) -------------------------------------
+
+
+def _kernel_config(config: dict | None, kind: type) -> Any:
+    """A launcher's config dict as the kernels' config (empty or None: chosen by M)."""
+    return kind(**config) if config else None
+
+
+@register_lowering("linear_wq_repacked", BACKEND, label="triton/linear_wq")
+def launch_linear_wq(qx, qweight, scales, zeros, perm, bias, bits, group_size, in_features,
+                     config: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """The split-K GEMV, the fused GEMM or dequantize + cuBLAS, by M or by `config`."""
+    packed = _repacked_linear(qweight, scales, zeros, perm, bits, group_size, in_features)
+    return wq.linear_wq_triton(qx, packed, bias, _kernel_config(config, wq.KernelConfig))
+
+
+launch_linear_wq.kernels = (
+    wq.linear_wq_splitk_kernel,
+    wq.sum_splits_kernel,
+    wq.linear_wq_gemm_kernel,
+    wq.dequantize_kernel,
+)
+launch_linear_wq.configs = [
+    {},  # by M: linear_wq.CONFIGS
+    {"kernel": "splitk", "block_m": 1, "block_n": 128, "block_k": 256},
+    {"kernel": "splitk", "block_m": 16, "block_n": 64, "block_k": 256},
+    {"kernel": "gemm", "block_m": 64, "block_n": 128, "block_k": 64, "num_stages": 4},
+    {"kernel": "dequant", "block_m": 1, "block_n": 64, "block_k": 256},
+]
+
+
+@register_lowering("linear_sparse24_repacked", BACKEND, label="triton/linear_sparse24")
+def launch_linear_sparse24(x, values, meta, scales, zeros, bias, bits, group_rows, in_features,
+                           config: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """The 2:4 kernel (fused GEMV/GEMM, dense expansion + cuBLAS, or torch's semi-structured
+    for float values), by M or by `config`."""
+    packed = _sparse24_of(values, meta, scales, zeros, bits, group_rows, in_features)
+    chosen = _kernel_config(config, sparse24.Sparse24Config)
+    return sparse24.linear_sparse24_triton(x, packed, bias, chosen)
+
+
+launch_linear_sparse24.kernels = (
+    sparse24.linear_sparse24_kernel,
+    sparse24.sparse24_dense_kernel,
+    wq.sum_splits_kernel,
+)
+launch_linear_sparse24.configs = [
+    {},  # by M: sparse24.SPARSE24_CONFIGS
+    {"block_m": 1, "block_n": 64, "block_k": 128},
+    {"block_m": 16, "block_n": 128, "block_k": 64},
+    {"block_m": 1, "block_n": 64, "block_k": 64, "kernel": "dense"},
+]
+
+
+# --- rewrite lowerings: peakc ops -> the backend's ops, repacked at compile time -------------
+
+
+def _layer(node: fx.Node) -> str:
+    return node.meta.get("peakc_module", node.name)
+
+
+def _constant_args(graph: Graph, nodes: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The weights behind get_attr nodes (None when some operand is computed)."""
+    if not all(getattr(n, "op", None) == "get_attr" for n in nodes.values()):
+        return None
+    return {k: graph.get_weight(n.target) for k, n in nodes.items()}
+
+
+def _x_dtype_reason(x: fx.Node) -> str | None:
+    dtype = x.meta["val"].dtype
+    return None if dtype in X_DTYPES else f"activations are {dtype} (the kernels take fp16/bf16)"
+
+
+def linear_wq_why_not(node: fx.Node, graph: Graph, context: Any = None) -> str | None:
+    """Why the kernels do not cover this linear_wq (None: they do)."""
+    x, packed, _ = PackedWeight.of(node.args)
+    if packed.bits not in wq.BITS:
+        return f"{packed.bits}-bit weights (the kernels take 4 and 8)"
+    if _constant_args(graph, packed.tensors()) is None:
+        return "the packed weights are computed in the graph, not stored"
+    per_word = 32 // packed.bits
+    scales = packed.scales.meta["val"]
+    if scales.shape[1] > 1 and (packed.group_size & (packed.group_size - 1) or
+                                packed.group_size < per_word):  # fmt: skip
+        return f"group size {packed.group_size} is not a power of two >= {per_word}"
+    return _x_dtype_reason(x)
+
+
+@register_lowering(
+    "linear_wq",
+    BACKEND,
+    label="triton/linear_wq",
+    stage="rewrite",
+    why_not=linear_wq_why_not,
+)
+def rewrite_linear_wq(graph: Graph, node: fx.Node, context: Any = None) -> None:
+    """linear_wq -> linear_wq_repacked, its weights repacked into the kernels' layout."""
+    x, packed, bias = PackedWeight.of(node.args)
+    weight = packed.with_tensors(_constant_args(graph, packed.tensors()))
+    repacked = wq.repack_linear_wq(
+        weight.qweight, weight.scales, weight.qzeros, weight.g_idx, *weight.layout(),
+        name=_layer(node),
+    )  # fmt: skip
+    tensors = {"qweight": repacked.qweight, "scales": repacked.scales, "zeros": repacked.zeros}
+    if repacked.perm is not None:
+        tensors["perm"] = repacked.perm
+    nodes = _add_weights(graph, node, packed.qweight.target, "triton", tensors)
+    args = (x, nodes["qweight"], nodes["scales"], nodes["zeros"], nodes.get("perm"), bias,
+            packed.bits, packed.group_size, packed.in_features)  # fmt: skip
+    _replace(graph, node, LINEAR_WQ_REPACKED.overload, args, packed.tensors().values())
+
+
+def sparse24_why_not(node: fx.Node, graph: Graph, context: Any = None) -> str | None:
+    """Why the 2:4 kernel does not cover this linear_sparse24(_wq) (None: it does)."""
+    operands = _sparse24_operands(node)
+    if _constant_args(graph, operands) is None:
+        return "the compressed weights are computed in the graph, not stored"
+    bits = node.args[6] if node.target == LINEAR_SPARSE24_WQ.overload else 0
+    if bits not in (0, *wq.BITS):
+        return f"{bits}-bit values (the kernel takes float, 4 and 8)"
+    return _x_dtype_reason(node.args[0])
+
+
+def _sparse24_operands(node: fx.Node) -> dict[str, Any]:
+    if node.target == LINEAR_SPARSE24.overload:
+        return {"values": node.args[1], "meta": node.args[2]}
+    _, qvalues, scales, qzeros, meta = node.args[:5]
+    return {"qvalues": qvalues, "scales": scales, "qzeros": qzeros, "meta": meta}
+
+
+def _rewrite_sparse24(graph: Graph, node: fx.Node, context: Any = None) -> None:
+    """linear_sparse24(_wq) -> linear_sparse24_repacked in the kernel's layout; a K that 2:4
+    cannot tile is a PeakcError naming the layer."""
+    operands = _sparse24_operands(node)
+    t = _constant_args(graph, operands)
+    name = _layer(node)
+    if node.target == LINEAR_SPARSE24.overload:
+        _, _, _, bias, in_features = node.args
+        packed = sparse24.repack_sparse24(t["values"], t["meta"], in_features, name=name)
+        tensors = {"values": packed.values, "meta": packed.meta}
+        bits, group_rows = 0, 1
+    else:
+        _, _, _, _, _, bias, bits, group_size, in_features = node.args
+        packed = sparse24.repack_sparse24_wq(
+            t["qvalues"], t["scales"], t["qzeros"], t["meta"], bits, group_size, in_features,
+            name=name,
+        )  # fmt: skip
+        inner = packed.values
+        tensors = {"values": inner.qweight, "meta": packed.meta, "scales": inner.scales,
+                   "zeros": inner.zeros}  # fmt: skip
+        bits, group_rows = inner.bits, inner.group
+    first = next(iter(operands.values())).target
+    nodes = _add_weights(graph, node, first, "triton24", tensors)
+    scales = nodes.get("scales", nodes["values"])
+    args = (node.args[0], nodes["values"], nodes["meta"], scales, nodes.get("zeros", scales),
+            bias, bits, group_rows, in_features)  # fmt: skip
+    _replace(graph, node, LINEAR_SPARSE24_REPACKED.overload, args, operands.values())
+
+
+for _op in ("linear_sparse24", "linear_sparse24_wq"):
+    register_lowering(
+        _op, BACKEND, label="triton/linear_sparse24", stage="rewrite", why_not=sparse24_why_not
+    )(_rewrite_sparse24)
+
+
+def _add_weights(graph: Graph, node: fx.Node, old_name: str, tag: str, tensors: dict) -> dict:
+    """The repacked tensors as new weights beside the old ones (`<module>.<tag>_<field>`)."""
+    prefix = old_name.rsplit(".", 1)[0]
+    return {
+        key: graph.add_weight(f"{prefix}.{tag}_{key}", value.contiguous(), before=node)
+        for key, value in tensors.items()
+    }
+
+
+def _replace(graph: Graph, node: fx.Node, target: Callable, args: tuple, old: Any) -> None:
+    """Put a call of `target` in `node`'s place and drop the weights nothing reads any more."""
+    with graph.graph.inserting_before(node):
+        new = graph.graph.call_function(target, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.graph.erase_node(node)
+    for weight in old:
+        if not weight.users:
+            graph.graph.erase_node(weight)
+
+
+# --- eager programs on CUDA: the kernels as the ops' CUDA implementation ---------------------
+
+_REPACKED = WeakIdKeyDictionary()  # weight tensor (by identity) -> (version, repacked)
+
+
+def _cached(weight: torch.Tensor, build: Callable[[], Any]) -> Any:
+    """The repacked form of a weight, built once per tensor (its version checked)."""
+    entry = _REPACKED.get(weight)
+    if entry is None or entry[0] != weight._version:
+        entry = (weight._version, build())
+        _REPACKED[weight] = entry
+    return entry[1]
+
+
+def _cuda_linear_wq(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, in_features):
+    if bits not in wq.BITS or x.dtype not in X_DTYPES:
+        return LINEAR_WQ.reference(x, qweight, scales, qzeros, g_idx, bias, bits, group_size,
+                                   in_features)  # fmt: skip
+    packed = _cached(qweight, lambda: wq.repack_linear_wq(
+        qweight, scales, qzeros, g_idx, bits, group_size, in_features))  # fmt: skip
+    return wq.linear_wq_triton(x, packed, bias)
+
+
+def _cuda_linear_sparse24(x, values, meta, bias, in_features):
+    if x.dtype not in X_DTYPES:
+        return LINEAR_SPARSE24.reference(x, values, meta, bias, in_features)
+    packed = _cached(values, lambda: sparse24.repack_sparse24(values, meta, in_features))
+    return sparse24.linear_sparse24_triton(x, packed, bias)
+
+
+def _cuda_linear_sparse24_wq(x, qvalues, scales, qzeros, meta, bias, bits, group_size,
+                             in_features):  # fmt: skip
+    args = (qvalues, scales, qzeros, meta, bits, group_size, in_features)
+    if bits not in wq.BITS or x.dtype not in X_DTYPES:
+        return LINEAR_SPARSE24_WQ.reference(x, *args[:4], bias, *args[4:])
+    packed = _cached(qvalues, lambda: sparse24.repack_sparse24_wq(*args))
+    return sparse24.linear_sparse24_triton(x, packed, bias)
+
+
+@functools.cache
+def register_cuda_kernels() -> None:
+    """Make the kernels the CUDA implementation of linear_wq, linear_sparse24 and
+    linear_sparse24_wq (layouts they do not cover run the reference); once per process."""
+    for opdef, fn in (
+        (LINEAR_WQ, _cuda_linear_wq),
+        (LINEAR_SPARSE24, _cuda_linear_sparse24),
+        (LINEAR_SPARSE24_WQ, _cuda_linear_sparse24_wq),
+    ):
+        torch.library.register_kernel(f"{opdef.namespace}::{opdef.name}", "cuda", fn)

@@ -1,0 +1,864 @@
+"""The offload executor: a graph whose weights and KV cache live across GPU, pinned CPU memory
+and disk, run block by block with the next block's transfers overlapping the current compute.
+
+The `offload` pass (peakc/passes/offload.py) writes the plan: each weight's home tier and each
+layer's KV-cache tier (`graph.info["offload"]`, stored in the artifact's manifest). Here:
+
+- Resident (GPU) weights are moved to the device once. The rest are copied, per unit (a layer
+  with its glue nodes, `offload_units`), into one of two device buffers on a separate stream:
+  while unit i computes, the next streamed unit is copied into the other buffer; a copy into a
+  buffer waits for the compute that last read it (events order the two streams).
+- Disk-tier weights are written once to a safetensors file under the plan's `disk_path` and
+  read back memory-mapped, by a reader thread, into two pinned staging buffers two streamed
+  units ahead, so disk, PCIe and compute overlap.
+- The KV cache is one tensor per layer (the decoder's `k_cache[i]` reads become per-layer
+  weights, `executor_graph`), resident on the GPU or in pinned host memory and streamed with
+  its layer's weights; `OffloadStep` writes each step's new keys and values back.
+- GPU memory: the executor holds what the plan counts (`plan["predicted"]["held_bytes"]`):
+  the resident tensors, the GPU-tier caches, and two buffers sized once, for the largest unit
+  with its host-tier caches at the plan's size; the activations and the plan's reserve take
+  the rest of `gpu_memory`. The peak of `torch.cuda.max_memory_allocated` is checked after
+  every call.
+
+Blocks run through the shared block runner (`BlockRunner` with a weight source). Device work
+goes through a small interface, `Transfers`: `CudaTransfers` on a GPU, `SimulatedTransfers`
+(CPU tensors, fake bandwidths and compute times on virtual clocks, every operation recorded,
+the bytes it holds counted) for tests of the schedule and of the memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+import warnings
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from safetensors.torch import save_file
+
+from peakc.errors import PeakcError
+from peakc.ir.graph import Block, Graph
+from peakc.runtime.blocks import BlockRunner
+from peakc.runtime.generate import write_cache
+
+PLAN_KEY = "offload"  # graph.info and manifest key of the plan
+KV_PREFIX = "offload_kv"  # per-layer cache tensors: offload_kv.k3, offload_kv.v3
+TIERS = ("gpu", "cpu", "disk")
+ALIGN = 256  # byte alignment of each tensor inside the transfer buffers
+GB = 1e9
+GPU_CHIPS = ("h100", "h200", "a100", "l40", "b200")  # targets that name the GPU they are for
+
+
+# --- the graph the executor runs ----------------------------------------------------------------
+
+
+def executor_graph(graph: Graph) -> Graph:
+    """A copy of `graph` whose KV-cache reads (`select(k_cache, 0, i)`) are per-layer weights
+    `offload_kv.k{i}` / `offload_kv.v{i}` and whose cache inputs are gone, so each layer's
+    cache can be placed like a weight. A graph without a generation cache is copied as is."""
+    out = graph.copy()
+    if "generation" not in out.info:
+        return out
+    inputs = out.input_nodes()
+    if len(inputs) != 4:
+        raise PeakcError(f"offload: a decoder takes 4 inputs, this graph takes {len(inputs)}")
+    for kind, cache in (("k", inputs[2]), ("v", inputs[3])):
+        for node in list(cache.users):
+            select = node.target is torch.ops.aten.select.int and len(node.args) == 3
+            if not select or node.args[1] != 0:
+                raise PeakcError(
+                    f"offload: node '{node.name}' reads the KV cache '{cache.name}' other than "
+                    "one layer at a time (select on dim 0)"
+                )
+            layer = int(node.args[2])
+            with warnings.catch_warnings():  # fx: a get_attr of a plain tensor attribute
+                warnings.simplefilter("ignore", UserWarning)
+                attr = out.add_weight(f"{KV_PREFIX}.{kind}{layer}", torch.empty(0), before=node)
+            attr.meta = dict(node.meta)
+            node.replace_all_uses_with(attr)
+            out.graph.erase_node(node)
+        out.graph.erase_node(cache)
+    out.example_inputs = out.example_inputs[:2]
+    return out
+
+
+def kv_layer(name: str) -> int | None:
+    """The layer of a per-layer cache weight (`offload_kv.k3` -> 3), None for a model weight."""
+    if not name.startswith(KV_PREFIX + "."):
+        return None
+    return int(name[len(KV_PREFIX) + 2 :])
+
+
+@dataclass
+class OffloadUnit:
+    """What moves and runs as one: a numbered layer with the glue nodes between its modules."""
+
+    name: str
+    block: Block
+    weights: list[str]  # every tensor it reads: model weights and per-layer cache tensors
+
+    def kv_layers(self) -> list[int]:
+        return sorted({kv_layer(w) for w in self.weights if kv_layer(w) is not None})
+
+
+def offload_units(graph: Graph) -> list[OffloadUnit]:
+    """`graph.blocks()` merged into units: a `between.N` block (nodes outside any module, such
+    as a decoder's reshapes) joins the unit before it, and repeats of a layer's name join it."""
+    groups: list[tuple[str, list[Block]]] = []
+    for block in graph.blocks():
+        joins = groups and (block.name.startswith("between.") or block.name == groups[-1][0])
+        if joins:
+            groups[-1][1].append(block)
+        else:
+            groups.append((block.name, [block]))
+    units = []
+    for name, blocks in groups:
+        merged = merge_blocks(name, [n for b in blocks for n in b.nodes])
+        reads = [n.target for n in [*merged.nodes, *merged.inputs] if n.op == "get_attr"]
+        units.append(OffloadUnit(name, merged, list(dict.fromkeys(reads))))
+    return units
+
+
+def merge_blocks(name: str, nodes: list[fx.Node]) -> Block:
+    """One block of `nodes` with its inputs (values from outside, weights of other blocks
+    included) and outputs (values read outside), as `Graph.blocks()` computes them."""
+    block = Block(name=name, nodes=nodes)
+    inside = set(nodes)
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in inside and arg not in block.inputs:
+                block.inputs.append(arg)
+        if any(u not in inside for u in node.users):
+            block.outputs.append(node)
+    return block
+
+
+# --- plan checks ------------------------------------------------------------------------------
+
+
+def check_plan(plan: dict[str, Any], graph: Graph) -> None:
+    """The plan must be for this model: the same weights with the same sizes, and a tier for
+    every cache layer the graph reads; anything else is a plan from another model."""
+    weights = plan.get("weights")
+    if not isinstance(weights, dict) or plan.get("format") != 1:
+        raise PeakcError("offload plan is malformed (no format 1 'weights' table)")
+    ours = {n: t for n, t in read_weights(graph).items() if kv_layer(n) is None}
+    for name, tensor in ours.items():
+        entry = weights.get(name)
+        if entry is None:
+            raise PeakcError(
+                f"offload plan has no tier for weight '{name}' (a plan from another model?)"
+            )
+        if entry.get("bytes") != nbytes(tensor) or entry.get("tier") not in TIERS:
+            raise PeakcError(
+                f"offload plan's weight '{name}' has {entry.get('bytes')} bytes on tier "
+                f"{entry.get('tier')!r}, the model's has {nbytes(tensor)} (a plan from another "
+                "model?)"
+            )
+    extra = sorted(set(weights) - set(ours))
+    if extra:
+        raise PeakcError(f"offload plan places weight '{extra[0]}', which this model lacks")
+    layers = {kv_layer(n) for n in graph.weights() if kv_layer(n) is not None}
+    missing = sorted(layers - {int(k) for k in plan.get("kv_cache", {})})
+    if missing:
+        raise PeakcError(f"offload plan has no tier for the KV cache of layer {missing[0]}")
+
+
+def check_machine(plan: dict[str, Any], transfers: Transfers) -> None:
+    """Refuse a plan made for another machine: a budget above this device's memory, or a
+    target profile naming another GPU than this one."""
+    capacity = transfers.capacity()
+    if plan["gpu_memory"] > capacity:
+        raise PeakcError(
+            f"offload plan was made for gpu_memory {plan['gpu_memory'] / GB:.2f} GB on target "
+            f"'{plan['target']}', but {transfers.name} has {capacity / GB:.2f} GB"
+        )
+    chip = plan["target"].split("-")[0].lower()
+    if chip.startswith(GPU_CHIPS) and chip not in transfers.name.lower():
+        raise PeakcError(
+            f"offload plan was made for target '{plan['target']}', not for {transfers.name}: "
+            "compile again with --target for this machine"
+        )
+
+
+def read_weights(graph: Graph) -> dict[str, torch.Tensor]:
+    """The weights some node reads (a captured buffer nothing reads has no tier)."""
+    return {
+        n.target: graph.get_weight(n.target)
+        for n in graph.graph.nodes
+        if n.op == "get_attr" and n.users
+    }
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def aligned(size: int) -> int:
+    """Bytes a tensor of `size` bytes takes in a transfer buffer (the pass counts the same)."""
+    return -(-size // ALIGN) * ALIGN
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's storage."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+# --- device operations ------------------------------------------------------------------------
+
+
+class Transfers:
+    """The device operations the executor issues, in the order it issues them.
+
+    Events are what `copy`, `read` and `end_compute` return; an operation given events starts
+    after them. `copy` runs on the transfer stream (host to device), `read` on the reader thread
+    (disk to pinned staging), compute on the compute stream between `begin_compute` and
+    `end_compute`."""
+
+    name: str
+    device: torch.device
+
+    def capacity(self) -> int:
+        raise NotImplementedError
+
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        """A resident copy of `t` on the device (GPU-tier weights and caches)."""
+        raise NotImplementedError
+
+    def buffer(self, size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def staging(self, size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def host(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def copy(self, label: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: list) -> Any:
+        raise NotImplementedError
+
+    def read(
+        self,
+        label: str,
+        pairs: list[tuple[torch.Tensor, torch.Tensor]],
+        after: list,
+        then: Callable[[], None],
+    ) -> Any:
+        """Disk to staging copies, then `then()` on the reader (drops the pages it read)."""
+        raise NotImplementedError
+
+    def begin_compute(self, label: str, after: list) -> None:
+        raise NotImplementedError
+
+    def end_compute(self, label: str) -> Any:
+        raise NotImplementedError
+
+    def memory_peak(self) -> int | None:
+        """Bytes allocated on the device at most since the executor started (None: unknown)."""
+        return None
+
+    def drain(self) -> None:
+        """Wait for every copy and compute issued so far (before the buffers they use go)."""
+
+    def close(self) -> None:
+        """Stop what the device runs besides the caller (the reader thread)."""
+
+
+class CudaTransfers(Transfers):
+    """A CUDA device: copies on a side stream, compute on the current stream, disk reads on
+    one reader thread into pinned memory; ordered by CUDA events (and the reads' futures)."""
+
+    def __init__(self, device: torch.device | str = "cuda") -> None:
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise PeakcError(f"CudaTransfers needs a CUDA device, got {self.device}")
+        self.name = torch.cuda.get_device_name(self.device)
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peakc-offload-disk")
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.baseline = torch.cuda.memory_allocated(self.device)
+
+    def capacity(self) -> int:
+        return torch.cuda.get_device_properties(self.device).total_memory
+
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device)
+
+    def buffer(self, size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.uint8, device=self.device)
+
+    def staging(self, size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+    def host(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu").contiguous().pin_memory()
+
+    def copy(self, label, pairs, after):
+        for event in after:
+            if isinstance(event, Future):
+                event.result()  # the disk read into the staging buffer copied from here
+            else:
+                self.copy_stream.wait_event(event)
+        with torch.cuda.stream(self.copy_stream):
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        return done
+
+    def read(self, label, pairs, after, then):
+        def run() -> None:
+            for event in after:  # the copy that last read this staging buffer
+                event.synchronize()
+            for dst, src in pairs:
+                dst.copy_(src)
+            then()
+
+        return self.reader.submit(run)
+
+    def begin_compute(self, label, after):
+        stream = torch.cuda.current_stream(self.device)
+        for event in after:
+            stream.wait_event(event)
+
+    def end_compute(self, label):
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return done
+
+    def memory_peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) - self.baseline
+
+    def drain(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        self.reader.shutdown(wait=True)
+
+
+@dataclass
+class ScheduleEntry:
+    """One simulated operation: what ran ("copy", "read", "compute"), for which unit, when."""
+
+    kind: str
+    label: str
+    start: float
+    end: float
+    nbytes: int = 0
+
+
+@dataclass
+class SimulatedTransfers(Transfers):
+    """CPU tensors with fake bandwidths and compute times on virtual clocks (one per stream
+    and the reader thread); operations happen at once, their times are recorded in `schedule`.
+    What the tests check: which transfer starts before which compute, and what overlaps.
+
+    It also counts the bytes it holds "on the device" (what `place` and `buffer` hand out,
+    until the last tensor viewing each is gone) and their peak, `memory_peak()`: the
+    executor's own memory (weights, caches, buffers), not the activations of the compute."""
+
+    h2d_bandwidth: float = 10e9  # bytes/s
+    disk_bandwidth: float = 2e9
+    compute_seconds: dict[str, float] = field(default_factory=dict)  # by unit name
+    default_compute: float = 1e-3
+    memory: int = 1 << 40
+    name: str = "simulated device"
+    schedule: list[ScheduleEntry] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.clocks = {"copy": 0.0, "read": 0.0, "compute": 0.0}
+        self.started: tuple[str, float] | None = None
+        self.held = 0
+        self.peak = 0
+
+    def capacity(self) -> int:
+        return self.memory
+
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        return self._hold(t.detach().clone())
+
+    def buffer(self, size: int) -> torch.Tensor:
+        return self._hold(torch.empty(size, dtype=torch.uint8))
+
+    def memory_peak(self) -> int:
+        return self.peak
+
+    def _hold(self, t: torch.Tensor) -> torch.Tensor:
+        """Count `t`'s storage as device memory until nothing views it any more."""
+        storage = t.untyped_storage()
+        self.held += storage.nbytes()
+        self.peak = max(self.peak, self.held)
+        weakref.finalize(storage, self._free, storage.nbytes())
+        return t
+
+    def _free(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+    def staging(self, size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.uint8)
+
+    def host(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().contiguous()
+
+    def copy(self, label, pairs, after):
+        return self._transfer("copy", label, pairs, after, self.h2d_bandwidth)
+
+    def read(self, label, pairs, after, then):
+        end = self._transfer("read", label, pairs, after, self.disk_bandwidth)
+        then()
+        return end
+
+    def begin_compute(self, label, after):
+        self.started = (label, max([self.clocks["compute"], *after]))
+
+    def end_compute(self, label):
+        name, start = self.started
+        end = start + self.compute_seconds.get(name, self.default_compute)
+        self.schedule.append(ScheduleEntry("compute", name, start, end))
+        self.clocks["compute"] = end
+        return end
+
+    def _transfer(self, kind, label, pairs, after, bandwidth):
+        size = 0
+        for dst, src in pairs:
+            dst.copy_(src)
+            size += dst.numel()
+        start = max([self.clocks[kind], *after])
+        end = start + size / bandwidth
+        self.schedule.append(ScheduleEntry(kind, label, start, end, size))
+        self.clocks[kind] = end
+        return end
+
+
+# --- the disk tier ------------------------------------------------------------------------------
+
+
+class DiskTier:
+    """Disk-tier weights in one safetensors file under the plan's disk path, memory-mapped;
+    `source(name)` is a uint8 view of a tensor's bytes in the mapping (no copy)."""
+
+    def __init__(self, folder: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+        self.path = write_disk_file(Path(folder), tensors)
+        self.removal = weakref.finalize(self, self.path.unlink, True)  # also at exit
+        self.file = open(self.path, "rb")  # noqa: SIM115 (kept open for the mapping)
+        self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+        (header_size,) = struct.unpack("<Q", self.map[:8])
+        header = json.loads(self.map[8 : 8 + header_size])
+        start = 8 + header_size
+        self.spans = {
+            name: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+        self._drop(0, start)  # the header, read once
+
+    def source(self, name: str) -> torch.Tensor:
+        begin, end = self.spans[name]
+        with warnings.catch_warnings():  # the mapping is read-only; nothing writes through it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(self.map, dtype=torch.uint8, count=end - begin, offset=begin)
+
+    def forget(self, names: list[str]) -> None:
+        """Drop these tensors' pages from the page cache once read: every step reads the disk
+        tier from the disk, as the plan assumes, instead of from a cache it never budgeted."""
+        for name in names:
+            self._drop(*self.spans[name])
+
+    def _drop(self, begin: int, end: int) -> None:
+        """Drop the whole pages holding bytes [begin, end) (a neighbour's share of an edge page
+        too: it is read from the disk again when its turn comes). They are unmapped from this
+        process first: the kernel keeps a mapped page, whatever POSIX_FADV_DONTNEED asks."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        first = begin - begin % mmap.PAGESIZE
+        last = -(-end // mmap.PAGESIZE) * mmap.PAGESIZE
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
+        os.posix_fadvise(self.file.fileno(), first, last - first, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        """Remove the file (the mapping closes once no tensor views it any more)."""
+        self.removal()
+        self.file.close()
+
+
+def page_cache_share(files: list[Path]) -> float:
+    """The share of the files' pages in the page cache (Linux `mincore` over a fresh mapping):
+    near 0 when the disk tier, read and dropped, will really be read from the disk again."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    cached = total = 0
+    for path in files:
+        size = Path(path).stat().st_size
+        if not size:
+            continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            with warnings.catch_warnings():  # read-only mapping: only its address is used
+                warnings.simplefilter("ignore", UserWarning)
+                view = torch.frombuffer(mapped, dtype=torch.uint8)
+            pages = -(-size // mmap.PAGESIZE)
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(ctypes.c_void_p(view.data_ptr()), ctypes.c_size_t(size), vec):
+                raise OSError(ctypes.get_errno(), f"mincore failed on {path}")
+            del view
+            cached += int(torch.frombuffer(vec, dtype=torch.uint8).bitwise_and(1).sum())
+            total += pages
+    return cached / total if total else 0.0
+
+
+def write_disk_file(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write the tensors as one safetensors file in `folder`, checking first that the folder
+    is writable and has the space; a failed write leaves nothing behind. The file's pages are
+    dropped from the page cache, so reads come from the disk, as planned."""
+    need = sum(nbytes(t) for t in tensors.values())
+    if not folder.is_dir():
+        raise PeakcError(f"offload: disk_path {folder} is not a folder")
+    if not os.access(folder, os.W_OK):
+        raise PeakcError(f"offload: disk_path {folder} is not writable")
+    free = shutil.disk_usage(folder).free
+    if free < need * 1.01 + 2**20:
+        raise PeakcError(
+            f"offload: disk_path {folder} has {free / GB:.2f} GB free, the disk tier needs "
+            f"{need / GB:.2f} GB"
+        )
+    digest = hashlib.sha256("".join(sorted(tensors)).encode()).hexdigest()[:12]
+    handle, temp = tempfile.mkstemp(prefix=".peakc-offload-", suffix=".tmp", dir=folder)
+    os.close(handle)
+    path = folder / f"peakc-offload-{digest}-{os.getpid()}.safetensors"
+    try:
+        save_file({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, temp)
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        os.replace(temp, path)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        raise PeakcError(f"offload: writing the disk tier to {folder} failed: {exc}") from None
+    return path
+
+
+# --- the executor -------------------------------------------------------------------------------
+
+
+@dataclass
+class UnitLayout:
+    """Where a unit's streamed tensors sit in a transfer buffer: name -> (offset, size), and
+    which of them are read from disk (through the staging buffer at the same offsets)."""
+
+    spans: dict[str, tuple[int, int]]
+    from_disk: list[str]
+    size: int
+
+
+class OffloadExecutor:
+    """Runs an executor graph (`executor_graph`) under a plan on `transfers`; call it with the
+    graph's inputs. Per call, the streamed units' copies and disk reads are issued ahead of
+    their compute: the copy of the next streamed unit while the current one computes, the
+    disk read one streamed unit further."""
+
+    def __init__(self, graph: Graph, plan: dict[str, Any], transfers: Transfers) -> None:
+        check_plan(plan, graph)
+        check_machine(plan, transfers)
+        self.graph = graph
+        self.plan = plan
+        self.transfers = transfers
+        self.device = transfers.device
+        self.units = offload_units(graph)
+        self.blocks = [u.block for u in self.units]
+        self.tier = {n: e["tier"] for n, e in plan["weights"].items()}
+        self.resident: dict[str, torch.Tensor] = {}
+        self.host: dict[str, torch.Tensor] = {}
+        disk: dict[str, torch.Tensor] = {}
+        for name, tensor in read_weights(graph).items():
+            if kv_layer(name) is not None:
+                continue
+            tier = self.tier[name]
+            if tier == "gpu":
+                self.resident[name] = transfers.place(tensor)
+            elif tier == "cpu":
+                self.host[name] = transfers.host(tensor)
+            else:
+                disk[name] = tensor
+        self.shapes = {n: (t.shape, t.dtype) for n, t in graph.weights().items()}
+        self.disk = DiskTier(plan["disk_path"], disk) if disk else None
+        self.slots: list[torch.Tensor] = []
+        self.stagings: list[torch.Tensor] = []
+        self.slot_free: list[list] = [[], []]  # compute events of the last unit using a slot
+        self.staging_free: list[list] = [[], []]  # copy events of the last copy from a staging
+        self.peak_gpu_bytes: int | None = None
+        self.set_kv({})
+
+    # --- placement ------------------------------------------------------------------------
+
+    def set_kv(self, caches: dict[str, torch.Tensor]) -> None:
+        """Place per-layer cache tensors by the plan (GPU, or pinned host memory streamed with
+        their layer) and lay out the transfer buffers for the streamed tensors."""
+        for name, tensor in caches.items():
+            tier = self.plan["kv_cache"][str(kv_layer(name))]["tier"]
+            self.resident.pop(name, None)
+            self.host.pop(name, None)
+            if tier == "gpu":
+                self.resident[name] = self.transfers.place(tensor)
+            else:
+                self.host[name] = self.transfers.host(tensor)
+            self.shapes[name] = (tensor.shape, tensor.dtype)
+        self.layouts = [self._layout(u) for u in self.units]
+        self.stream_order = [i for i, lay in enumerate(self.layouts) if lay.size]
+        size = max(
+            (lay.size + self._unplaced_kv_room(u) for lay, u in zip(self.layouts, self.units)),
+            default=0,
+        )
+        disk = max((self._disk_size(lay) for lay in self.layouts), default=0)
+        self.slots = self._sized(self.slots, size, self.transfers.buffer)
+        self.stagings = self._sized(self.stagings, disk, self.transfers.staging)
+
+    def _unplaced_kv_room(self, unit: OffloadUnit) -> int:
+        """Buffer bytes the unit's host-tier cache layers will take once placed, at the plan's
+        size: the buffers are made that large at once, not grown (and briefly doubled) when
+        a generation places the caches."""
+        room = 0
+        for name in unit.weights:
+            layer = kv_layer(name)
+            if layer is None or not self._unplaced(name):
+                continue
+            entry = self.plan["kv_cache"].get(str(layer), {})
+            if entry.get("tier") == "cpu":
+                room += aligned(int(entry.get("bytes", 0)) // 2)  # K or V: half the layer's
+        return room
+
+    def _sized(self, buffers: list[torch.Tensor], size: int, allocate) -> list[torch.Tensor]:
+        """Two buffers of at least `size` bytes: `buffers` when large enough, else new ones,
+        allocated once the old ones are freed (never both at once: a cache larger than the
+        plan's, for a larger batch, would otherwise hold four)."""
+        if not size or (buffers and buffers[0].numel() >= size):
+            return buffers
+        if buffers:
+            self.transfers.drain()  # no copy or compute still uses them
+            buffers.clear()
+        return [allocate(size) for _ in range(2)]
+
+    def kv_tensor(self, name: str) -> torch.Tensor:
+        """A cache tensor where it lives (the device, or pinned host memory)."""
+        return self.resident[name] if name in self.resident else self.host[name]
+
+    def _layout(self, unit: OffloadUnit) -> UnitLayout:
+        spans: dict[str, tuple[int, int]] = {}
+        from_disk = []
+        offset = 0
+        streamed = [w for w in unit.weights if w not in self.resident and not self._unplaced(w)]
+        streamed.sort(key=lambda w: self.tier.get(w) != "disk")  # disk first: one staging span
+        for name in streamed:
+            if name not in self.host and (self.disk is None or name not in self.disk.spans):
+                raise PeakcError(f"offload: unit {unit.name} reads '{name}', which has no tier")
+            shape, dtype = self.shapes[name]
+            size = torch.Size(shape).numel() * dtype.itemsize
+            spans[name] = (offset, size)
+            if name not in self.host:
+                from_disk.append(name)
+            offset += aligned(size)
+        return UnitLayout(spans, from_disk, offset)
+
+    def _unplaced(self, name: str) -> bool:
+        """A cache layer not placed yet (`set_kv` places them when a generation begins)."""
+        return kv_layer(name) is not None and name not in self.resident and name not in self.host
+
+    def _disk_size(self, layout: UnitLayout) -> int:
+        return sum(aligned(layout.spans[n][1]) for n in layout.from_disk)
+
+    # --- running --------------------------------------------------------------------------
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The graph's outputs for `inputs` (on the device), every unit run once."""
+        unset = [n for n in self.shapes if self._unplaced(n)]
+        if unset:
+            raise PeakcError(
+                f"offload: the KV cache '{unset[0]}' is not placed: begin(batch) first"
+            )
+        self.reads: dict[int, Any] = {}
+        self.copies: dict[int, Any] = {}
+        self.current: int | None = None
+        for k in range(min(2, len(self.stream_order))):
+            self._issue_read(k)
+        if self.stream_order:
+            self._issue_copy(0)
+        runner = BlockRunner(
+            self.graph,
+            [tuple(t.to(self.device) for t in inputs)],
+            self.device,
+            blocks=self.blocks,
+            activations="device",
+            description="offload",
+            weights=self._unit_weights,
+        )
+        self.store = runner.store
+        runner.run()
+        self._end_unit()
+        peak = self.transfers.memory_peak()
+        if peak is not None:
+            self.peak_gpu_bytes = max(peak, self.peak_gpu_bytes or 0)
+            if peak > self.plan["gpu_memory"]:
+                raise PeakcError(
+                    f"offload: peak GPU memory {peak / GB:.2f} GB exceeded the plan's "
+                    f"gpu_memory of {self.plan['gpu_memory'] / GB:.2f} GB"
+                )
+        return tuple(runner.store.get(n, 0) for n in self.graph.output_nodes())
+
+    def _unit_weights(self, index: int, block: Block) -> dict[str, torch.Tensor]:
+        """The block runner's weight source: closes the previous unit's compute, issues the
+        next streamed unit's copy and the one after's disk read, then starts this unit's
+        compute after its own copy."""
+        self._end_unit()
+        unit = self.units[index]
+        after = []
+        if index in self.stream_order:
+            k = self.stream_order.index(index)
+            if k + 1 < len(self.stream_order):
+                self._issue_copy(k + 1)
+            if k + 2 < len(self.stream_order):
+                self._issue_read(k + 2)
+            after = [self.copies[k]]
+        self.transfers.begin_compute(unit.name, after)
+        self.current = index
+        weights = {}
+        slot = self._slot(index)
+        for name in unit.weights:
+            if name in self.resident:
+                weights[name] = self.resident[name]
+            else:
+                offset, size = self.layouts[index].spans[name]
+                shape, dtype = self.shapes[name]
+                weights[name] = slot[offset : offset + size].view(dtype).view(shape)
+        return weights
+
+    def _end_unit(self) -> None:
+        if self.current is None:
+            return
+        if self.current in self.stream_order:
+            self._detach_from_slot(self.units[self.current].block, self._slot(self.current))
+        done = self.transfers.end_compute(self.units[self.current].name)
+        if self.current in self.stream_order:
+            k = self.stream_order.index(self.current)
+            self.slot_free[k % 2] = [done]
+        self.current = None
+
+    def _detach_from_slot(self, block: Block, slot: torch.Tensor) -> None:
+        """Copy out the unit's values that later units read and that are views of a streamed
+        weight (a slice of a rotary table, say): the buffer is overwritten two units on."""
+        where = slot.untyped_storage().data_ptr()
+        for node in block.outputs:
+            values = self.store.values.get(node, [])
+            for i, value in enumerate(values):
+                if torch.is_tensor(value) and value.untyped_storage().data_ptr() == where:
+                    values[i] = value.clone()
+
+    def _slot(self, index: int) -> torch.Tensor | None:
+        if index not in self.stream_order:
+            return None
+        return self.slots[self.stream_order.index(index) % 2]
+
+    def _issue_read(self, k: int) -> None:
+        """Disk to pinned staging for the k-th streamed unit, after the staging's last copy."""
+        layout = self.layouts[self.stream_order[k]]
+        if not layout.from_disk:
+            return
+        staging = self.stagings[k % 2]
+        pairs = [
+            (staging[layout.spans[n][0] : sum(layout.spans[n])], self.disk.source(n))
+            for n in layout.from_disk
+        ]
+        label = self.units[self.stream_order[k]].name
+        after = self.staging_free[k % 2]
+        forget = functools.partial(self.disk.forget, layout.from_disk)
+        self.reads[k] = self.transfers.read(label, pairs, after, forget)
+
+    def _issue_copy(self, k: int) -> None:
+        """Host (and staged disk) bytes to the k-th streamed unit's buffer, after the compute
+        that last read that buffer and after its disk read."""
+        index = self.stream_order[k]
+        layout = self.layouts[index]
+        slot = self.slots[k % 2]
+        pairs = []
+        for name, (offset, size) in layout.spans.items():
+            source = self.host.get(name)
+            source = as_bytes(source) if source is not None else None
+            if source is None:
+                source = self.stagings[k % 2][offset : offset + size]
+            pairs.append((slot[offset : offset + size], source))
+        after = [*self.slot_free[k % 2], *([self.reads[k]] if k in self.reads else [])]
+        self.copies[k] = self.transfers.copy(self.units[index].name, pairs, after)
+        if layout.from_disk:
+            self.staging_free[k % 2] = [self.copies[k]]
+
+    def close(self) -> None:
+        """Stop the reader and remove the disk tier's file."""
+        self.transfers.close()
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
+
+
+class OffloadStep:
+    """A Generator step (`CacheOwningStep`) over an offload executor: it keeps the KV cache,
+    one tensor per layer on the plan's tier, and writes each step's keys and values back."""
+
+    def __init__(self, executor: OffloadExecutor, layout: dict[str, Any]) -> None:
+        self.executor = executor
+        self.layout = layout
+
+    def begin(self, batch: int) -> None:
+        shape = (
+            batch,
+            self.layout["num_kv_heads"],
+            self.layout["max_seq_len"],
+            self.layout["head_dim"],
+        )
+        dtype = getattr(torch, self.layout["dtype"])
+        self.executor.set_kv(
+            {
+                f"{KV_PREFIX}.{kind}{layer}": torch.zeros(shape, dtype=dtype)
+                for layer in range(self.layout["num_layers"])
+                for kind in "kv"
+            }
+        )
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        logits, new_k, new_v = self.executor(ids, positions)
+        for layer in range(new_k.shape[0]):
+            k = self.executor.kv_tensor(f"{KV_PREFIX}.k{layer}")
+            v = self.executor.kv_tensor(f"{KV_PREFIX}.v{layer}")
+            write_cache(
+                k.unsqueeze(0),
+                v.unsqueeze(0),
+                new_k[layer : layer + 1].to(k.device),
+                new_v[layer : layer + 1].to(v.device),
+                positions.to(k.device),
+            )
+        return logits
+
+
+def offload_step(artifact: Any, transfers: Transfers | torch.device | str) -> OffloadStep:
+    """The Generator step of a decoder artifact compiled with the offload pass."""
+    plan = artifact.manifest.get(PLAN_KEY)
+    if plan is None:
+        raise PeakcError(f"artifact {artifact.directory} has no offload plan")
+    if not isinstance(transfers, Transfers):
+        transfers = CudaTransfers(transfers)
+    graph = artifact.to_graph()
+    graph.info["generation"] = artifact.manifest["generation"]
+    executor = OffloadExecutor(executor_graph(graph), plan, transfers)
+    return OffloadStep(executor, artifact.manifest["generation"])

@@ -1,0 +1,364 @@
+"""triton backend on CPU under TRITON_INTERPRET=1: generated fusion groups against their ATen
+subgraphs, demo:llama against eager (forward and greedy generation), the artifact's kernel
+descriptions (regeneration, tampering, tuning keys, source cache), the report's fallbacks.
+
+TRITON_INTERPRET must be set before a kernel is decorated, so the work runs in one fresh
+interpreter (a subprocess) that prints its findings as JSON; this process asserts on them.
+The no-GPU error runs here, without the interpreter.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peakc.cli import main
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHECKS = r"""
+import json, shutil, sys, warnings
+from pathlib import Path
+import torch
+import peakc
+from peakc.backends.triton import codegen
+from peakc.backends.triton.codegen import GroupKernel
+from peakc.backends.triton.fusion import plan_fusion
+from peakc.backends.triton.program import TritonProgram
+from peakc.errors import PeakcError
+from peakc.ir.capture import capture
+from peakc.ir.ops import define_op
+from peakc.models import load_source_for_task
+from peakc.models.demo import demo_llama
+from peakc.runtime.generate import Generator, SamplingConfig
+
+tmp = Path(sys.argv[1])
+found = {}
+
+
+class Chains(torch.nn.Module):
+    # RMSNorm and softmax written out, a gated MLP, a tanh GELU, a permuted input
+    def __init__(self, width):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(width))
+
+    def forward(self, x, y, z):
+        r = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = (x.float() * r).to(x.dtype) * self.w
+        s = h.float() * 0.5
+        e = torch.exp(s - s.amax(-1, keepdim=True))
+        p = e / e.sum(-1, keepdim=True)
+        g = torch.nn.functional.silu(y) * (1.0 - y)
+        t = torch.nn.functional.gelu(z.transpose(1, 2), approximate="tanh") * 2.0
+        return p, g, t
+
+
+errors, kinds = {}, set()
+for case, dtype in enumerate((torch.float32, torch.float16, torch.bfloat16)):
+    gen = torch.Generator().manual_seed(case)
+    width = (24, 37, 64)[case]
+    rows = (3, 5, 2)[case]
+    model = Chains(width).to(dtype)
+    x = torch.randn(2, rows, width, generator=gen).to(dtype)
+    y = torch.randn(rows, 1, 7 + case, generator=gen).to(dtype)
+    z = torch.randn(2, 5 + case, 3, generator=gen).to(dtype)
+    graph = capture(model, (x, y, z))
+    values = {}
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, node):
+            values[node] = super().run_node(node)
+            return values[node]
+
+    Record(graph.gm).run(x, y, z)
+    worst = 0.0
+    for group in plan_fusion(graph.graph).groups:
+        kinds.add("row" if group.row_wise else "pointwise")
+        outs = GroupKernel(group.description())(*[values[n] for n in group.inputs()])
+        for got, node in zip(outs, group.outputs()):
+            want = values[node]
+            assert got.shape == want.shape and got.dtype == want.dtype, node
+            assert got.stride() == want.stride(), (node, got.stride(), want.stride())
+            scale = want.float().abs().max().clamp_min(1e-6)
+            worst = max(worst, float((got.float() - want.float()).abs().max() / scale))
+    errors[str(dtype)] = worst
+found["groups"] = {"errors": errors, "kinds": sorted(kinds)}
+
+# demo:llama without the fuse pass (so ATen chains remain for the planner), against eager
+model, inputs = demo_llama()
+compiled = peakc.compile(model, inputs, backend="triton", pipeline="cleanup")
+folder = compiled.save(tmp / "forward")
+report = compiled.contents.report["triton"]["programs"]["forward"]
+codegen._LOADED.clear()
+shutil.rmtree(codegen.cache_dir(), ignore_errors=True)
+artifact = peakc.load(folder)
+with torch.no_grad():
+    want = model(*inputs)
+    got = artifact(*inputs)[0]
+cold = artifact.program().load_report
+codegen._LOADED.clear()
+warm = peakc.load(folder).program().load_report
+found["forward"] = {
+    "error": float((got - want).abs().max() / want.abs().max()),
+    "groups": report["fusion_groups"],
+    "parity": report["parity_rel_error"],
+    "cold_hits": cold["source_cache_hits"],
+    "warm_hits": warm["source_cache_hits"],
+    "sources": warm["generated_sources"],
+    "load_seconds": [cold["seconds"], warm["seconds"]],
+    "notes": warm["notes"],
+}
+
+# tuning's storage and lookup (its timing needs CUDA: here the smallest block is "fastest")
+from peakc.backends.triton import tuning
+from peakc.backends.triton.program import device_key
+
+spec = json.loads((folder / "forward.triton.json").read_text())
+tuning.time_config = lambda fn, args, config: config["BLOCK"]
+program = TritonProgram(spec, "cpu")
+weights = [artifact.weights[name] for name in artifact.manifest["programs"]["forward"]["weights"]]
+configs = tuning.tune_program(program, weights, [inputs])
+spec["tuning"] = {"key": device_key(), "configs": configs}
+tuned = TritonProgram(spec, "cpu")
+found["tuning"] = {
+    "blocks": sorted({c["BLOCK"] for per in configs.values() for c in per.values()}),
+    "notes": tuned.notes,
+    "steps_tuned": sum(bool(step.tuned) for step in tuned.steps),
+    "error": float((tuned(*weights, *inputs)[0] - want).abs().max() / want.abs().max()),
+}
+
+# tampering: a changed byte is refused by the checksums
+tampered = tmp / "tampered"
+shutil.copytree(folder, tampered)
+program_file = tampered / "forward.triton.json"
+program_file.write_text(program_file.read_text().replace("tl.rsqrt", "tl.sqrt", 1))
+try:
+    peakc.load(tampered)
+    found["tampered"] = "loaded"
+except PeakcError as exc:
+    found["tampered"] = str(exc)
+
+# a description whose stored source differs (another peakc): reported, peakc's source runs
+spec = json.loads((folder / "forward.triton.json").read_text())
+spec["kernels"][0]["source"] += "# edited\n"
+spec["tuning"] = {"key": {"device": "another gpu"}, "configs": {"0": {"x": {"BLOCK": 64}}}}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    notes = TritonProgram(spec, "cpu").notes
+found["regenerated_notes"] = notes
+found["warned"] = len(caught)
+
+# generation (default pipeline: peakc ops without triton kernels run their references)
+source = load_source_for_task("demo:llama", "generate", 48, 3)
+compiled = peakc.compile(source, backend="triton")
+artifact = peakc.load(compiled.save(tmp / "generate"))
+prompts = [[5, 17, 99, 3, 250, 7], [42]]
+config = SamplingConfig(max_new_tokens=6)
+tokens = Generator.from_artifact(artifact, "cpu").generate(prompts, config).tokens
+layout = artifact.manifest["generation"]
+graph = compiled.graph
+reference = Generator(lambda *a: graph.run(*a), layout, "cpu").generate(prompts, config).tokens
+found["generate"] = {"tokens": tokens, "reference": reference}
+found["report"] = {
+    "ops": compiled.contents.report["ops"],
+    "decoder": compiled.contents.report["triton"]["programs"]["decoder"]["cost"],
+    "manifest_programs": {
+        k: [v["format"], v["file"], v["runtime"]] for k, v in artifact.manifest["programs"].items()
+    },
+}
+
+# the CLI runs and benches triton artifacts as it does the others
+from peakc.cli import main
+
+bench = ["--batch", "1", "--prompt-len", "3", "--gen-len", "2", "--repeats", "1", "--json"]
+found["cli"] = [main(["run", str(folder)]), main(["bench", str(tmp / "generate"), *bench])]
+
+# an op without a triton kernel runs its reference; the report lists it with its time share
+def _shifted(x: torch.Tensor) -> torch.Tensor:
+    "x + 1, an op no backend has a kernel for."
+    return x + 1
+
+
+define_op("test_triton_shifted", _shifted, lambda x: torch.empty_like(x))
+
+
+class Odd(torch.nn.Module):
+    def forward(self, x):
+        return (torch.ops.peakc.test_triton_shifted(x).relu() * 2,)
+
+
+x = torch.randn(3, 5)
+compiled = peakc.compile(Odd(), (x,), backend="triton", pipeline="none")
+odd = peakc.load(compiled.save(tmp / "odd"))
+found["fallback"] = {
+    "ops": compiled.contents.report["ops"],
+    "cost": compiled.contents.report["triton"]["programs"]["forward"]["cost"],
+    "error": float((odd(x)[0] - ((x + 1).relu() * 2)).abs().max()),
+}
+
+# the CUDA-graph step refuses a decode batch above its captured batches (checked before CUDA)
+from peakc.backends.triton.cuda_graphs import GraphedDecoder
+
+decoder = artifact.program("decoder")
+decoder.runtime = {"decode_program": "decode_step", "decode_batches": [1]}
+step = GraphedDecoder(decoder, layout)
+try:
+    step.begin(2)
+    found["big_batch"] = "accepted"
+except PeakcError as exc:
+    found["big_batch"] = str(exc)
+print("RESULT " + json.dumps(found))
+"""
+
+
+@pytest.fixture(scope="module")
+def found(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PEAKC_TRITON_CACHE": str(tmp / "cache")}
+    run = subprocess.run(
+        [sys.executable, "-c", CHECKS, str(tmp)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-4000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def test_fusion_groups_equal_their_aten_subgraphs(found):
+    groups = found["groups"]
+    assert groups["kinds"] == ["pointwise", "row"]
+    assert groups["errors"]["torch.float32"] < 1e-5
+    assert groups["errors"]["torch.float16"] < 5e-3
+    assert groups["errors"]["torch.bfloat16"] < 3e-2
+
+
+def test_llama_forward_matches_eager_and_loads_warm(found):
+    forward = found["forward"]
+    assert forward["error"] < 1e-5 and forward["parity"] < 1e-5
+    assert forward["groups"] >= 4  # the written-out RMSNorms and SwiGLU of demo:llama
+    assert forward["cold_hits"] == 0 and forward["warm_hits"] == forward["sources"] > 0
+    assert forward["notes"] == []
+
+
+def test_tuned_configs_are_stored_and_used_on_the_same_key(found):
+    tuning = found["tuning"]
+    assert tuning["blocks"] == [512]  # pointwise groups offer 1024, 512, 2048
+    assert tuning["notes"] == [] and tuning["error"] < 1e-5
+    assert tuning["steps_tuned"] > 0
+
+
+def test_tampered_program_is_refused(found):
+    assert found["tampered"] != "loaded"
+    assert "forward.triton.json" in found["tampered"]
+
+
+def test_regenerated_source_and_tuning_key_are_reported(found):
+    notes = found["regenerated_notes"]
+    assert any("generates a different source" in n for n in notes)
+    assert any("default configs" in n for n in notes)
+    assert found["warned"] == len(notes)
+
+
+def test_op_without_kernel_is_a_listed_fallback(found):
+    fallback = found["fallback"]
+    assert fallback["ops"] == {"test_triton_shifted": "reference"}
+    (entry,) = fallback["cost"]["fallbacks"]
+    assert entry["why"] == "test_triton_shifted: no triton kernel"
+    assert 0 < entry["share_of_time"] == fallback["cost"]["fallback_share"] < 1
+    assert fallback["error"] < 1e-6
+
+
+def test_generation_matches_the_graph_and_fallbacks_are_listed(found):
+    assert found["generate"]["tokens"] == found["generate"]["reference"]
+    programs = found["report"]["manifest_programs"]
+    assert programs["decoder"][:2] == ["triton", "decoder.triton.json"]
+    assert programs["decoder"][2]["decode_program"] == "decode_step"
+    assert programs["decode_step"][0] == "triton"
+    ops = found["report"]["ops"]
+    cost = found["report"]["decoder"]
+    listed = {f["node"] for f in cost["fallbacks"]}
+    for op, label in ops.items():  # each op on its reference is a listed fallback
+        if label.startswith("reference") or " reference (" in label:
+            assert any(op in f["why"] for f in cost["fallbacks"]), op
+    assert len(listed) == len(cost["fallbacks"])
+    assert 0 <= cost["fallback_share"] <= 1 and cost["predicted_ms"] > 0
+
+
+def test_cli_runs_and_benches_triton_artifacts(found):
+    assert found["cli"] == [0, 0]
+
+
+def test_decode_batch_above_the_captured_graphs_is_refused(found):
+    assert "decode batch 2 is larger than the captured CUDA graphs'" in found["big_batch"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_no_gpu_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    argv = ["compile", "demo:mlp", "-o", str(tmp_path / "mlp"), "--backend", "triton"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "needs a CUDA GPU" in err and "--backend eager or ort" in err
+
+
+# --- in this process: planning and the program format (no kernel runs) ----------------------
+
+
+class RowChain(torch.nn.Module):
+    def forward(self, x):
+        a = x.exp()
+        b = a.sum()  # not a keepdim last-dim reduction: stays an ATen op, read after a
+        return a * b, torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * x
+
+
+def _plan(bytes_of=None):
+    from peakc.backends.triton.fusion import plan_fusion
+    from peakc.ir.capture import capture
+
+    graph = capture(RowChain(), (torch.randn(3, 16),))
+    return graph, plan_fusion(graph.graph, bytes_of)
+
+
+def test_planner_groups_chains_without_cycles():
+    from peakc.backends.triton.codegen import group_source
+
+    _, plan = _plan()
+    # exp * sum stays apart (the sum, read by the mul, is computed after exp, so a group holding
+    # both would wait on itself); the norm chain is one row-wise group
+    (norm,) = plan.groups
+    ops = [str(n.target) for n in norm.nodes]
+    assert ops == ["aten.pow.Tensor_Scalar", "aten.mean.dim", "aten.add.Tensor",
+                   "aten.rsqrt.default", "aten.mul.Tensor"]  # fmt: skip
+    assert norm.row_wise and norm.space == ("3", "16")
+    description = norm.description()
+    assert json.loads(json.dumps(description)) == description
+    assert group_source(description) == group_source(json.loads(json.dumps(description)))
+
+
+def test_planner_keeps_only_groups_that_save_memory_traffic():
+    _, plan = _plan(bytes_of=lambda node: 0.0)
+    assert plan.groups == []
+    assert plan.not_fused == {"moves no less memory than its ops one by one": 5}
+
+
+def test_program_names_only_aten_and_peakc_ops():
+    from peakc.backends.triton.program import aten_op, decode_arg
+    from peakc.errors import PeakcError
+
+    assert aten_op("aten.add.Tensor") is torch.ops.aten.add.Tensor
+    for name in ("os.system.default", "builtins.eval", "operator.call", "aten.add"):
+        with pytest.raises(PeakcError, match="triton program"):
+            aten_op(name)
+    with pytest.raises(PeakcError, match="unknown argument"):
+        decode_arg({"dtype": "Tensor"}, torch.device("cpu"))
