@@ -7,6 +7,8 @@ configurations (what the config table in peakc/backends/triton/kernels/linear_wq
 from), writes the records as JSON and prints a table of the layer sums last.
 
     python benchmarks/lowbit_kernels.py [--out benchmarks/results/lowbit_kernels.json]
+    python benchmarks/lowbit_kernels.py --smoke     # tiny shapes on the CPU (Triton interpreter)
+    python benchmarks/lowbit_kernels.py --table     # RESULTS.md rows from --out
 """
 
 from __future__ import annotations
@@ -15,8 +17,15 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
+import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+if "--smoke" in sys.argv:  # the interpreter must be chosen before any kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +42,21 @@ from peakc.backends.triton.kernels.linear_wq import (
     repack_linear_wq,
     split_count,
 )
-from peakc.ir.ops import dequantize_weight, pack_bits
+from peakc.backends.triton.kernels.sparse24 import (
+    RepackedSparse24,
+    Sparse24Config,
+    choose_sparse24_config,
+    linear_sparse24_triton,
+    repack_sparse24,
+    repack_sparse24_wq,
+)
+from peakc.ir.ops import (
+    compress_sparse24,
+    decompress_sparse24,
+    dequantize_weight,
+    pack_bits,
+    sparse24_values_weight,
+)
 
 LINEARS = [
     (4096, 6144),
@@ -42,6 +65,8 @@ LINEARS = [
     (14336, 4096),
 ]  # (K, N): qkv, o, gate_up, down
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048]
+SMOKE_LINEARS = [(256, 96), (128, 64)]  # --smoke: CPU, Triton interpreter, seconds
+SMOKE_ROWS = [1, 3, 17, 64]
 TOLERANCE = 1e-2  # ‖out - ref‖ / ‖ref‖ for bf16 operands
 INT4 = dict(bits=4, group_size=128, sym=False)
 INT8 = dict(bits=8, group_size=None, sym=True)  # per channel
@@ -49,7 +74,30 @@ LAYOUTS = {
     "peakc-int4": "int4 g128 asym",
     "torch-int4": "int4 g128",
     "peakc-int8": "int8 per-channel sym",
+    "torch-2:4": "2:4 bf16",
+    "peakc-2:4": "2:4 bf16",
+    "peakc-2:4-int4": "2:4 + int4 g128 asym",
 }
+KERNELS = [
+    "cublas-bf16",
+    "torch-int4",
+    "torch-2:4",
+    "peakc-int4",
+    "peakc-int8",
+    "peakc-2:4",
+    "peakc-2:4-int4",
+]
+
+
+def device_copy_bandwidth() -> float:
+    """copy_bandwidth on the GPU; on the CPU (smoke) a host copy timed by the clock."""
+    if torch.cuda.is_available():
+        return copy_bandwidth()
+    src = torch.empty(64 << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    started = time.perf_counter()
+    dst.copy_(src)
+    return 2 * src.numel() / (time.perf_counter() - started)
 
 
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
@@ -101,6 +149,29 @@ def _codes(packed: torch.Tensor, count: int) -> torch.Tensor:
     return unpack_bits(packed, 4, count)
 
 
+def prune_24(w: torch.Tensor) -> torch.Tensor:
+    """Magnitude 2:4: the two largest of every 4 consecutive weights of a row kept."""
+    n, k = w.shape
+    groups = w.view(n, k // 4, 4)
+    keep = groups.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return (groups * mask).view(n, k)
+
+
+def torch_24(weight: torch.Tensor) -> tuple[Callable, int]:
+    """torch's semi-structured 2:4 (cuSPARSELt or CUTLASS): (matmul, compressed bytes)."""
+    from torch.sparse import to_sparse_semi_structured
+
+    sparse = to_sparse_semi_structured(weight)
+    inner = [getattr(sparse, name) for name in sparse.__tensor_flatten__()[0]]
+    nbytes = sum(t.numel() * t.element_size() for t in inner)
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, sparse)
+
+    return matmul, nbytes
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
@@ -109,8 +180,13 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def time_ms(fn: Callable) -> float:
     """Median GPU time of fn's launches, replayed from a CUDA graph so that Python launch
-    overhead stays out (do_bench still clears L2 before each replay)."""
+    overhead stays out (do_bench still clears L2 before each replay); on the CPU (smoke) one
+    call's wall time."""
     fn()
+    if not torch.cuda.is_available():
+        started = time.perf_counter()
+        fn()
+        return (time.perf_counter() - started) * 1e3
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -134,10 +210,30 @@ class Layer:
     torch_int4: Callable | None
     torch_int4_bytes: int
     torch_int4_reason: str
+    sparse: RepackedSparse24  # the weight pruned 2:4 by magnitude
+    sparse_int4: RepackedSparse24  # its kept values quantized int4 g128 (g64 over kept values)
+    deq24: torch.Tensor
+    deq24_int4: torch.Tensor
+    torch_24: Callable | None
+    torch_24_bytes: int
+    torch_24_reason: str
 
 
-def build_layer(k: int, n: int, gen: torch.Generator) -> Layer:
-    weight = (torch.randn(n, k, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
+def build_sparse(weight: torch.Tensor) -> tuple:
+    """2:4 and 2:4 + int4 of `weight` in the kernels' layout, with their float weights."""
+    k = weight.shape[1]
+    pruned = prune_24(weight)
+    values, meta = compress_sparse24(pruned)
+    qweight, scales, qzeros, gs, _ = quantize_rtn(values, bits=4, group_size=64, sym=False)
+    kept = sparse24_values_weight(qweight, scales, qzeros, 4, 2 * gs, k)
+    deq_int4 = decompress_sparse24(kept.dequantize(), meta, k)
+    packed = repack_sparse24(values, meta, k)
+    packed_int4 = repack_sparse24_wq(qweight, scales, qzeros, meta, 4, 2 * gs, k)
+    return pruned, packed, packed_int4, deq_int4
+
+
+def build_layer(k: int, n: int, gen: torch.Generator, device: str = "cuda") -> Layer:
+    weight = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(torch.bfloat16)
     packs, deqs = [], []
     for spec in (INT4, INT8):
         qweight, scales, qzeros, gs, _ = quantize_rtn(weight, **spec)
@@ -148,13 +244,24 @@ def build_layer(k: int, n: int, gen: torch.Generator) -> Layer:
     matmul, nbytes, reason = None, 0, ""
     try:
         matmul, nbytes = torch_int4(*int4_parts, k)
-        x = torch.randn(4, k, generator=gen, device="cuda").to(torch.bfloat16)
+        x = torch.randn(4, k, generator=gen, device=device).to(torch.bfloat16)
         err = relative_error(matmul(x), x.float() @ deqs[0].float().T)
         if err > TOLERANCE:
             matmul, reason = None, f"torch-int4 disagrees with the codes (rel err {err:.3g})"
-    except (RuntimeError, AttributeError) as exc:  # missing op or unsupported on this build
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:  # not on this build
         matmul, reason = None, f"torch-int4 unavailable: {type(exc).__name__}: {exc}"[:300]
-    return Layer(k, n, weight, *packs, *deqs, matmul, nbytes, reason)
+    pruned, sparse, sparse_int4, deq24_int4 = build_sparse(weight)
+    matmul24, nbytes24, reason24 = None, 0, ""
+    try:
+        matmul24, nbytes24 = torch_24(pruned)
+        x = torch.randn(64, k, generator=gen, device=device).to(torch.bfloat16)
+        err = relative_error(matmul24(x), x.float() @ pruned.float().T)
+        if err > TOLERANCE:
+            matmul24, reason24 = None, f"torch-2:4 disagrees (rel err {err:.3g})"
+    except (RuntimeError, ValueError, NotImplementedError) as exc:  # no sparse kernels here
+        matmul24, reason24 = None, f"torch-2:4 unavailable: {type(exc).__name__}: {exc}"[:300]
+    return Layer(k, n, weight, *packs, *deqs, matmul, nbytes, reason, sparse, sparse_int4,
+                 pruned, deq24_int4, matmul24, nbytes24, reason24)  # fmt: skip
 
 
 def kernels(layer: Layer) -> dict[str, tuple[Callable, torch.Tensor, int]]:
@@ -178,6 +285,18 @@ def kernels(layer: Layer) -> dict[str, tuple[Callable, torch.Tensor, int]]:
     }
     if layer.torch_int4 is not None:
         found["torch-int4"] = (layer.torch_int4, layer.deq4, layer.torch_int4_bytes)
+    if layer.torch_24 is not None:
+        found["torch-2:4"] = (layer.torch_24, layer.deq24, layer.torch_24_bytes)
+    found["peakc-2:4"] = (
+        lambda x: linear_sparse24_triton(x, layer.sparse),
+        layer.deq24,
+        layer.sparse.nbytes(),
+    )
+    found["peakc-2:4-int4"] = (
+        lambda x: linear_sparse24_triton(x, layer.sparse_int4),
+        layer.deq24_int4,
+        layer.sparse_int4.nbytes(),
+    )
     return found
 
 
@@ -198,8 +317,10 @@ def sweep_candidates(m: int, bits: int) -> list[KernelConfig]:
             dataclasses.replace(base, num_stages=4),
             dataclasses.replace(base, reduction="atomic"),
             dataclasses.replace(base, block_n=128, num_warps=2),
+            dataclasses.replace(base, factored=False),
+            dataclasses.replace(base, block_n=128, factored=False),
             KernelConfig("splitk", 16, 128, cols(16)),
-            KernelConfig("splitk", 16, 64, cols(16)),
+            KernelConfig("gemm", 16, 64, cols(8), num_stages=4),
         ]
     if m <= 16:
         base = KernelConfig("splitk", 16, 128, cols(16))
@@ -211,51 +332,89 @@ def sweep_candidates(m: int, bits: int) -> list[KernelConfig]:
             dataclasses.replace(base, num_warps=8),
             dataclasses.replace(base, num_stages=4),
             dataclasses.replace(base, reduction="atomic"),
+            KernelConfig("gemm", 16, 64, cols(8), num_stages=4),
+            KernelConfig("gemm", 16, 128, cols(8), num_stages=4),
+            KernelConfig("gemm", 16, 32, cols(16), num_stages=4),
         ]
     if m <= 64:
         return [
             KernelConfig("splitk", 64, 128, cols(16)),
             KernelConfig("splitk", 64, 64, cols(16)),
-            KernelConfig("splitk", 64, 128, cols(32), num_warps=8),
-            KernelConfig("gemm", 64, 128, cols(16)),
-            KernelConfig("gemm", 64, 64, cols(16)),
+            KernelConfig("gemm", 64, 128, cols(8), num_stages=4),
+            KernelConfig("gemm", 64, 64, cols(8), num_stages=4),
+            KernelConfig("gemm", 32, 64, cols(8), num_stages=4),
+            KernelConfig("gemm", 64, 128, cols(16), num_stages=3),
         ]
     return [
+        KernelConfig("dequant", 1, 64, cols(32)),
+        KernelConfig("dequant", 1, 128, cols(16)),
+        KernelConfig("gemm", 128, 128, cols(8), num_warps=8, num_stages=3),
+        KernelConfig("gemm", 128, 128, cols(8), num_warps=8, num_stages=4),
+        KernelConfig("gemm", 128, 256, cols(8), num_warps=8, num_stages=3),
         KernelConfig("gemm", 128, 128, cols(16), num_warps=8, num_stages=3),
-        KernelConfig("gemm", 128, 128, cols(16), num_warps=8, num_stages=4),
-        KernelConfig("gemm", 128, 256, cols(16), num_warps=8, num_stages=3),
-        KernelConfig("gemm", 64, 128, cols(16), num_warps=4, num_stages=4),
-        KernelConfig("gemm", 128, 128, cols(32), num_warps=8, num_stages=3),
-        KernelConfig("gemm", 256, 128, cols(16), num_warps=8, num_stages=3),
+        KernelConfig("gemm", 64, 128, cols(8), num_warps=4, num_stages=4),
+        KernelConfig("gemm", 128, 64, cols(8), num_warps=4, num_stages=4),
+        KernelConfig("gemm", 256, 128, cols(8), num_warps=8, num_stages=3),
     ]
 
 
+def sparse_candidates(m: int, packed: RepackedSparse24) -> list[Sparse24Config]:
+    """2:4 kernel configurations tried per M (the table's own first)."""
+    base = choose_sparse24_config(m, packed)
+    if m == 1:
+        return [base, Sparse24Config(1, 64, 128), Sparse24Config(1, 256, 64),
+                Sparse24Config(1, 128, 256), Sparse24Config(1, 128, 128, num_warps=8)]  # fmt: skip
+    if m <= 16:
+        return [base, Sparse24Config(16, 128, 64), Sparse24Config(16, 32, 128),
+                Sparse24Config(16, 64, 64, num_stages=4), Sparse24Config(1, 128, 128)]  # fmt: skip
+    if m <= 64:
+        return [base, Sparse24Config(64, 64, 64), Sparse24Config(32, 128, 64, num_stages=4),
+                Sparse24Config(64, 128, 128)]  # fmt: skip
+    return [base, Sparse24Config(128, 256, 64, num_warps=8, split_k=1),
+            Sparse24Config(1, 64, 64, kernel="dense"), Sparse24Config(1, 128, 32, kernel="dense"),
+            Sparse24Config(128, 128, 32, num_warps=4, num_stages=4, split_k=1)]  # fmt: skip
+
+
+def sweep_variants(m: int, weights: str, packed: object) -> list:
+    """The configurations swept for one kind of weights at M (split halved and doubled for the
+    first two split-K candidates at M <= 16)."""
+    if weights.startswith("2:4"):
+        return sparse_candidates(m, packed)
+    variants = []
+    for i, config in enumerate(sweep_candidates(m, packed.bits)):
+        variants.append(config)
+        if config.kernel == "splitk" and m <= 16 and i < 2:
+            variants.append(_resolve_split(dataclasses.replace(config, split_k=-2), m, packed))
+            variants.append(_resolve_split(dataclasses.replace(config, split_k=-3), m, packed))
+    return variants
+
+
 def sweep(layers: list[Layer], rows: list[int], gen: torch.Generator) -> list[dict]:
-    """Each candidate (and, at M <= 16, its split halved and doubled) on every linear."""
+    """Each kind of weights' candidate configurations on every linear, the layer summed."""
+    kinds = {
+        "int4": (lambda layer: layer.int4, lambda layer: layer.deq4, linear_wq_triton),
+        "int8": (lambda layer: layer.int8, lambda layer: layer.deq8, linear_wq_triton),
+        "2:4": (lambda layer: layer.sparse, lambda layer: layer.deq24, linear_sparse24_triton),
+        "2:4-int4": (
+            lambda layer: layer.sparse_int4,
+            lambda layer: layer.deq24_int4,
+            linear_sparse24_triton,
+        ),
+    }
     results = []
     for m in rows:
-        for name, bits in (("int4", 4), ("int8", 8)):
-            variants = []
-            for config in sweep_candidates(m, bits):
-                variants.append(config)
-                if config.kernel == "splitk" and m <= 16:
-                    variants.append(dataclasses.replace(config, split_k=-2))
-                    variants.append(dataclasses.replace(config, split_k=-3))
-            for variant in variants:
+        for name, (packed_of, deq_of, run) in kinds.items():
+            for variant in sweep_variants(m, name, packed_of(layers[0])):
                 total, errors = 0.0, []
                 for layer in layers:
-                    packed = layer.int4 if bits == 4 else layer.int8
-                    deq = layer.deq4 if bits == 4 else layer.deq8
-                    chosen = _resolve_split(variant, m, packed)
-                    x = torch.randn(m, layer.k, generator=gen, device="cuda").to(torch.bfloat16)
+                    packed, deq = packed_of(layer), deq_of(layer)
+                    x = torch.randn(m, layer.k, generator=gen, device=deq.device)
+                    x = x.to(torch.bfloat16)
                     try:
                         err = relative_error(
-                            linear_wq_triton(x, packed, config=chosen),
-                            x.float() @ deq.float().T,
+                            run(x, packed, config=variant), x.float() @ deq.float().T
                         )
-                        total += time_ms(
-                            lambda x=x, p=packed, c=chosen: linear_wq_triton(x, p, config=c)
-                        )
+                        total += time_ms(lambda x=x, p=packed, c=variant, r=run: r(x, p, config=c))
                     except Exception as exc:  # noqa: BLE001 - a config that fails to compile
                         errors.append(f"{type(exc).__name__}: {exc}"[:200])
                         break
@@ -275,26 +434,31 @@ def _resolve_split(config: KernelConfig, m: int, packed: RepackedLinear) -> Kern
     block_k = config.block_k
     tiles = triton.cdiv(packed.out_features, config.block_n) * triton.cdiv(m, config.block_m)
     k_tiles = packed.k_padded // block_k
-    splits, _ = split_count(tiles, k_tiles, _multiprocessors(torch.device("cuda")))
+    device = packed.qweight.device
+    splits, _ = split_count(tiles, k_tiles, _multiprocessors(device))
     splits = max(1, splits // 2) if config.split_k == -2 else min(k_tiles, splits * 2)
     return dataclasses.replace(config, split_k=splits)
 
 
 def markdown_table(records: list[dict]) -> str:
-    """The four linears of a layer summed, per M: ms and speedup over cuBLAS bf16, per kernel
-    (RESULTS.md rows come from this, never typed by hand)."""
+    """The four linears of a layer summed, per M: ms and speedup over cuBLAS bf16, per kernel,
+    and the int4 and 2:4 + int4 floors (RESULTS.md rows come from this, never typed by hand)."""
     layer = [r for r in records if r["K"] == "layer"]
-    kernels = sorted({r["kernel"] for r in layer}, key=lambda k: (k != "cublas-bf16", k))
+    kernels = [k for k in KERNELS if any(r["kernel"] == k for r in layer)]
     by = {(r["kernel"], r["M"]): r for r in layer}
-    cublas = {m: by[("cublas-bf16", m)]["ms"] for k, m in by if k == "cublas-bf16"}
-    lines = ["| M | " + " | ".join(kernels) + " | int4 floor |", "|---:" * (len(kernels) + 2) + "|"]
+    floors = ["peakc-int4", "peakc-2:4-int4"]
+    head = " | ".join(kernels + [f"{k.removeprefix('peakc-')} floor" for k in floors])
+    lines = [f"| M | {head} |", "|---:" * (len(kernels) + len(floors) + 1) + "|"]
     for m in sorted({r["M"] for r in layer}):
+        cublas = by[("cublas-bf16", m)]["ms"]
         cells = []
         for k in kernels:
             r = by.get((k, m))
-            cells.append("-" if r is None else f"{r['ms']:.3f} ({cublas[m] / r['ms']:.2f}x)")
-        floor = by.get(("peakc-int4", m), {}).get("floor_ms")
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {floor:.4f} |" if floor else "| - |")
+            cells.append("-" if r is None else f"{r['ms']:.3f} ({cublas / r['ms']:.2f}x)")
+        for k in floors:
+            r = by.get((k, m))
+            cells.append("-" if r is None else f"{r['floor_ms']:.4f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -307,27 +471,35 @@ def main() -> None:
     parser.add_argument(
         "--table", action="store_true", help="print --out's layer rows as markdown and exit"
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter"
+    )
     args = parser.parse_args()
     if args.table:
         print(markdown_table(json.loads(args.out.read_text())))
         return
+    if args.smoke and args.out == parser.get_default("out"):
+        args.out = Path(tempfile.gettempdir()) / "lowbit_kernels_smoke.json"  # not the results
+    linears, rows = (SMOKE_LINEARS, SMOKE_ROWS) if args.smoke else (LINEARS, ROWS)
+    where = "cpu" if args.smoke else "cuda"
 
-    device = torch.cuda.get_device_name()
+    device = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
-    bandwidth = copy_bandwidth()
+    bandwidth = device_copy_bandwidth()
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for bucket, configs in CONFIGS:
         print(f"config M <= {bucket}:", {w: dataclasses.astuple(c) for w, c in configs.items()})
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    layers = [build_layer(k, n, gen) for k, n in LINEARS]
-    if layers[0].torch_int4_reason:
-        print("torch-int4 skipped:", layers[0].torch_int4_reason)
+    gen = torch.Generator(device=where).manual_seed(0)
+    layers = [build_layer(k, n, gen, where) for k, n in linears]
+    for reason in (layers[0].torch_int4_reason, layers[0].torch_24_reason):
+        if reason:
+            print("skipped:", reason)
 
     records, failures = [], []
     for layer in layers:
-        for m in ROWS:
-            x = torch.randn(m, layer.k, generator=gen, device="cuda").to(torch.bfloat16)
+        for m in rows:
+            x = torch.randn(m, layer.k, generator=gen, device=where).to(torch.bfloat16)
             for name, (fn, weight, nbytes) in kernels(layer).items():
                 ref = x.float() @ weight.float().T
                 try:
@@ -341,17 +513,20 @@ def main() -> None:
                 ms = time_ms(lambda fn=fn, x=x: fn(x))
                 record = dict(date=date, device=device, kernel=name, K=layer.k, N=layer.n, M=m,
                               ms=ms, floor_ms=nbytes / bandwidth * 1e3, rel_err=err)  # fmt: skip
-                if name.startswith("peakc"):
+                if name in ("peakc-int4", "peakc-int8"):
                     packed = layer.int4 if name == "peakc-int4" else layer.int8
                     record["config"] = dataclasses.asdict(choose_config(m, packed))
+                elif name.startswith("peakc-2:4"):
+                    packed = layer.sparse if name == "peakc-2:4" else layer.sparse_int4
+                    record["config"] = dataclasses.asdict(choose_sparse24_config(m, packed))
                 records.append(record)
-    for name in ("cublas-bf16", "torch-int4", "peakc-int4", "peakc-int8"):
-        for m in ROWS:
-            rows = [r for r in records if r["kernel"] == name and r["M"] == m]
-            if len(rows) == len(LINEARS):
+    for name in KERNELS:
+        for m in rows:
+            parts = [r for r in records if r["kernel"] == name and r["M"] == m]
+            if len(parts) == len(linears):
                 records.append(dict(date=date, device=device, kernel=name, K="layer", N="layer",
-                                    M=m, ms=sum(r["ms"] for r in rows),
-                                    floor_ms=sum(r["floor_ms"] for r in rows)))  # fmt: skip
+                                    M=m, ms=sum(r["ms"] for r in parts),
+                                    floor_ms=sum(r["floor_ms"] for r in parts)))  # fmt: skip
     for record in records:
         record["copy_TBps"] = round(bandwidth / 1e12, 3)
         record["layout"] = LAYOUTS.get(record["kernel"], "bf16")
@@ -363,7 +538,7 @@ def main() -> None:
         results = sweep(layers, sweep_rows, gen)
         args.sweep_out.write_text(json.dumps(results, indent=1) + "\n")
         print("\nsweep: best layer ms per (weights, M)")
-        for weights in ("int4", "int8"):
+        for weights in ("int4", "int8", "2:4", "2:4-int4"):
             for m in sweep_rows:
                 tried = [r for r in results if r["weights"] == weights and r["M"] == m]
                 ok = sorted(
@@ -371,35 +546,15 @@ def main() -> None:
                 )
                 bad = [r for r in tried if r["layer_ms"] is None]
                 for r in ok[:3]:
-                    c = r["config"]
-                    print(
-                        f"  {weights} M={m:5d} {r['layer_ms']:.4f} ms  {c['kernel']} "
-                        f"bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} w{c['num_warps']} "
-                        f"s{c['num_stages']} split{c['split_k']} {c['reduction']}"
-                    )
+                    c = " ".join(f"{k}={v}" for k, v in r["config"].items())
+                    print(f"  {weights} M={m:5d} {r['layer_ms']:.4f} ms  {c}")
                 for r in bad[:2]:
                     print(f"  {weights} M={m:5d} FAILED {r['config']}: {r['errors'][:1]}")
 
     for failure in failures:
         print("FAILED", failure)
-    layer_rows = {(r["kernel"], r["M"]): r for r in records if r["K"] == "layer"}
-    print("\nlayer (four linears summed), ms; x = speedup over cublas-bf16")
-    names = ["cublas-bf16", "torch-int4", "peakc-int4", "peakc-int8"]
-    print(f"{'M':>5} " + " ".join(f"{n:>19}" for n in names) + "  int4-floor")
-    for m in ROWS:
-        base = layer_rows.get(("cublas-bf16", m))
-        cells = []
-        for name in names:
-            r = layer_rows.get((name, m))
-            if r is None:
-                cells.append(f"{'-':>19}")
-            else:
-                speed = base["ms"] / r["ms"] if base else float("nan")
-                cells.append(f"{r['ms']:>10.4f} {speed:>7.2f}x")
-        floor = layer_rows.get(("peakc-int4", m))
-        print(
-            f"{m:>5} " + " ".join(cells) + f"  {floor['floor_ms'] if floor else float('nan'):.4f}"
-        )
+    print("\nlayer (four linears summed), ms (x = speedup over cublas-bf16)")
+    print(markdown_table(records))
 
 
 if __name__ == "__main__":
