@@ -41,8 +41,8 @@ from peakc.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     _list_files,
-    _sha256,
     read_manifest,
+    sha256_file,
     verify_files,
 )
 from peakc.version import __version__
@@ -284,7 +284,7 @@ def write_artifact(
             "ops": sorted(_custom_namespaces(contents)),
             **({ZERO_INPUTS: zeros} if zeros else {}),
             **contents.extra_manifest,
-            "files": {rel: _sha256(staging / rel) for rel in _list_files(staging)},
+            "files": {rel: sha256_file(staging / rel) for rel in _list_files(staging)},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _make_readable(staging)

@@ -52,7 +52,7 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
     for rel, digest in listed.items():
         if rel not in present:
             raise PeakcError(f"artifact {directory} is incomplete: {rel} is missing")
-        if _sha256(directory / rel) != digest:
+        if sha256_file(directory / rel) != digest:
             raise PeakcError(f"artifact {directory}: {rel} was changed (checksum mismatch)")
     extra = sorted(present - set(listed))
     if extra:
@@ -63,7 +63,8 @@ def _list_files(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes (read in 1 MiB chunks): what the manifest lists."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from peakc.errors import PeakcError
 from peakc.runtime.artifact import program_loader, read_example_inputs
 from peakc.runtime.generate import GenerationResult, Generator, SamplingConfig, write_cache
-from peakc.runtime.manifest import _sha256, read_manifest
+from peakc.runtime.manifest import read_manifest, sha256_file
 from peakc.runtime.stage_options import DEFAULT_TIMEOUT_S, add_worker_arguments
 
 PLAN_KEY = "partition"
@@ -120,7 +120,7 @@ def load_stage(directory: str | Path, index: int, device: str | torch.device) ->
         path = directory / rel
         if not path.is_file():
             raise PeakcError(f"artifact {directory}: stage {index}'s file {rel} is missing")
-        if _sha256(path) != manifest["files"].get(rel):
+        if sha256_file(path) != manifest["files"].get(rel):
             raise PeakcError(f"artifact {directory}: stage {index}'s file {rel} was changed")
     import peakc.ir.ops  # noqa: F401  (the programs call peakc ops)
 

@@ -148,7 +148,7 @@ def test_pickled_payload_is_refused(copy_of):
         for name, data in entries.items():
             dst.writestr(name, data)
     manifest = json.loads((copy_of / "manifest.json").read_text())
-    manifest["files"]["forward.pt2"] = art._sha256(path)
+    manifest["files"]["forward.pt2"] = art.sha256_file(path)
     (copy_of / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PeakcError, match="refusing archive entry .*w0.pt"):
         peakc.load(copy_of)(*peakc.load(copy_of).example_inputs)
