@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from peakc.backends.base import Backend, get_backend
+from peakc.backends.base import Backend, get_backends
 from peakc.cost_model.hardware import HardwareProfile, resolve_profile
 from peakc.errors import PeakcError
 from peakc.ir.capture import capture
@@ -21,7 +21,7 @@ from peakc.passes.base import PassContext
 from peakc.passes.instruments import DumpIR, Instrument, Parity, Reproducer, Timing
 from peakc.passes.pipeline import Pipeline
 from peakc.progress import ProgressTask
-from peakc.runtime.artifact import ArtifactContents, write_artifact
+from peakc.runtime.artifact import ArtifactContents, check_replaceable, write_artifact
 
 
 @dataclass
@@ -54,12 +54,49 @@ class Compiled:
             )
 
 
+@dataclass
+class CompiledSet:
+    """The result of compile() with several backends (`backend="triton,ort"`): one pipeline
+    run's graph lowered by each, an artifact per backend (`compiled["ort"]`)."""
+
+    graph: Graph
+    artifacts: dict[str, Compiled]
+    instruments: Sequence[Instrument] = ()
+
+    def __getitem__(self, backend: str) -> Compiled:
+        return self.artifacts[backend]
+
+    def save(self, directory: str | Path, force: bool = False) -> dict[str, Path]:
+        """Write each artifact into DIR/<backend> (each loads alone); DIR holds nothing else.
+        `force` replaces a DIR written this way before."""
+        directory = Path(directory)
+        check_artifact_set(directory, force)
+        directory.mkdir(parents=True, exist_ok=True)
+        return {
+            name: compiled.save(directory / name, force=force)
+            for name, compiled in self.artifacts.items()
+        }
+
+
+def check_artifact_set(directory: Path, force: bool) -> None:
+    """A folder of per-backend artifacts may be replaced only with `force`, and only when
+    everything in it is a peakc artifact (a user's files are never deleted)."""
+    if not directory.exists():
+        return
+    if not force:
+        raise PeakcError(f"output folder {directory} already exists (use --force to replace it)")
+    if not directory.is_dir():
+        raise PeakcError(f"output {directory} is a file, not a folder of peakc artifacts")
+    for entry in directory.iterdir():
+        check_replaceable(entry, force)
+
+
 def compile(
     model: torch.nn.Module | Graph | ModelSource,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
     *,
     pipeline: str | Pipeline = "default",
-    backend: str | Backend = "eager",
+    backend: str | Backend | Sequence[str | Backend] = "eager",
     target: str | HardwareProfile = "cpu",
     dump_ir: str | Path | None = None,
     parity: bool = True,
@@ -71,8 +108,11 @@ def compile(
     dynamic: dict | None = None,
     generation: dict | None = None,
     calibration_data: Any = None,
-) -> Compiled:
+) -> Compiled | CompiledSet:
     """Capture `model`, run the pipeline, and lower it with the backend.
+
+    Several backends (`"triton,ort"` or a list) lower the one transformed graph each: a
+    CompiledSet of one artifact per backend, every report naming the shared graph fingerprint.
 
     `dynamic` declares dynamic input dimensions (see ir.capture); `generation` marks the model
     as a KV-cache decoder (peakc/models/kv_cache.py) with that cache layout. A ModelSource
@@ -102,7 +142,7 @@ def compile(
         )
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
     profile = target if isinstance(target, HardwareProfile) else resolve_profile(target)
-    lowerer = get_backend(backend)
+    lowerers = get_backends(backend)
     listeners = tuple(instruments)  # the caller's: they hear phases, passes and progress
     instruments = [Timing(), *listeners]
     if parity:
@@ -113,9 +153,10 @@ def compile(
         instruments.append(Reproducer(reproducer_dir))
     ctx = PassContext(target=profile, instruments=instruments, calibration_data=calibration_data)
     pipe.check(ctx)
-    if any(p.name == "partition" for p in pipe.passes) and not lowerer.lowers_stages:
+    unstaged = [b.name for b in lowerers if not b.lowers_stages]
+    if any(p.name == "partition" for p in pipe.passes) and unstaged:
         raise PeakcError(  # before capture: the backend would drop the stage plan
-            f"backend '{lowerer.name}' does not lower pipeline stages (pass 'partition'): "
+            f"backend '{unstaged[0]}' does not lower pipeline stages (pass 'partition'): "
             "compile with --backend eager, or leave partition out of the pipeline"
         )
 
@@ -140,27 +181,58 @@ def compile(
     # verification, parity and dumps around the passes: the pipeline's time beyond the passes'
     checks = passes_seconds - sum(r.get("seconds", 0.0) for r in records)
     rows.append({"phase": "pipeline checks (parity, dumps)", "seconds": round(max(checks, 0), 4)})
-    started = time.perf_counter()
-    with _phase(ctx.instruments, f"lower ({lowerer.name})"):
-        contents = lowerer.lower(graph, ctx, str(pipe))
-    rows.append(
-        {"phase": f"lower ({lowerer.name})", "seconds": round(time.perf_counter() - started, 4)}
-    )
-    contents.source = source
-    contents.extra_files.update(extra_files or {})
-    contents.report.update(
-        source=source,
-        pipeline=str(pipe),
-        backend=lowerer.name,
-        backend_options=str(lowerer),
-        target=profile.name,
-        capture_seconds=round(capture_seconds, 4),
-        passes=records,
-        timing=rows,
-        fusion_near_misses=[m for r in records for m in r.get("report", {}).get("near_misses", [])],
-        fingerprint=graph.fingerprint(),
-        dtype=weights_dtype,
-    )
+    fingerprint = graph.fingerprint()  # of the graph every backend is given
+    lowered: dict[str, Compiled] = {}
+    lower_rows = []
+    for lowerer in lowerers:
+        own = graph.copy() if len(lowerers) > 1 else graph  # a backend may rewrite its graph
+        started = time.perf_counter()
+        with _phase(ctx.instruments, f"lower ({lowerer.name})"):
+            contents = lowerer.lower(own, ctx, str(pipe))
+        row = {
+            "phase": f"lower ({lowerer.name})",
+            "seconds": round(time.perf_counter() - started, 4),
+        }
+        lower_rows.append(row)
+        contents.source = source
+        contents.extra_files.update(extra_files or {})
+        contents.report.update(
+            source=source,
+            pipeline=str(pipe),
+            backend=lowerer.name,
+            backend_options=str(lowerer),
+            target=profile.name,
+            capture_seconds=round(capture_seconds, 4),
+            passes=records,
+            timing=[*rows, row],
+            fusion_near_misses=[
+                m for r in records for m in r.get("report", {}).get("near_misses", [])
+            ],
+            fingerprint=fingerprint,
+            dtype=weights_dtype,
+        )
+        _record_graph_info(graph, contents)
+        lowered[lowerer.name] = Compiled(graph, contents, records, listeners)
+    measured = sum(r["seconds"] for r in rows[len(earlier) :] + lower_rows)
+    other = {
+        "phase": "setup and report",
+        "seconds": round(max(0, _since(compile_started) - measured), 4),
+    }
+    one_pipeline = {"backends": list(lowered), "fingerprint": fingerprint}
+    for compiled in lowered.values():
+        compiled.contents.report["timing"].append(other)
+        if len(lowered) > 1:  # each artifact says it was made from this one pipeline run
+            compiled.contents.report["one_pipeline"] = one_pipeline
+            compiled.contents.extra_manifest["one_pipeline"] = one_pipeline
+        compiled.contents.report_md = render_report(compiled.contents.report)
+    if len(lowered) == 1:
+        return next(iter(lowered.values()))
+    return CompiledSet(graph, lowered, listeners)
+
+
+def _record_graph_info(graph: Graph, contents: ArtifactContents) -> None:
+    """What the runtime reads from the graph beyond its programs: the cache layout of a
+    generation decoder, the offload placement, the pruned linears (for sparse kernels)."""
     if "generation" in graph.info:
         contents.extra_manifest["generation"] = graph.info["generation"]
     if "offload" in graph.info:  # the offload pass's placement, followed on a GPU
@@ -169,10 +241,10 @@ def compile(
     if sparsity:  # pruned linears, so backends can pick sparse kernels (2:4 and friends)
         contents.extra_manifest["sparsity"] = sparsity
         contents.report["sparsity"] = sparsity
-    other = time.perf_counter() - compile_started - sum(r["seconds"] for r in rows[len(earlier) :])
-    rows.append({"phase": "setup and report", "seconds": round(max(other, 0), 4)})
-    contents.report_md = render_report(contents.report)
-    return Compiled(graph, contents, records, listeners)
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
 
 
 @contextmanager
@@ -194,6 +266,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"weights: {report.get('dtype') or 'as given'}",
         f"- capture: {report.get('capture_seconds')} s, graph fingerprint "
         f"{report.get('fingerprint')}",
+        *_one_pipeline_lines(report.get("one_pipeline")),
         "",
         "| # | pass | seconds | modified | parity rel. error | stats |",
         "|---|------|---------|----------|-------------------|-------|",
@@ -220,6 +293,16 @@ def render_report(report: dict[str, Any]) -> str:
     if misses:
         lines += ["", "## fusion near-misses", ""] + [f"- {m}" for m in misses]
     return "\n".join(lines) + "\n"
+
+
+def _one_pipeline_lines(shared: dict[str, Any] | None) -> list[str]:
+    """For an artifact compiled with several backends: which artifacts share its graph."""
+    if not shared:
+        return []
+    return [
+        f"- one pipeline run, lowered by {', '.join(shared['backends'])} (one artifact each, "
+        f"same graph fingerprint {shared['fingerprint']})"
+    ]
 
 
 def cost_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -288,11 +371,11 @@ def load(directory: str | Path):
     """Load and verify an artifact directory; returns a callable LoadedArtifact."""
     from peakc.runtime.artifact import load_artifact
 
-    _use_cuda_kernels()
+    use_cuda_kernels()
     return load_artifact(directory)
 
 
-def _use_cuda_kernels() -> None:
+def use_cuda_kernels() -> None:
     """On a CUDA machine with Triton, run linear_wq and the 2:4 ops of eager programs on the
     Triton kernels (their CUDA implementation); elsewhere they keep their references."""
     import importlib.util

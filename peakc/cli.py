@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="demo:NAME | hf:PATH | gguf:FILE | py:MODULE:FUNC | artifact:DIR")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--pipeline", default="default", help="pass spec or named pipeline")
-    p.add_argument("--backend", default="eager")
+    p.add_argument(
+        "--backend",
+        default="eager",
+        help="backend spec; several (triton,ort) lower one pipeline run into DIR/<backend> each",
+    )
     p.add_argument("--target", default="cpu", help="hardware profile name or JSON file")
     p.add_argument("--plugin", action="append", default=[], help="Python file registering passes")
     p.add_argument("--dump-ir", metavar="DIR", help="write numbered IR dumps here")
@@ -64,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_argument(p)
 
     p = sub.add_parser("bench", help="prefill latency and decode tokens/s of an artifact or model")
-    p.add_argument("target", help="artifact directory, or a model spec (hf:, gguf:, demo:)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "target",
+        nargs="+",
+        help="artifact directory, or a model spec (hf:, gguf:, demo:); several: side by side",
+    )
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="one or more batch sizes")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
@@ -193,10 +201,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
             timing=bars.seconds,
             calibration_data=calibration,
         )
-        compiled.save(output, force=args.force)
-    print_compile_summary(console, compiled.contents.report)
+        written = compiled.save(output, force=args.force)
+    report = _first_report(compiled)
+    print_compile_summary(console, report)
+    if isinstance(written, dict):
+        shared = report["one_pipeline"]
+        console.print(
+            f"one pipeline run (graph {shared['fingerprint']}) lowered by "
+            f"{', '.join(written)}: " + ", ".join(str(path) for path in written.values()),
+            markup=False,
+        )
     if args.explain_fusion:
-        misses = compiled.contents.report.get("fusion_near_misses", [])
+        misses = report.get("fusion_near_misses", [])
         console.print(f"fusion near-misses: {len(misses)}")
         for miss in misses:
             console.print(f"  {miss}", markup=False)
@@ -208,9 +224,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def _check_compile_args(args: argparse.Namespace, output: Path) -> None:
     """Inputs that would fail (or destroy something) only after minutes of work: refused first."""
+    from peakc.api import check_artifact_set
+    from peakc.backends.base import get_backends
     from peakc.runtime.artifact import check_replaceable
 
-    check_replaceable(output, args.force)
+    several = len(get_backends(args.backend)) > 1  # unknown, twice or bad options: named now
+    (check_artifact_set if several else check_replaceable)(output, args.force)
     _check_output_writable(output)
     if not args.pipeline.strip():
         raise PeakcError("--pipeline is empty: name 'none' to run no passes")
@@ -218,10 +237,19 @@ def _check_compile_args(args: argparse.Namespace, output: Path) -> None:
         raise PeakcError(f"--seq-len must be at least 1, got {args.seq_len}")
 
 
+def _first_report(compiled) -> dict:
+    """The report the compile summary shows: the artifact's, or with several backends the
+    first one's (the passes and their costs are the same in each)."""
+    artifacts = getattr(compiled, "artifacts", None)
+    return next(iter(artifacts.values())).contents.report if artifacts else compiled.contents.report
+
+
 def _bfloat16_runs(backend: str) -> bool:
-    """Whether the backend can run bfloat16 here: ONNX Runtime's CPU provider has no bfloat16
+    """Whether the backends can run bfloat16 here: ONNX Runtime's CPU provider has no bfloat16
     MatMul, so an ort artifact needs the CUDA provider for it."""
-    if not backend.startswith("ort"):
+    from peakc.passes.spec import parse_items
+
+    if "ort" not in [item.name for item in parse_items(backend, "backend")]:
         return True
     try:
         import onnxruntime
@@ -426,6 +454,7 @@ def _check_captured_length(spec: str, example_inputs, seq_len: int) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from peakc.api import use_cuda_kernels
     from peakc.data import consecutive_windows, source_token_text
     from peakc.ir.capture import capture
     from peakc.models import artifact_source, load_source
@@ -436,6 +465,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.seq_len is not None and args.seq_len < 2:
         raise PeakcError(f"--seq-len must be at least 2 (a token and the next), got {args.seq_len}")
     threads = apply_threads(args.threads)
+    use_cuda_kernels()  # as `peakc bench`: compressed linears of eager programs on the kernels
     spec = args.model if ":" in args.model else f"artifact:{args.model}"
     kind, _, rest = spec.partition(":")
     if kind == "artifact":  # loaded (and its checksums verified) once
@@ -534,14 +564,30 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from peakc.api import use_cuda_kernels
     from peakc.models import eager_generation_step
-    from peakc.runtime.bench import bench_target, format_bench
+    from peakc.runtime.bench import bench_many, bench_target, format_bench, format_side_by_side
     from peakc.runtime.threads import apply_threads
 
     threads = apply_threads(args.threads)
+    use_cuda_kernels()  # eager artifacts' linear_wq and 2:4 ops on the Triton kernels (CUDA)
+    if len(args.target) > 1 or len(args.batch) > 1:  # side by side, per phase and batch
+        results = bench_many(
+            args.target,
+            args.batch,
+            args.prompt_len,
+            args.gen_len,
+            args.repeats,
+            args.device,
+            load_model=eager_generation_step,
+        )
+        for result in results:
+            result["threads"] = threads
+        print(json.dumps(results, indent=2) if args.json else format_side_by_side(results))
+        return 0
     result = bench_target(
-        args.target,
-        args.batch,
+        args.target[0],
+        args.batch[0],
         args.prompt_len,
         args.gen_len,
         args.repeats,

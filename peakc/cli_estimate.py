@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peakc.errors import PeakcError
@@ -16,7 +17,11 @@ if TYPE_CHECKING:
 def add_estimate_commands(sub: argparse._SubParsersAction) -> None:
     """Register `estimate` and `calibrate` on the main parser."""
     p = sub.add_parser("estimate", help="estimate time and memory of a model on a hardware profile")
-    p.add_argument("model", help="demo:NAME | hf:PATH | gguf:FILE | py:MODULE:FUNC | artifact:DIR")
+    p.add_argument(
+        "model",
+        help="demo:NAME | hf:PATH | gguf:FILE | py:MODULE:FUNC | artifact:DIR | a triton "
+        "artifact's DIR (its program's prefill and decode step)",
+    )
     p.add_argument("--pipeline", default="", help="pass spec to run before estimating")
     p.add_argument("--target", default="h100-sxm", help="hardware profile name or JSON file")
     p.add_argument("--batch", type=int, default=None, help="sequences (default: the example's)")
@@ -60,6 +65,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from peakc.models import load_source
 
     profile = resolve_profile(args.target)
+    if _triton_artifact(args.model) is not None:
+        return _estimate_triton_artifact(args, profile)
     prepare = _pipeline_runner(args.pipeline, profile) if args.pipeline else None
     source = load_source(args.model)
     results: dict[str, Estimate] = {}
@@ -109,6 +116,44 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     _print_tables(args.model, shown, results, args.top)
     if args.plot:
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _triton_artifact(model: str) -> Path | None:
+    """The folder when `model` (DIR or artifact:DIR) is a triton artifact: its stored program
+    is priced as it is, with no source model (other artifacts are read back as graphs)."""
+    folder = Path(model.removeprefix("artifact:"))
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return folder if isinstance(manifest, dict) and manifest.get("backend") == "triton" else None
+
+
+def _estimate_triton_artifact(args: argparse.Namespace, profile) -> int:
+    """`peakc estimate DIR` for a triton artifact: each program's launches (fusion groups as
+    one kernel, GEMMs, fallbacks) priced on --target, at the shapes it was compiled for."""
+    from peakc.backends.triton.cost import predict_artifact
+
+    if args.batch or args.seq or args.pipeline or args.plot:
+        raise PeakcError(
+            f"artifact {args.model}: a triton program is priced at the shapes it was compiled "
+            "for; --batch, --seq, --pipeline and --plot apply to model sources"
+        )
+    folder = _triton_artifact(args.model)
+    prediction = predict_artifact(folder, profile)
+    if args.json:
+        print(json.dumps(prediction, indent=2))
+        return 0
+    print(
+        f"{args.model}: triton program on {profile.name} (compiled for "
+        f"{prediction['compiled_for']}): device time, kernels back to back"
+    )
+    for phase, row in prediction["phases"].items():
+        print(
+            f"  {phase:<8} {fmt_time(row['predicted_ms'] / 1e3):>10}  {row['shape']}; "
+            f"{row['kernels']} kernels, fallbacks {row['fallback_share']:.0%} of the time"
+        )
     return 0
 
 

@@ -10,6 +10,7 @@ that registry into the report's per-op "lowered / reference (why)".
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +23,7 @@ from peakc.passes.spec import (
     check_options_class,
     format_options,
     parse_item,
+    parse_items,
 )
 from peakc.runtime.artifact import ArtifactContents
 
@@ -107,6 +109,34 @@ def get_backend(spec: str | Backend) -> Backend:
     item = parse_item(spec, "backend")
     cls = backend_class(item.name)
     return cls(build_options(cls, item))
+
+
+def get_backends(spec: str | Backend | Sequence[str | Backend]) -> list[Backend]:
+    """The backends that lower one transformed graph: a comma-separated spec
+    (`triton,ort{device=cuda}`) or a list of specs and Backends. Each is named at most once
+    (each writes the artifact named after it)."""
+    if isinstance(spec, Backend):
+        return [spec]
+    if isinstance(spec, str):
+        items = parse_items(spec, "backend")
+        if not items:
+            raise PeakcError("--backend is empty: name one, like eager, ort or triton")
+        backends = []
+        for item in items:
+            cls = backend_class(item.name)
+            backends.append(cls(build_options(cls, item)))
+    else:
+        backends = [b for entry in spec for b in get_backends(entry)]
+        if not backends:
+            raise PeakcError("compile: the backend list is empty: name one, like eager or ort")
+    names = [b.name for b in backends]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise PeakcError(
+            f"backend '{twice[0]}' is named twice: each backend writes one artifact, named "
+            "after it; give it once, with all its options"
+        )
+    return backends
 
 
 @dataclass

@@ -73,6 +73,8 @@ class NodeEstimate:
     time: float
     bound: str  # "compute" | "memory" | "launch" | "free"
     kernels: int = 1
+    op_class: str = "elementwise"  # OpCost's, so a backend can price the node on another target
+    padding: float = 1.0
 
 
 @dataclass
@@ -245,6 +247,8 @@ def estimate(
                 else dev + (0.0 if profile.asynchronous_launch else issue),
                 bound=bound,
                 kernels=kernels,
+                op_class=cost.op_class,
+                padding=cost.padding,
             )
         )
     blocks: dict[str, BlockEstimate] = {}

@@ -9,7 +9,9 @@ the runtime does not import the model sources that sit above it.
 
 from __future__ import annotations
 
+import json
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,3 +117,94 @@ def _p90(values: list[float]) -> float:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1e3, 4)
+
+
+def bench_many(
+    targets: list[str],
+    batches: list[int],
+    prompt_len: int,
+    gen_len: int,
+    repeats: int = 5,
+    device: str | None = None,
+    load_model: ModelStepLoader | None = None,
+) -> list[dict[str, Any]]:
+    """Every target at every batch (`peakc bench A B`): generation artifacts and model specs
+    through the generation loop, other artifacts through their forward program (timed once
+    per target, on its example inputs)."""
+    results = []
+    for target in targets:
+        if Path(target).is_dir() and "generation" not in _manifest(target):
+            results.append(bench_forward(target, repeats))
+            continue
+        for batch in batches:
+            results.append(
+                bench_target(target, batch, prompt_len, gen_len, repeats, device, load_model)
+            )
+    return results
+
+
+def bench_forward(directory: str, repeats: int = 5) -> dict[str, Any]:
+    """Median and p90 of an artifact's forward program on its stored example inputs, after
+    one warm-up."""
+    if repeats < 1:
+        raise PeakcError("--repeats must be positive")
+    artifact = load_artifact(directory)
+    inputs = artifact.example_inputs
+    seconds = []
+    with torch.no_grad():
+        artifact(*inputs)  # warm-up
+        for _ in range(repeats):
+            started = time.perf_counter()
+            outputs = artifact(*inputs)
+            _synchronize(outputs)
+            seconds.append(time.perf_counter() - started)
+    return {
+        "target": f"artifact {directory}",
+        "device": str(inputs[0].device) if inputs else "cpu",
+        "batch": int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1,
+        "repeats": repeats,
+        "forward_ms": {"median": _ms(statistics.median(seconds)), "p90": _ms(_p90(seconds))},
+    }
+
+
+def format_side_by_side(results: list[dict[str, Any]]) -> str:
+    """One column per target, one row per phase and batch (median ms; p90 in parentheses).
+    A target with no such phase shows '-'."""
+    columns = list(dict.fromkeys(r["target"] for r in results))
+    cells: dict[str, dict[str, str]] = {}
+    for r in results:
+        for phase, key in (("prefill", "prefill_ms"), ("decode step", "decode_ms_per_step"),
+                           ("forward", "forward_ms")):  # fmt: skip
+            if key in r:
+                row = f"{phase}, batch {r['batch']} (ms)"
+                cells.setdefault(row, {})[r["target"]] = (
+                    f"{r[key]['median']:.3f} ({r[key]['p90']:.3f})"
+                )
+    order = ["prefill", "decode step", "forward"]
+    rows = sorted(cells, key=lambda row: (order.index(row.split(",")[0]), int(row.split()[-2])))
+    first = max([len("phase"), *map(len, rows)])
+    widths = [max(len(c), *(len(cells[row].get(c, "-")) for row in rows)) for c in columns]
+    lines = ["  ".join(["phase".ljust(first), *(c.rjust(w) for c, w in zip(columns, widths))])]
+    for row in rows:
+        values = [cells[row].get(c, "-").rjust(w) for c, w in zip(columns, widths)]
+        lines.append("  ".join([row.ljust(first), *values]))
+    devices = ", ".join(sorted({r["device"] for r in results}))
+    shapes = {(r["prompt_len"], r["gen_len"]) for r in results if "prompt_len" in r}
+    note = "; ".join(f"prompt {p}, generate {g}" for p, g in sorted(shapes))
+    lines.append(f"median (p90) over {results[0]['repeats']} repeats on {devices}"
+                 + (f"; {note}" if note else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def _manifest(directory: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads((Path(directory) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise PeakcError(f"bench: {directory} has no readable manifest.json") from None
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _synchronize(outputs: Any) -> None:
+    """Wait for a CUDA program's kernels, so the time is the program's, not its launch."""
+    if any(isinstance(t, torch.Tensor) and t.is_cuda for t in outputs):
+        torch.cuda.synchronize()

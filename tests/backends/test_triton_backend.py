@@ -165,6 +165,7 @@ layout = artifact.manifest["generation"]
 graph = compiled.graph
 reference = Generator(lambda *a: graph.run(*a), layout, "cpu").generate(prompts, config).tokens
 found["generate"] = {"tokens": tokens, "reference": reference}
+compiled_programs = compiled.contents.report["triton"]["programs"]
 found["report"] = {
     "ops": compiled.contents.report["ops"],
     "decoder": compiled.contents.report["triton"]["programs"]["decoder"]["cost"],
@@ -200,6 +201,33 @@ found["fallback"] = {
     "ops": compiled.contents.report["ops"],
     "cost": compiled.contents.report["triton"]["programs"]["forward"]["cost"],
     "error": float((odd(x)[0] - ((x + 1).relu() * 2)).abs().max()),
+}
+
+# one pipeline run lowered by two backends: an artifact each, both from the same graph
+import contextlib, io
+
+pair = peakc.compile(Odd(), (x,), backend="triton,eager", pipeline="none")
+written = pair.save(tmp / "pair")
+found["pair"] = {
+    "written": {k: str(v.relative_to(tmp)) for k, v in written.items()},
+    "shared": [pair[k].contents.report["one_pipeline"] for k in written],
+    "fingerprints": [pair[k].contents.report["fingerprint"] for k in written],
+    "manifests": [peakc.load(v).manifest["one_pipeline"] for v in written.values()],
+    "errors": [float((peakc.load(v)(x)[0] - ((x + 1).relu() * 2)).abs().max())
+               for v in written.values()],
+}
+
+# peakc estimate prices the stored program (no source model) on any --target
+estimates = {}
+for target in ("cpu", "h100-sxm"):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["estimate", str(tmp / "generate"), "--target", target, "--json"])
+    estimates[target] = json.loads(out.getvalue())
+found["estimate"] = {
+    "estimates": estimates,
+    "priced": {k: v["cost"]["predicted_ms"]
+               for k, v in compiled_programs.items()},
 }
 
 # the CUDA-graph step refuses a decode batch above its captured batches (checked before CUDA)
@@ -300,6 +328,28 @@ def test_cli_runs_and_benches_triton_artifacts(found):
 
 def test_decode_batch_above_the_captured_graphs_is_refused(found):
     assert "decode batch 2 is larger than the captured CUDA graphs'" in found["big_batch"]
+
+
+def test_one_pipeline_lowers_to_triton_and_eager(found):
+    pair = found["pair"]
+    assert pair["written"] == {"triton": "pair/triton", "eager": "pair/eager"}
+    (fingerprint,) = set(pair["fingerprints"])
+    shared = {"backends": ["triton", "eager"], "fingerprint": fingerprint}
+    assert pair["shared"] == pair["manifests"] == [shared, shared]
+    assert max(pair["errors"]) < 1e-6  # each artifact loads alone and computes the model
+
+
+def test_estimate_prices_a_triton_artifact_per_phase_and_target(found):
+    estimate = found["estimate"]
+    cpu, h100 = estimate["estimates"]["cpu"], estimate["estimates"]["h100-sxm"]
+    assert set(cpu["phases"]) == {"prefill", "decode"} and cpu["compiled_for"] == "cpu"
+    # on the compile's own target, the stored launches price to the report's prediction
+    assert cpu["phases"]["prefill"]["predicted_ms"] == estimate["priced"]["decoder"]
+    assert cpu["phases"]["decode"]["predicted_ms"] == estimate["priced"]["decode_step"]
+    assert cpu["phases"]["decode"]["shape"] == "batch 2 x 1 token, cache of 48 slots"
+    for phase in ("prefill", "decode"):  # another target: the same program, repriced
+        assert 0 < h100["phases"][phase]["predicted_ms"] != cpu["phases"][phase]["predicted_ms"]
+        assert h100["phases"][phase]["kernels"] == cpu["phases"][phase]["kernels"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
