@@ -11,6 +11,12 @@ from peakc.ir import capture
 from peakc.models.demo import demo_llama, demo_mlp
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked slow (minutes: real SmolLM2 compiles) run first, so that with
+    `-n 2` they start at once on their own workers instead of ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def llama():
     model, inputs = demo_llama()

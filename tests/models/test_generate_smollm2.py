@@ -39,7 +39,7 @@ def test_greedy_tokens_match_transformers(tmp_path, smollm2_gguf, capsys):
     generator = Generator.from_artifact(peakc.load(out), "cpu")
     tokenizer = generator.tokenizer
     encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
-    ours = generator.generate(encoded, SamplingConfig(max_new_tokens=64)).tokens
+    ours = generator.generate(encoded, SamplingConfig(max_new_tokens=32)).tokens
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -51,7 +51,7 @@ def test_greedy_tokens_match_transformers(tmp_path, smollm2_gguf, capsys):
     with torch.no_grad():
         theirs = model.generate(
             **batch,
-            max_new_tokens=64,
+            max_new_tokens=32,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=None,
