@@ -30,6 +30,7 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before any kernel is
 import torch
 import torch.nn.functional as F
 import triton
+from graph_timing import time_ms
 from triton.testing import do_bench
 
 from peakc.backends.triton.kernels.linear_wq import (
@@ -176,26 +177,6 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     return float((out.float() - ref).norm() / ref.norm())
-
-
-def time_ms(fn: Callable) -> float:
-    """Median GPU time of fn's launches, replayed from a CUDA graph so that Python launch
-    overhead stays out (do_bench still clears L2 before each replay); on the CPU (smoke) one
-    call's wall time."""
-    fn()
-    if not torch.cuda.is_available():
-        started = time.perf_counter()
-        fn()
-        return (time.perf_counter() - started) * 1e3
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return do_bench(graph.replay, warmup=10, rep=30, return_mode="median")
 
 
 @dataclasses.dataclass
@@ -414,7 +395,9 @@ def sweep(layers: list[Layer], rows: list[int], gen: torch.Generator) -> list[di
                         err = relative_error(
                             run(x, packed, config=variant), x.float() @ deq.float().T
                         )
-                        total += time_ms(lambda x=x, p=packed, c=variant, r=run: r(x, p, config=c))
+                        total += time_ms(
+                            lambda x=x, p=packed, c=variant, r=run: r(x, p, config=c), rep=30
+                        )
                     except Exception as exc:  # noqa: BLE001 - a config that fails to compile
                         errors.append(f"{type(exc).__name__}: {exc}"[:200])
                         break
@@ -510,7 +493,7 @@ def main() -> None:
                 if err > TOLERANCE:
                     failures.append(f"{name} K={layer.k} N={layer.n} M={m}: rel err {err:.3g}")
                     continue
-                ms = time_ms(lambda fn=fn, x=x: fn(x))
+                ms = time_ms(lambda fn=fn, x=x: fn(x), rep=30)
                 record = dict(date=date, device=device, kernel=name, K=layer.k, N=layer.n, M=m,
                               ms=ms, floor_ms=nbytes / bandwidth * 1e3, rel_err=err)  # fmt: skip
                 if name in ("peakc-int4", "peakc-int8"):

@@ -28,13 +28,13 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # the interpreter must be chosen before any kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
+from graph_timing import time_ms
 
 from peakc.backends.triton.kernels.linear_compressed import CONFIGS, linear_compressed_triton
 from peakc.ir.dictionary_code import ParseTree, encode, tunstall
@@ -47,27 +47,6 @@ EXPERTS = 8
 
 
 # --- gemv ------------------------------------------------------------------------------------
-
-
-def time_ms(fn: Callable[[], object]) -> float:
-    """Median GPU time of fn's launches replayed from a CUDA graph (launch overhead out, L2
-    cleared by do_bench); on the CPU (smoke) one call's wall time."""
-    fn()
-    if not torch.cuda.is_available():
-        started = time.perf_counter()
-        fn()
-        return (time.perf_counter() - started) * 1e3
-    from triton.testing import do_bench
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
 
 
 def ternary_levels(n: int, k: int, zero_fraction: float, gen: torch.Generator) -> torch.Tensor:

@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before any kernel is
 
 import torch
 import triton
+from graph_timing import time_ms
 from triton.testing import do_bench
 
 import peakc.backends.triton.kernels  # noqa: F401  (registers the lowerings)
@@ -124,25 +124,6 @@ def copy_bandwidth() -> float:
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.numel() / (do_bench(lambda: dst.copy_(src), rep=200) * 1e-3)
-
-
-def time_ms(fn: Callable) -> float:
-    """Median device time of fn as a CUDA graph replay (launch overhead excluded, as the
-    backend's decode graphs run it); on the CPU one call's wall time."""
-    fn()
-    if not torch.cuda.is_available():
-        started = time.perf_counter()
-        fn()
-        return (time.perf_counter() - started) * 1e3
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
 
 
 def relative_error(out, ref) -> float:
