@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from peakc.backends.triton.kernels.operands import as_rows
 from peakc.ir.dictionary_code import MAX_NONZEROS, segments_per_row
 from peakc.ir.ops import register_lowering
 
@@ -126,9 +127,7 @@ def linear_compressed_triton(
     first, with `block_m` fitted to the rows of x). The checksum is verified where the
     stream is loaded (artifact) or decoded by the reference, not per launch."""
     rows = scales.shape[0]
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     m = x2.shape[0]
     if config is None:
         config = dict(CONFIGS[0], block_m=min(triton.next_power_of_2(max(m, 1)), 8))

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from peakc.backends.triton.kernels.operands import as_rows
 from peakc.errors import PeakcError
 from peakc.ir.ops import pack_bits, unpack_bits
 
@@ -585,9 +586,7 @@ def linear_wq_triton(
     """x [..., K] @ dequantized(packed)ᵀ + bias -> [..., N] in x's dtype (fp16 or bf16)."""
     k, n = packed.in_features, packed.out_features
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     m = x2.shape[0]
     config = config or choose_config(m, packed)
     per_word = 32 // packed.bits

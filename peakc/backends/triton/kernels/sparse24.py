@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from peakc.backends.triton.kernels.operands import as_rows
 from peakc.errors import PeakcError
 from peakc.ir.ops import sparse24_values_weight, unpack_bits
 
@@ -374,9 +375,7 @@ def linear_sparse24_triton(
     """x [..., K] @ decompressed(packed)ᵀ + bias -> [..., N] in x's dtype (fp16 or bf16)."""
     k, n = packed.in_features, packed.out_features
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     m = x2.shape[0]
     config = config or choose_sparse24_config(m, packed)
     if config.kernel == "semi":
