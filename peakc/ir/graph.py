@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import operator
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -121,6 +122,22 @@ class Graph:
             node = self.gm.graph.get_attr(name)
         node.meta["val"] = ir_meta.fake_of(value)
         return node
+
+    def replace_call(
+        self, node: fx.Node, target: Any, args: tuple, drop: Iterable[Any] = ()
+    ) -> fx.Node:
+        """A call of `target(*args)` in `node`'s place (node's meta copied, its users
+        rewired); then `node` is erased, and so is each node of `drop` (the weights it read)
+        that nothing reads any more. Returns the new node."""
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(target, args)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        for old in drop:
+            if isinstance(old, fx.Node) and not old.users:
+                self.graph.erase_node(old)
+        return new
 
     # --- structure -------------------------------------------------------------------------
 

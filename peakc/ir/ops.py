@@ -452,7 +452,7 @@ class PackedWeight:
     and their layout; together with x and bias, the op's arguments (`args` orders them).
 
     The four tensor fields hold tensors, or the graph nodes that produce them when the weight
-    is read off a linear_wq node (`PackedWeight.of(node.args)`) or emitted as one (`emit`)."""
+    is read off a linear_wq node (`PackedWeight.of(node.args)`) or written into one (`args`)."""
 
     qweight: torch.Tensor | torch.fx.Node
     scales: torch.Tensor | torch.fx.Node
@@ -506,11 +506,6 @@ class PackedWeight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Run peakc::linear_wq with this (tensor-valued) weight."""
         return LINEAR_WQ.overload(*self.args(x, bias))
-
-    def emit(self, graph: torch.fx.Graph, x: torch.fx.Node, bias: object) -> torch.fx.Node:
-        """A linear_wq call node in `graph` (at its insertion point) reading this node-valued
-        weight."""
-        return graph.call_function(LINEAR_WQ.overload, self.args(x, bias))
 
 
 def dequantize_weight(*packed: object) -> torch.Tensor:

@@ -268,15 +268,7 @@ def replace_expert_linear(
         coded.segment,
         coded.max_words,
     )
-    with graph.graph.inserting_before(node):
-        new = graph.graph.call_function(LINEAR_COMPRESSED.overload, args)
-    new.meta = dict(node.meta)
-    old_weight = node.args[1]
-    node.replace_all_uses_with(new)
-    graph.graph.erase_node(node)
-    if isinstance(old_weight, fx.Node) and not old_weight.users:
-        graph.graph.erase_node(old_weight)
-    return new
+    return graph.replace_call(node, LINEAR_COMPRESSED.overload, args, [node.args[1]])
 
 
 def _stats(

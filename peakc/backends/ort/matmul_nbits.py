@@ -228,24 +228,18 @@ def lower_linear_wq(graph: Graph, node: fx.Node, context: MatMulNBitsContext) ->
         key: graph.add_weight(f"{prefix}.{key}", value, before=node)
         for key, value in tensors.items()
     }
-    with graph.graph.inserting_before(node):
-        new = graph.graph.call_function(
-            MATMUL_NBITS_OVERLOAD,
-            (
-                x,
-                attrs["nbits_b"],
-                attrs["nbits_scales"],
-                attrs.get("nbits_zero_points"),
-                attrs.get("nbits_perm"),
-                bias,
-                packed.bits,
-                layout.block_size,
-                packed.in_features,
-            ),
-        )
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    _erase_with_unused(graph, node, packed)
+    args = (
+        x,
+        attrs["nbits_b"],
+        attrs["nbits_scales"],
+        attrs.get("nbits_zero_points"),
+        attrs.get("nbits_perm"),
+        bias,
+        packed.bits,
+        layout.block_size,
+        packed.in_features,
+    )
+    graph.replace_call(node, MATMUL_NBITS_OVERLOAD, args, packed.tensors().values())
     report.rewritten += 1
 
 
@@ -257,11 +251,9 @@ def _dequantize_in_place(graph: Graph, node: fx.Node) -> None:
     weight = _constants(graph, packed).dequantize().to(x.meta["val"].dtype)
     prefix = packed.qweight.target.rsplit(".", 1)[0]
     attr = graph.add_weight(f"{prefix}.dequantized_weight", weight, before=node)
-    with graph.graph.inserting_before(node):
-        new = graph.graph.call_function(torch.ops.aten.linear.default, (x, attr, bias))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    _erase_with_unused(graph, node, packed)
+    graph.replace_call(
+        node, torch.ops.aten.linear.default, (x, attr, bias), packed.tensors().values()
+    )
 
 
 def _is_constant(arg: object) -> bool:
@@ -271,14 +263,6 @@ def _is_constant(arg: object) -> bool:
 def _constants(graph: Graph, packed: PackedWeight) -> PackedWeight:
     """The node-valued packed weight with the graph's tensors in place of its get_attr nodes."""
     return packed.with_tensors({k: graph.get_weight(n.target) for k, n in packed.tensors().items()})
-
-
-def _erase_with_unused(graph: Graph, node: fx.Node, packed: PackedWeight) -> None:
-    """Erase the replaced linear_wq node and the packed-weight nodes nothing else reads."""
-    graph.graph.erase_node(node)
-    for old in packed.tensors().values():
-        if not old.users:
-            graph.graph.erase_node(old)
 
 
 MATMUL_NBITS_OVERLOAD = MATMUL_NBITS.overload

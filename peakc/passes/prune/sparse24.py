@@ -140,7 +140,7 @@ def _rewrite_linear(graph: Graph, node: fx.Node) -> str | None:
     bias = rest[0] if rest else None
     added = _add(graph, node, weight.target, {"values": values, "meta": meta})
     args = (x, added["values"], added["meta"], bias, w.shape[1])
-    _replace(graph, node, LINEAR_SPARSE24.overload, args, [weight])
+    graph.replace_call(node, LINEAR_SPARSE24.overload, args, [weight])
     return None
 
 
@@ -178,7 +178,7 @@ def _rewrite_linear_wq(graph: Graph, node: fx.Node) -> str | None:
     added = _add(graph, node, packed.qweight.target, {"qvalues": qvalues, "meta": meta})
     args = (x, added["qvalues"], packed.scales, packed.qzeros, added["meta"], bias, packed.bits,
             group_size, k)  # fmt: skip
-    _replace(graph, node, LINEAR_SPARSE24_WQ.overload, args, old)
+    graph.replace_call(node, LINEAR_SPARSE24_WQ.overload, args, old)
     return None
 
 
@@ -189,15 +189,3 @@ def _add(graph: Graph, node: fx.Node, old_name: str, tensors: dict) -> dict:
         key: graph.add_weight(f"{prefix}.sparse24_{key}", value.contiguous(), before=node)
         for key, value in tensors.items()
     }
-
-
-def _replace(graph: Graph, node: fx.Node, target: object, args: tuple, old: list) -> None:
-    """Put a call of `target` in `node`'s place; drop the old weights nothing reads any more."""
-    with graph.graph.inserting_before(node):
-        new = graph.graph.call_function(target, args)
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    graph.graph.erase_node(node)
-    for weight in old:
-        if weight is not None and not weight.users:
-            graph.graph.erase_node(weight)

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 
 from peakc.ir.graph import Graph
-from peakc.ir.ops import PackedWeight, pack_bits
+from peakc.ir.ops import LINEAR_WQ, PackedWeight, pack_bits
 from peakc.passes.calibration import LinearSite
 from peakc.passes.quantize import QUANT_KEY
 from peakc.passes.quantize.gptq import QuantizedWeight
@@ -39,13 +39,7 @@ def replace_linear(graph: Graph, site: LinearSite, packed: PackedWeight, record:
         key: graph.add_weight(f"{site.module}.{key}", value, before=node)
         for key, value in packed.tensors().items()
     }
-    with graph.graph.inserting_before(node):
-        new = packed.with_tensors(attrs).emit(graph.graph, x, bias)
-    new.meta = dict(node.meta)
+    args = packed.with_tensors(attrs).args(x, bias)
+    new = graph.replace_call(node, LINEAR_WQ.overload, args, [node.args[1]])
     new.meta[QUANT_KEY] = record
-    old_weight = node.args[1]
-    node.replace_all_uses_with(new)
-    graph.graph.erase_node(node)
-    if isinstance(old_weight, fx.Node) and not old_weight.users:
-        graph.graph.erase_node(old_weight)
     return new

@@ -240,7 +240,7 @@ def rewrite_linear_wq(graph: Graph, node: fx.Node, context: Any = None) -> None:
     nodes = _add_weights(graph, node, packed.qweight.target, "triton", tensors)
     args = (x, nodes["qweight"], nodes["scales"], nodes["zeros"], nodes.get("perm"), bias,
             packed.bits, packed.group_size, packed.in_features)  # fmt: skip
-    _replace(graph, node, LINEAR_WQ_REPACKED.overload, args, packed.tensors().values())
+    graph.replace_call(node, LINEAR_WQ_REPACKED.overload, args, packed.tensors().values())
 
 
 def sparse24_why_not(node: fx.Node, graph: Graph, context: Any = None) -> str | None:
@@ -287,7 +287,7 @@ def _rewrite_sparse24(graph: Graph, node: fx.Node, context: Any = None) -> None:
     scales = nodes.get("scales", nodes["values"])
     args = (node.args[0], nodes["values"], nodes["meta"], scales, nodes.get("zeros", scales),
             bias, bits, group_rows, in_features)  # fmt: skip
-    _replace(graph, node, LINEAR_SPARSE24_REPACKED.overload, args, operands.values())
+    graph.replace_call(node, LINEAR_SPARSE24_REPACKED.overload, args, operands.values())
 
 
 for _op in ("linear_sparse24", "linear_sparse24_wq"):
@@ -303,18 +303,6 @@ def _add_weights(graph: Graph, node: fx.Node, old_name: str, tag: str, tensors: 
         key: graph.add_weight(f"{prefix}.{tag}_{key}", value.contiguous(), before=node)
         for key, value in tensors.items()
     }
-
-
-def _replace(graph: Graph, node: fx.Node, target: Callable, args: tuple, old: Any) -> None:
-    """Put a call of `target` in `node`'s place and drop the weights nothing reads any more."""
-    with graph.graph.inserting_before(node):
-        new = graph.graph.call_function(target, args)
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    graph.graph.erase_node(node)
-    for weight in old:
-        if not weight.users:
-            graph.graph.erase_node(weight)
 
 
 # --- eager programs on CUDA: the kernels as the ops' CUDA implementation ---------------------
