@@ -62,6 +62,19 @@ class Backend:
     def option_error(self, option: str, message: str) -> PeakcError:
         return PeakcError(f"backend '{self.name}': option '{option}' {message}")
 
+    def check_runtime_options(self, batch_words: str) -> None:
+        """The GPU backends' shared options: `parity_tol` (auto or a number >= 0) and
+        `decode_batches` (`batch_words`, e.g. "auto", or batch sizes >= 1)."""
+        tol = self.options.parity_tol
+        if tol != "auto" and not tol >= 0:
+            raise self.option_error("parity_tol", f"must be auto or a number >= 0; got '{tol}'")
+        batches = self.options.decode_batches
+        if isinstance(batches, list) and (not batches or min(batches) < 1):
+            raise self.option_error(
+                "decode_batches",
+                f"must be {batch_words} or batch sizes >= 1 like [1,8]; got {batches}",
+            )
+
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.options == other.options
 

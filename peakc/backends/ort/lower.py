@@ -78,15 +78,7 @@ class OrtBackend(Backend):
         self.decode_batches = batches if isinstance(batches, str) else "+".join(map(str, batches))
 
     def validate(self) -> None:
-        tol = self.options.parity_tol
-        if tol != "auto" and not tol >= 0:
-            raise self.option_error("parity_tol", f"must be auto or a number >= 0; got '{tol}'")
-        batches = self.options.decode_batches
-        if isinstance(batches, list) and (not batches or min(batches) < 1):
-            raise self.option_error(
-                "decode_batches",
-                f"must be auto, none or batch sizes >= 1 like [1,8]; got {batches}",
-            )
+        self.check_runtime_options("auto, none")
 
     def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents:
         device = resolve_device(self.device)

@@ -47,14 +47,7 @@ class TritonBackend(Backend):
     Options: ClassVar[type] = TritonOptions
 
     def validate(self) -> None:
-        tol = self.options.parity_tol
-        if tol != "auto" and not tol >= 0:
-            raise self.option_error("parity_tol", f"must be auto or a number >= 0; got '{tol}'")
-        batches = self.options.decode_batches
-        if isinstance(batches, list) and (not batches or min(batches) < 1):
-            raise self.option_error(
-                "decode_batches", f"must be auto or batch sizes >= 1 like [1,8]; got {batches}"
-            )
+        self.check_runtime_options("auto")
 
     def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents:
         from peakc.backends.triton.device import resolve_device
