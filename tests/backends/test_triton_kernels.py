@@ -116,8 +116,8 @@ attention_case("attention causal default config", BF16, 1, 4, 1, 7, 7, 64, None,
 
 # attention_cache: decode (1 token) near the start and the end of the cache, a short prefill
 # from empty and after a context, split or not, written in place or not
-def cache_case(name, dtype, h, hkv, d, s, firsts, cfg, write):
-    b, t = len(firsts), 40
+def cache_case(name, dtype, h, hkv, d, s, firsts, cfg, write, t=40):
+    b = len(firsts)
     kc, vc = randn(b, hkv, t, d, dtype=dtype), randn(b, hkv, t, d, dtype=dtype)
     positions = torch.stack([torch.arange(p, p + s) for p in firsts])
     q = randn(b, s, h, d, dtype=dtype).transpose(1, 2)
@@ -136,6 +136,9 @@ cache_case("cache decode end written", F32, 4, 2, 32, 1, [33, 39], ONE, True)
 cache_case("cache decode default gqa4", F16, 8, 2, 64, 1, [25], None, True)
 cache_case("cache prefill empty", BF16, 4, 2, 16, 5, [0, 0], ONE, True)
 cache_case("cache prefill after context split", F16, 2, 2, 16, 7, [20, 3], SPLIT3, False)
+# prompts longer than a key block: whole blocks below the diagonal run without a mask
+cache_case("cache prefill unmasked blocks", F32, 4, 2, 16, 37, [0, 0], ONE, True)
+cache_case("cache prefill default config", BF16, 2, 1, 16, 70, [0], None, False, t=72)
 print(json.dumps(results))
 """
 
@@ -157,7 +160,7 @@ def test_kernels_match_their_references(results):
     """Every launcher equals its reference within the dtype's tolerance (bf16 looser: the
     interpreter truncates fp32 to bf16 where the GPU rounds), returns the reference's shape,
     dtype and strides, and leaves or writes the caches as asked."""
-    assert len(results) == 51
+    assert len(results) == 53
     bad = [r for r in results if not (r["err"] < LIMITS[r["dtype"]] and r["layout"] and r["ok"])]
     assert not bad, bad
 

@@ -1,11 +1,18 @@
 """Decode steps replayed as CUDA graphs: the Generator's cache-owning step for a triton decoder
 compiled with cuda_graph=true (CUDA only).
 
-The step keeps one KV cache per batch size (allocated once, so a graph's addresses hold). A
-prefill runs the decoder program and writes its keys and values into the cache. The first
-decode at a batch size in `decode_batches` captures one graph of the decode_step program plus
-the cache write, reading ids and positions from static buffers; later steps copy the new ids
-and positions into those buffers and replay it, so the host never waits inside a step.
+The step keeps one KV cache per batch size (allocated once, so a graph's addresses hold). The
+first decode at a batch size in `decode_batches` captures one graph of the decode_step program
+plus the cache write, reading ids and positions from static buffers; later steps copy the new
+ids and positions into those buffers and replay it, so the host never waits inside a step.
+
+A prefill is replayed from a graph too: launched one step at a time from Python, a 2048-token
+prompt of a 1B model spends about twice the GPU's time on the host. The prompt is right-padded
+to a bucket (the next power of two, at least PREFILL_MIN tokens) whose padded tokens continue
+the slots after each row's last one, so no real token sees them (causal attention) and decode
+overwrites their slots before reading them; one graph per (batch, bucket), the last
+PREFILL_GRAPHS kept. A bucket that would run past the cache, or a program that cannot be
+captured, runs eagerly.
 """
 
 from __future__ import annotations
@@ -17,6 +24,29 @@ from safetensors.torch import load_file
 
 from peakc.errors import PeakcError
 from peakc.runtime.generate import write_cache
+
+PREFILL_MIN = 64  # the smallest prefill bucket (tokens)
+PREFILL_GRAPHS = 4  # prefill graphs kept (each holds its activations' memory)
+
+
+def prefill_bucket(seq: int, last_slot: int, max_seq_len: int) -> int | None:
+    """The padded length a prompt of `seq` tokens whose last slot is `last_slot` replays at,
+    or None when padding it would write past the cache."""
+    bucket = max(PREFILL_MIN, 1 << (seq - 1).bit_length())
+    return bucket if last_slot + bucket - seq < max_seq_len else None
+
+
+def pad_prompt(
+    ids: torch.Tensor, positions: torch.Tensor, static_ids: torch.Tensor, static_pos: torch.Tensor
+) -> None:
+    """Copy a prompt into a bucket's static buffers: its tokens, then padding tokens at the
+    slots after each row's last one (ascending, as the attention kernels expect)."""
+    seq = ids.shape[1]
+    static_ids[:, :seq].copy_(ids)
+    static_ids[:, seq:].zero_()
+    static_pos[:, :seq].copy_(positions)
+    tail = torch.arange(1, static_pos.shape[1] - seq + 1, device=positions.device)
+    static_pos[:, seq:].copy_(positions[:, -1:] + tail)
 
 
 class GraphedDecoder:
@@ -36,6 +66,8 @@ class GraphedDecoder:
         self.batches = sorted(runtime.get("decode_batches") or [])
         self.caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, Any]] = {}
+        self.prefill_graphs: dict[tuple[int, int], tuple] = {}  # (batch, bucket), oldest first
+        self.prefill_eager = False  # set when the prefill program cannot be captured
         self.batch = 0
 
     def begin(self, batch: int) -> None:
@@ -55,6 +87,10 @@ class GraphedDecoder:
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         k, v = self.caches[self.batch]
+        if ids.shape[1] > 1 and not self.prefill_eager:
+            logits = self.replay_prefill(ids, positions, k, v)
+            if logits is not None:
+                return logits
         if ids.shape[1] > 1 or self.batch not in self.batches:
             if ids.shape[1] > 1:
                 logits, new_k, new_v = self.prefill(*self.weights, ids, positions, k, v)
@@ -95,3 +131,56 @@ class GraphedDecoder:
         k.copy_(saved[0])
         v.copy_(saved[1])
         return graph, static_ids, static_positions, logits
+
+    def replay_prefill(
+        self, ids: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The prompt's logits [B, S, V] from its bucket's graph (captured on first use), or
+        None where the prompt runs eagerly (module docstring)."""
+        seq = ids.shape[1]
+        bucket = prefill_bucket(seq, int(positions[:, -1].max()), self.layout["max_seq_len"])
+        if bucket is None:
+            return None
+        key = (self.batch, bucket)
+        if key not in self.prefill_graphs:
+            captured = self.capture_prefill(bucket, k, v)
+            if captured is None:
+                self.prefill_eager = True
+                return None
+            if len(self.prefill_graphs) >= PREFILL_GRAPHS:
+                del self.prefill_graphs[next(iter(self.prefill_graphs))]
+            self.prefill_graphs[key] = captured
+        graph, static_ids, static_pos, logits = self.prefill_graphs[key]
+        pad_prompt(ids, positions, static_ids, static_pos)
+        graph.replay()
+        return logits[:, :seq]
+
+    def capture_prefill(self, bucket: int, k: torch.Tensor, v: torch.Tensor) -> tuple | None:
+        """One graph of the prefill program at (batch, bucket) plus its cache write, or None
+        when the program cannot be captured."""
+        device = self.prefill.device
+        static_ids = torch.zeros(self.batch, bucket, dtype=torch.long, device=device)
+        static_pos = torch.arange(bucket, device=device).expand(self.batch, bucket).contiguous()
+        saved = (k.clone(), v.clone())  # the warm-up and capture write the cache; put back
+
+        def step() -> torch.Tensor:
+            logits, new_k, new_v = self.prefill(*self.weights, static_ids, static_pos, k, v)
+            write_cache(k, v, new_k, new_v, static_pos)
+            return logits
+
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(stream), torch.no_grad():
+                step()  # Triton compiles these shapes outside the capture
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                logits = step()
+        except RuntimeError:  # an op that synchronizes with the host: run eagerly
+            torch.cuda.synchronize(device)
+            return None
+        finally:
+            k.copy_(saved[0])
+            v.copy_(saved[1])
+        return graph, static_ids, static_pos, logits

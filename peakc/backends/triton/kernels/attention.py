@@ -55,7 +55,10 @@ CACHE_CONFIGS = [
     {"block_m": 0, "block_n": 128, "num_splits": 0, "num_warps": 8, "num_stages": 2},
     {"block_m": 0, "block_n": 64, "num_splits": 1, "num_warps": 4, "num_stages": 2},
     {"block_m": 128, "block_n": 64, "num_splits": 1, "num_warps": 8, "num_stages": 2},
+    {"block_m": 128, "block_n": 64, "num_splits": 1, "num_warps": 8, "num_stages": 3},
 ]
+# untuned prompts (a tuned config is keyed by its exact shape): the flash-attention shape
+PREFILL_CONFIG = CACHE_CONFIGS[-1]
 
 
 # --- shared steps ------------------------------------------------------------------------------
@@ -293,7 +296,18 @@ def attention_cache_kernel(
     new_lo = tl.maximum(lo, first) - first
     new_hi = hi - first
     last_token = tl.minimum((tl.program_id(0) * BLOCK_M + BLOCK_M - 1) // groups, seq - 1)
-    for start in range(new_lo, tl.minimum(new_hi, last_token + 1), BLOCK_N):
+    # new tokens sit at ascending contiguous slots, so key col is visible to every row of the
+    # block when col <= its first token: whole blocks below that need no mask
+    first_token = (tl.program_id(0) * BLOCK_M) // groups
+    open_hi = tl.maximum(tl.minimum(first_token + 1, new_hi), new_lo)
+    open_hi = new_lo + (open_hi - new_lo) // BLOCK_N * BLOCK_N
+    for start in range(new_lo, open_hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k, v = _cache_block(k_base, v_base, cols, ks_s, ks_d, vs_s, vs_d, d, head_dim,
+                            cols < new_hi, qk_dtype, cache_dtype)  # fmt: skip
+        scores = _dot(q, k, PRECISION) * qk_scale
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, scores, v, PRECISION)
+    for start in range(open_hi, tl.minimum(new_hi, last_token + 1), BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         valid = cols < new_hi
         k, v = _cache_block(k_base, v_base, cols, ks_s, ks_d, vs_s, vs_d, d, head_dim, valid,
@@ -418,8 +432,8 @@ def attention_cache(q, k, v, k_cache, v_cache, positions, scale, *, config=None,
                     write_cache=False):  # fmt: skip
     """peakc::attention_cache: q [B, Hq, S, D] over the cache prefix and the new k/v
     [B, Hkv, S, D]; output laid out like q. `write_cache` also stores k/v at `positions`."""
-    config = config or CACHE_CONFIGS[0]
     batch, kv_heads, seq, head_dim = k.shape
+    config = config or (PREFILL_CONFIG if seq >= 64 else CACHE_CONFIGS[0])
     groups = q.shape[1] // kv_heads
     out = torch.empty_like(q)
     block_m, splits = _cache_launch_shape(q, k, k_cache, config)
