@@ -2,17 +2,24 @@
 planned by a mixed-integer program over the cost model, for models larger than the GPU budget.
 
 The graph is cut into units (a layer with its glue nodes, `runtime.offload.offload_units`).
-A unit's time is the largest of its compute (the cost model's per-node estimate on the target,
-for prefill and for one decode step), the host-to-device copy of what it reads that is not
-resident (pinned bandwidth), and the disk read of what it reads from disk: the executor
-(peakc/runtime/offload.py) prefetches the next unit while the current one computes, so the
-three overlap. HiGHS (`scipy.optimize.milp`) picks one tier per weight and per cache layer to
-minimise the predicted time per generated token (the prefill and `gen_len - 1` decode steps),
-subject to the budgets: GPU memory holds the resident tensors, two transfer buffers as large
-as the largest streamed unit (each tensor padded as the executor lays it out), the activations
-(`activation_bytes`) and a stated safety margin (`reserve`); pinned CPU memory the CPU tier and
-two disk staging buffers; the disk its tier. Weights are placed at their stored size, so a
-quantized model's packed `linear_wq` tensors stream at their compressed size.
+A unit's time is the largest of its compute (for prefill and for one decode step: the cost
+model's per-node estimate on the target, or with `compute=measured` each unit timed on the
+device as the executor runs it, `runtime.offload.measure_compute`), the host-to-device copy of
+what it reads that is not resident (pinned bandwidth), and the disk read of what it reads from
+disk: the executor (peakc/runtime/offload.py) prefetches the next unit while the current one
+computes, so the three overlap. HiGHS (`scipy.optimize.milp`) picks one tier per weight and per
+cache layer to minimise the sum of those unit times per generated token (the prefill and
+`gen_len - 1` decode steps), subject to the budgets: GPU memory holds the resident tensors, two
+transfer buffers as large as the largest streamed unit (each tensor padded as the executor lays
+it out), the activations (`activation_bytes`) and a stated safety margin (`reserve`); pinned CPU
+memory the CPU tier and two disk staging buffers; the disk its tier. Weights are placed at
+their stored size, so a quantized model's packed `linear_wq` tensors stream at their
+compressed size.
+
+The predicted tokens/s are the chosen placement run through the executor's own schedule
+(`pipeline_seconds`): what does not overlap is counted, such as the first copy of a step, a
+compute waiting for its buffer, and the step's work outside the units (the KV write-back and
+sampling, measured with `compute=measured`; a host-tier cache makes the host wait for it).
 
 The report sets the plan beside the placement accelerate's `device_map="auto"` would make
 (units whole, in order, onto the GPU until it is full less the largest unit, then CPU, then
@@ -29,7 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from peakc.errors import PeakcError
 from peakc.passes.base import Pass, PassContext, PassResult, register_pass
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
 
 GB = 1e9
 ALIGN = 256  # bytes each streamed tensor is padded to in a transfer buffer (runtime.offload.ALIGN)
+DISK_ALIGN = 4096  # and each disk-tier tensor in a staging buffer (runtime.offload.DISK_ALIGN)
 TIERS = ("gpu", "cpu", "disk")
 KV_TIERS = ("gpu", "cpu")  # a layer's cache is written every step: never on disk
 
@@ -58,6 +66,10 @@ class OffloadOptions:
     # workspaces (32 MiB each per stream on sm90), the caching allocator's 512-byte rounding
     # of every block, the small tensors the Generator holds (ids, positions, sampled tokens)
     reserve: float = 0.1
+    # seconds of each unit's compute: the cost model's estimate, or measured on the compute
+    # device (CUDA when there is one; each distinct unit timed as the executor runs it, and
+    # the step's own work around the units)
+    compute: Literal["predicted", "measured"] = "predicted"
 
 
 @dataclass
@@ -83,6 +95,9 @@ class PlacementProblem:
     decode_steps: int = 0
     batch: int = 1
     prompt_len: int = 1
+    # seconds per call outside the units (the runner's setup, the KV write-back, sampling)
+    prefill_step: float = 0.0
+    decode_step: float = 0.0
 
     def overhead(self) -> float:
         """GPU bytes besides tensors and buffers: activations and the safety margin."""
@@ -106,10 +121,12 @@ class Placement:
 
 @dataclass
 class PlanCost:
-    """What a placement costs: seconds per phase and bytes per tier."""
+    """What a placement costs: seconds per phase as the executor schedules it, each unit's
+    time (the largest of its compute, copy and disk read: what the program sums), and bytes
+    per tier."""
 
     prefill_seconds: float
-    decode_seconds: float  # one decode step
+    decode_seconds: float  # one decode step, in the steady state of a generation
     unit_prefill: list[float]
     unit_decode: list[float]
     gpu_bytes: float
@@ -120,9 +137,10 @@ class PlanCost:
     fits: bool
 
     def objective(self, problem: PlacementProblem) -> float:
-        """Seconds per generated token: the prefill and the decode steps after it."""
+        """The program's objective: per generated token, the prefill's and the decode steps'
+        sums of unit times."""
         steps = problem.decode_steps
-        return (self.prefill_seconds + steps * self.decode_seconds) / (steps + 1)
+        return (sum(self.unit_prefill) + steps * sum(self.unit_decode)) / (steps + 1)
 
     def tokens_per_second(self, problem: PlacementProblem) -> dict[str, float]:
         return {
@@ -135,18 +153,25 @@ class PlanCost:
 
 
 def evaluate(problem: PlacementProblem, placement: Placement) -> PlanCost:
-    """The prefetching executor's predicted times and memory for `placement`: each unit takes
-    the largest of its compute, its copy and its disk read; buffers hold the largest unit,
-    laid out as the executor lays it out (each tensor padded to ALIGN bytes)."""
+    """The prefetching executor's predicted times and memory for `placement`: each unit's
+    time the largest of its compute, its copy and its disk read; each phase as the executor
+    schedules it (`pipeline_seconds`); buffers hold the largest unit, laid out as the
+    executor lays it out (each tensor padded to ALIGN bytes, DISK_ALIGN in staging)."""
     streamed, from_disk = unit_traffic(problem, placement)
     laid_out, staged = unit_traffic(problem, placement, pad=True)
     buffer, staging = max(laid_out, default=0), max(staged, default=0)
-    times = {}
-    for phase, compute in (("prefill", problem.prefill), ("decode", problem.decode)):
+    host = [s - d for s, d in zip(streamed, from_disk)]
+    sync = "cpu" in placement.kv  # writing a host-tier cache back waits for the step
+    times, scheduled = {}, {}
+    for phase, compute, step, calls in (
+        ("prefill", problem.prefill, problem.prefill_step, 1),
+        ("decode", problem.decode, problem.decode_step, 3),
+    ):
         times[phase] = [
             max(c, s / problem.h2d, d / problem.disk_read)
             for c, s, d in zip(compute, streamed, from_disk)
         ]
+        scheduled[phase] = pipeline_seconds(problem, compute, host, from_disk, step, sync, calls)
     gpu, cpu, disk = tier_bytes(problem, placement)
     gpu += 2 * buffer + problem.overhead()
     cpu += 2 * staging
@@ -156,8 +181,8 @@ def evaluate(problem: PlacementProblem, placement: Placement) -> PlanCost:
         and disk <= problem.disk_memory * (1 + 1e-9)
     )
     return PlanCost(
-        sum(times["prefill"]),
-        sum(times["decode"]),
+        scheduled["prefill"],
+        scheduled["decode"],
         times["prefill"],
         times["decode"],
         gpu,
@@ -173,8 +198,10 @@ def unit_traffic(
     problem: PlacementProblem, placement: Placement, pad: bool = False
 ) -> tuple[list[int], list[int]]:
     """Per unit: bytes copied to the GPU (its non-resident weights and cache), bytes from disk;
-    with `pad`, the room they take in the executor's buffers (each tensor padded to ALIGN)."""
+    with `pad`, the room they take in the executor's buffers (each tensor padded to ALIGN) and
+    staging buffers (to DISK_ALIGN)."""
     size = padded if pad else int
+    staged = disk_room if pad else int
     streamed, from_disk = [0] * len(problem.units), [0] * len(problem.units)
     for name, units in problem.readers.items():
         tier = placement.weights[name]
@@ -182,7 +209,7 @@ def unit_traffic(
             if tier != "gpu":
                 streamed[u] += size(problem.weights[name])
             if tier == "disk":
-                from_disk[u] += size(problem.weights[name])
+                from_disk[u] += staged(problem.weights[name])
     for kv, u, tier in zip(problem.kv, problem.kv_unit, placement.kv):
         if tier != "gpu":
             streamed[u] += 2 * size(kv // 2)  # K and V, two tensors
@@ -192,6 +219,78 @@ def unit_traffic(
 def padded(nbytes: int) -> int:
     """Bytes a tensor takes in a transfer buffer: its own, rounded up to ALIGN."""
     return -(-int(nbytes) // ALIGN) * ALIGN
+
+
+def disk_room(nbytes: int) -> int:
+    """Bytes a disk-tier tensor takes in a staging buffer: rounded up to DISK_ALIGN."""
+    return -(-int(nbytes) // DISK_ALIGN) * DISK_ALIGN
+
+
+def pipeline_seconds(
+    problem: PlacementProblem,
+    compute: list[float],
+    host: list[int],
+    disk: list[int],
+    step: float,
+    sync: bool,
+    calls: int,
+) -> float:
+    """Seconds of the last of `calls` executor calls in a row, scheduled as the executor
+    issues them (runtime.offload.OffloadExecutor): the streamed units (those with `host`
+    bytes, from pinned memory, or `disk` bytes to move) take turns in two device buffers and
+    two staging buffers. A call begins with the disk reads of streamed units 0 and 1 and the
+    pinned copy of unit 0; when streamed unit k begins, the host waits for its read and
+    copies it from staging, then issues the pinned copy of unit k+1 and the read of unit
+    k+2, then unit k's compute, which waits for its copies. A copy into a buffer waits for the
+    compute that last read it, a read into a staging buffer for the copy that last read it.
+    Copies share one stream, reads one reader and compute one stream. After the units the
+    call's own work (`step`) runs on the compute stream; with `sync` the host waits for it."""
+    streamed = [u for u in range(len(compute)) if host[u] or disk[u]]
+    turn = {u: k for k, u in enumerate(streamed)}
+    clock = dict.fromkeys(("copy", "read", "compute", "host"), 0.0)
+    slot_free, staging_free = [0.0, 0.0], [0.0, 0.0]
+    reads: dict[int, float] = {}
+    copies: dict[int, float] = {}
+
+    def issue(kind: str, seconds: float, after: float) -> float:
+        clock[kind] = max(clock[kind], clock["host"], after) + seconds
+        return clock[kind]
+
+    def read(k: int) -> None:
+        if disk[streamed[k]]:
+            reads[k] = issue("read", disk[streamed[k]] / problem.disk_read, staging_free[k % 2])
+
+    def host_copy(k: int) -> None:
+        nbytes = host[streamed[k]]
+        copies[k] = issue("copy", nbytes / problem.h2d, slot_free[k % 2]) if nbytes else 0.0
+
+    ends = [0.0]
+    for _ in range(calls):
+        for k in range(min(2, len(streamed))):
+            read(k)
+        if streamed:
+            host_copy(0)
+        for u, seconds in enumerate(compute):
+            k = turn.get(u)
+            ready = 0.0
+            if k is not None:
+                if disk[u]:
+                    clock["host"] = max(clock["host"], reads.pop(k))
+                    copies[k] = issue("copy", disk[u] / problem.h2d, slot_free[k % 2])
+                    staging_free[k % 2] = copies[k]
+                if k + 1 < len(streamed):
+                    host_copy(k + 1)
+                if k + 2 < len(streamed):
+                    read(k + 2)
+                ready = copies.pop(k)
+            clock["compute"] = max(clock["compute"], clock["host"], ready) + seconds
+            if k is not None:
+                slot_free[k % 2] = clock["compute"]
+        clock["compute"] += step
+        if sync:
+            clock["host"] = max(clock["host"], clock["compute"])
+        ends.append(clock["compute"])
+    return ends[-1] - ends[-2]
 
 
 def tier_bytes(problem: PlacementProblem, placement: Placement) -> tuple[float, float, float]:
@@ -261,7 +360,7 @@ def solve_placement(
                 streamed[xw[i, tier]] = streamed.get(xw[i, tier], 0.0) + size[i]
                 laid_out[xw[i, tier]] = laid_out.get(xw[i, tier], 0.0) + room
             disk[xw[i, 2]] = disk.get(xw[i, 2], 0.0) + size[i]
-            staged[xw[i, 2]] = staged.get(xw[i, 2], 0.0) + room
+            staged[xw[i, 2]] = staged.get(xw[i, 2], 0.0) + disk_room(problem.weights[name]) / GB
         for j in range(nl):
             if problem.kv_unit[j] == u:
                 streamed[yl[j, 1]] = streamed.get(yl[j, 1], 0.0) + kv[j]
@@ -432,11 +531,10 @@ class OffloadPass(Pass):
                 raise PeakcError(f"pass 'offload': option '{option}' must be at least 1")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        from peakc.runtime.offload import executor_graph, offload_units
+        from peakc.runtime.offload import executor_graph
 
         disk_space(self.options.disk_path)  # a bad folder fails before any costing
-        units = offload_units(executor_graph(graph))
-        problem = build_problem(graph, units, ctx, self.options)
+        problem = build_problem(graph, executor_graph(graph), ctx, self.options)
         solution = solve_placement(problem, self.options.time_limit)
         cost = evaluate(problem, solution.placement)
         greedy = accelerate_placement(problem)
@@ -460,19 +558,22 @@ class OffloadPass(Pass):
                 **{k: round(v, 6) for k, v in peer.items()},
             },
             "solver": {"seconds": round(solution.seconds, 3), "gap": solution.gap},
+            "compute": self.options.compute,
         }
         return PassResult(graph, modified=False, stats=stats, report=report)
 
 
 def build_problem(
-    graph: Graph, units: list[OffloadUnit], ctx: PassContext, options: OffloadOptions
+    graph: Graph, runnable: Graph, ctx: PassContext, options: OffloadOptions
 ) -> PlacementProblem:
-    """The placement problem of `graph` on the target: per-unit compute from the cost model at
-    the workload's shapes, tensor bytes as stored, the budgets and the profile's bandwidths."""
-    from peakc.runtime.offload import kv_layer
+    """The placement problem of `graph` on the target, over the units of its executor graph
+    `runnable` (`runtime.offload.executor_graph`): per-unit compute at the workload's shapes
+    (`options.compute`), tensor bytes as stored, the budgets and the profile's bandwidths."""
+    from peakc.runtime.offload import kv_layer, offload_units
 
     profile = ctx.target
-    prefill, decode, activations = unit_compute(graph, units, ctx, options)
+    units = offload_units(runnable)
+    compute = unit_compute(graph, runnable, units, ctx, options)
     weights = {n: int(t.numel() * t.element_size()) for n, t in graph.weights().items()}
     readers: dict[str, list[int]] = {}
     kv_unit: dict[int, int] = {}
@@ -487,8 +588,8 @@ def build_problem(
     generation = "generation" in graph.info
     return PlacementProblem(
         units=[u.name for u in units],
-        prefill=prefill,
-        decode=decode,
+        prefill=compute.prefill,
+        decode=compute.decode,
         weights={n: weights[n] for n in readers},
         readers=readers,
         kv=kv,
@@ -496,7 +597,7 @@ def build_problem(
         gpu_memory=budget(options.gpu_memory, profile, "device", "gpu_memory"),
         cpu_memory=budget(options.cpu_memory, profile, "host", "cpu_memory"),
         disk_memory=disk_space(options.disk_path),
-        activation_bytes=activations,
+        activation_bytes=compute.activations,
         reserve_bytes=options.reserve * GB,
         h2d=profile.h2d_bandwidth_pinned,
         h2d_pageable=profile.h2d_bandwidth_pageable,
@@ -504,34 +605,94 @@ def build_problem(
         decode_steps=options.gen_len - 1 if generation else 0,
         batch=options.batch if generation else int(graph.example_inputs[0].shape[0]),
         prompt_len=options.prompt_len if generation else _tokens(graph),
+        prefill_step=compute.prefill_step,
+        decode_step=compute.decode_step,
     )
 
 
+@dataclass
+class UnitCompute:
+    """Per unit: compute seconds of the prefill and of one decode step; the most activation
+    bytes any unit holds; and seconds per call outside the units (measured only)."""
+
+    prefill: list[float]
+    decode: list[float]
+    activations: float
+    prefill_step: float = 0.0
+    decode_step: float = 0.0
+
+
 def unit_compute(
-    graph: Graph, units: list[OffloadUnit], ctx: PassContext, options: OffloadOptions
-) -> tuple[list[float], list[float], float]:
-    """Per unit: predicted compute seconds of the prefill and of one decode step (at half the
-    generation's context), and the most activation bytes any unit holds during the prefill."""
+    graph: Graph,
+    runnable: Graph,
+    units: list[OffloadUnit],
+    ctx: PassContext,
+    options: OffloadOptions,
+) -> UnitCompute:
+    """Per unit: compute seconds of the prefill and of one decode step (at half the
+    generation's context), from the cost model or measured on the device; and the most
+    activation bytes any unit holds during the prefill (from the cost model's shapes)."""
     generation = graph.info.get("generation")
     if generation is None:
         estimate = ctx.cost.estimate(graph)
         times = unit_times(estimate, units)
-        return times, times, activation_bytes(graph, units)
-    slots = int(graph.example_inputs[2].shape[3])
-    if options.prompt_len + options.gen_len > slots:
-        raise PeakcError(
-            f"pass 'offload': prompt_len {options.prompt_len} + gen_len {options.gen_len} "
-            f"exceeds the KV cache of {slots} tokens"
+        compute = UnitCompute(times, times, activation_bytes(graph, units))
+    else:
+        slots = int(graph.example_inputs[2].shape[3])
+        if options.prompt_len + options.gen_len > slots:
+            raise PeakcError(
+                f"pass 'offload': prompt_len {options.prompt_len} + gen_len {options.gen_len} "
+                f"exceeds the KV cache of {slots} tokens"
+            )
+        if options.batch > generation["max_batch"]:
+            raise PeakcError(
+                f"pass 'offload': batch {options.batch} exceeds the captured limit "
+                f"{generation['max_batch']}"
+            )
+        b, p = options.batch, options.prompt_len
+        shaped, prefill = ctx.cost.decoder_estimate(graph, "prefill", b, p, p)
+        _, decode = ctx.cost.decoder_estimate(graph, "decode", b, 1, p + options.gen_len // 2)
+        compute = UnitCompute(
+            unit_times(prefill, units), unit_times(decode, units), activation_bytes(shaped, units)
         )
-    if options.batch > generation["max_batch"]:
-        raise PeakcError(
-            f"pass 'offload': batch {options.batch} exceeds the captured limit "
-            f"{generation['max_batch']}"
-        )
+    if options.compute == "measured":
+        prefill_times, decode_times = measured_compute(graph, runnable, ctx, options)
+        compute.prefill, compute.prefill_step = prefill_times.units, prefill_times.step
+        compute.decode, compute.decode_step = decode_times.units, decode_times.step
+    return compute
+
+
+def measured_compute(
+    graph: Graph, runnable: Graph, ctx: PassContext, options: OffloadOptions
+) -> tuple[Any, Any]:
+    """`runtime.offload.ComputeTimes` of the prefill and of a decode step (at half the
+    generation's context) on the compute device (as calibrating passes choose it: CUDA when
+    there is one); a graph without a KV cache once, at its inputs."""
+    import torch
+
+    from peakc.passes.calibration import compute_device
+    from peakc.runtime.offload import layer_caches, measure_compute
+
+    device = compute_device(ctx.device)
+    generation = graph.info.get("generation")
+    if generation is None:
+        times = measure_compute(runnable, tuple(graph.example_inputs), device)
+        return times, times
+    ids, positions = graph.example_inputs[:2]
     b, p = options.batch, options.prompt_len
-    shaped, prefill = ctx.cost.decoder_estimate(graph, "prefill", b, p, p)
-    _, decode = ctx.cost.decoder_estimate(graph, "decode", b, 1, p + options.gen_len // 2)
-    return unit_times(prefill, units), unit_times(decode, units), activation_bytes(shaped, units)
+    caches = layer_caches(generation, b)
+    prompt = (
+        torch.zeros(b, p, dtype=ids.dtype),
+        torch.arange(p, dtype=positions.dtype).expand(b, p).contiguous(),
+    )
+    step = (
+        torch.zeros(b, 1, dtype=ids.dtype),
+        torch.full((b, 1), p + options.gen_len // 2, dtype=positions.dtype),
+    )
+    return (
+        measure_compute(runnable, prompt, device, caches),
+        measure_compute(runnable, step, device, caches),
+    )
 
 
 def unit_times(estimate: Any, units: list[OffloadUnit]) -> list[float]:
@@ -569,12 +730,21 @@ def activation_bytes(shaped: Graph, units: list[OffloadUnit]) -> float:
 
 
 def hidden_scratch(node: Any) -> float:
-    """Bytes an op allocates and frees inside itself, which no node's value shows. For
-    `peakc.attention_cache` (the reference the eager backend runs): both caches scattered with
-    the new keys and values, their repeats for grouped-query heads, the causal mask, and one
-    fp32 score matrix [B, Hq, S, T] (SDPA without a fused kernel). Other ops: none."""
+    """Bytes an op allocates and frees inside itself, which no node's value shows, in the
+    reference the eager backend runs. `peakc.attention_cache`: both caches scattered with the
+    new keys and values, their repeats for grouped-query heads, the causal mask, and one fp32
+    score matrix [B, Hq, S, T] (SDPA without a fused kernel). `peakc.linear_wq` [N, K]: the
+    codes unpacked to int64 (the shifts promote them), and at the peak the codes, the zero
+    points gathered per column and their difference, 3 x 8 bytes per weight. Other ops: none."""
     from peakc.cost_model.op_costs import nbytes, op_name, val
 
+    if op_name(node.target) == "peakc.linear_wq":
+        qweight, scales = val(node.args[1]), val(node.args[2])
+        if qweight is None or scales is None:
+            return 0.0
+        rows, columns = int(scales.shape[0]), int(node.args[8])
+        words = 4.0 * rows * (int(qweight.shape[1]) + 1)  # the packed bytes widened to int32
+        return max(words + 20.0 * rows * columns, 24.0 * rows * columns)
     if op_name(node.target) != "peakc.attention_cache":
         return 0.0
     q, k_cache = val(node.args[0]), val(node.args[3])
@@ -655,6 +825,8 @@ def plan_record(
         "staging_bytes": cost.staging_bytes,
         "activation_bytes": problem.activation_bytes,
         "reserve_bytes": problem.reserve_bytes,
+        "compute": options.compute,
+        "step_seconds": {"prefill": problem.prefill_step, "decode": problem.decode_step},
         "predicted": {
             **cost.tokens_per_second(problem),
             "decode_seconds": cost.decode_seconds,

@@ -6,11 +6,14 @@ layer's KV-cache tier (`graph.info["offload"]`, stored in the artifact's manifes
 
 - Resident (GPU) weights are moved to the device once. The rest are copied, per unit (a layer
   with its glue nodes, `offload_units`), into one of two device buffers on a separate stream:
-  while unit i computes, the next streamed unit is copied into the other buffer; a copy into a
-  buffer waits for the compute that last read it (events order the two streams).
-- Disk-tier weights are written once to a safetensors file under the plan's `disk_path` and
-  read back memory-mapped, by a reader thread, into two pinned staging buffers two streamed
-  units ahead, so disk, PCIe and compute overlap.
+  while unit i computes, the next streamed unit's pinned-memory tensors are copied into the
+  other buffer (its disk-tier tensors follow from staging once the host has seen their read
+  end); a copy into a buffer waits for the compute that last read it (events order the two
+  streams).
+- Disk-tier weights are written once to a file under the plan's `disk_path`, each tensor at a
+  DISK_ALIGN offset in the order the units read them, and read back with large `preadv` calls
+  on several threads (O_DIRECT where the file system takes it) into two pinned staging
+  buffers, by a reader thread two streamed units ahead, so disk, PCIe and compute overlap.
 - The KV cache is one tensor per layer (the decoder's `k_cache[i]` reads become per-layer
   weights, `executor_graph`), resident on the GPU or in pinned host memory and streamed with
   its layer's weights; `OffloadStep` writes each step's new keys and values back.
@@ -23,30 +26,31 @@ layer's KV-cache tier (`graph.info["offload"]`, stored in the artifact's manifes
 Blocks run through the shared block runner (`BlockRunner` with a weight source). Device work
 goes through a small interface, `Transfers`: `CudaTransfers` on a GPU, `SimulatedTransfers`
 (CPU tensors, fake bandwidths and compute times on virtual clocks, every operation recorded,
-the bytes it holds counted) for tests of the schedule and of the memory.
+the bytes it holds counted) for tests of the schedule and of the memory. The offload pass
+predicts the same schedule (`passes.offload.pipeline_seconds`), from per-unit compute seconds
+that `measure_compute` can time on the device.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import mmap
 import os
 import shutil
-import struct
+import statistics
 import tempfile
+import time
 import warnings
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
-from safetensors.torch import save_file
 
 from peakc.errors import PeakcError
 from peakc.ir.graph import Block, Graph
@@ -57,6 +61,9 @@ PLAN_KEY = "offload"  # graph.info and manifest key of the plan
 KV_PREFIX = "offload_kv"  # per-layer cache tensors: offload_kv.k3, offload_kv.v3
 TIERS = ("gpu", "cpu", "disk")
 ALIGN = 256  # byte alignment of each tensor inside the transfer buffers
+DISK_ALIGN = 4096  # file offset, staging address and length of each disk read (O_DIRECT's)
+READ_CHUNK = 16 << 20  # bytes per read call: large sequential reads
+READ_THREADS = 4  # read calls in flight at once (a disk serves several faster than one)
 GB = 1e9
 GPU_CHIPS = ("h100", "h200", "a100", "l40", "b200")  # targets that name the GPU they are for
 
@@ -211,9 +218,23 @@ def aligned(size: int) -> int:
     return -(-size // ALIGN) * ALIGN
 
 
+def disk_room(size: int) -> int:
+    """Bytes a disk-tier tensor of `size` bytes takes in the file and in a staging buffer, and
+    reads: rounded up to DISK_ALIGN (the pass counts the same)."""
+    return -(-size // DISK_ALIGN) * DISK_ALIGN
+
+
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor's storage."""
     return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def disk_aligned(size: int, pin: bool = False) -> torch.Tensor:
+    """`size` host bytes starting at a DISK_ALIGN address (what direct reads land in); the
+    allocation is DISK_ALIGN bytes larger to leave room for the shift."""
+    raw = torch.empty(size + DISK_ALIGN, dtype=torch.uint8, pin_memory=pin)
+    shift = -raw.data_ptr() % DISK_ALIGN
+    return raw[shift : shift + size]
 
 
 # --- device operations ------------------------------------------------------------------------
@@ -225,7 +246,8 @@ class Transfers:
     Events are what `copy`, `read` and `end_compute` return; an operation given events starts
     after them. `copy` runs on the transfer stream (host to device), `read` on the reader thread
     (disk to pinned staging), compute on the compute stream between `begin_compute` and
-    `end_compute`."""
+    `end_compute`. The host waits only in `wait` (for a read, before copying from its
+    staging)."""
 
     name: str
     device: torch.device
@@ -241,6 +263,7 @@ class Transfers:
         raise NotImplementedError
 
     def staging(self, size: int) -> torch.Tensor:
+        """`size` bytes of (pinned) host memory at a DISK_ALIGN address, for disk reads."""
         raise NotImplementedError
 
     def host(self, t: torch.Tensor) -> torch.Tensor:
@@ -249,14 +272,13 @@ class Transfers:
     def copy(self, label: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: list) -> Any:
         raise NotImplementedError
 
-    def read(
-        self,
-        label: str,
-        pairs: list[tuple[torch.Tensor, torch.Tensor]],
-        after: list,
-        then: Callable[[], None],
-    ) -> Any:
-        """Disk to staging copies, then `then()` on the reader (drops the pages it read)."""
+    def read(self, label: str, nbytes: int, fill: Callable[[], None], after: list) -> Any:
+        """`fill()` (the disk reads of `nbytes` into a staging buffer) on the reader thread,
+        after the copies in `after` that last read from that staging buffer."""
+        raise NotImplementedError
+
+    def wait(self, event: Any) -> None:
+        """The host waits for a read to end (its staging buffer is then full)."""
         raise NotImplementedError
 
     def begin_compute(self, label: str, after: list) -> None:
@@ -278,7 +300,8 @@ class Transfers:
 
 class CudaTransfers(Transfers):
     """A CUDA device: copies on a side stream, compute on the current stream, disk reads on
-    one reader thread into pinned memory; ordered by CUDA events (and the reads' futures)."""
+    one reader thread into pinned memory (`DiskTier.read_into` spreads each over its own
+    threads); ordered by CUDA events, and the reads by their futures."""
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         self.device = torch.device(device)
@@ -300,17 +323,14 @@ class CudaTransfers(Transfers):
         return torch.empty(size, dtype=torch.uint8, device=self.device)
 
     def staging(self, size: int) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        return disk_aligned(size, pin=True)
 
     def host(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu").contiguous().pin_memory()
 
     def copy(self, label, pairs, after):
         for event in after:
-            if isinstance(event, Future):
-                event.result()  # the disk read into the staging buffer copied from here
-            else:
-                self.copy_stream.wait_event(event)
+            self.copy_stream.wait_event(event)
         with torch.cuda.stream(self.copy_stream):
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
@@ -318,15 +338,16 @@ class CudaTransfers(Transfers):
             done.record(self.copy_stream)
         return done
 
-    def read(self, label, pairs, after, then):
+    def read(self, label, nbytes, fill, after):
         def run() -> None:
             for event in after:  # the copy that last read this staging buffer
                 event.synchronize()
-            for dst, src in pairs:
-                dst.copy_(src)
-            then()
+            fill()
 
         return self.reader.submit(run)
+
+    def wait(self, event) -> None:
+        event.result()  # re-raises what the read raised (a short read, say)
 
     def begin_compute(self, label, after):
         stream = torch.cuda.current_stream(self.device)
@@ -362,8 +383,9 @@ class ScheduleEntry:
 @dataclass
 class SimulatedTransfers(Transfers):
     """CPU tensors with fake bandwidths and compute times on virtual clocks (one per stream
-    and the reader thread); operations happen at once, their times are recorded in `schedule`.
-    What the tests check: which transfer starts before which compute, and what overlaps.
+    and the reader thread, and the host's, which only `wait` moves); operations happen at
+    once, their times are recorded in `schedule`. What the tests check: which transfer starts
+    before which compute, what overlaps, and that the pass predicts the same times.
 
     It also counts the bytes it holds "on the device" (what `place` and `buffer` hand out,
     until the last tensor viewing each is gone) and their peak, `memory_peak()`: the
@@ -380,6 +402,7 @@ class SimulatedTransfers(Transfers):
     def __post_init__(self) -> None:
         self.device = torch.device("cpu")
         self.clocks = {"copy": 0.0, "read": 0.0, "compute": 0.0}
+        self.host_clock = 0.0  # the host issues nothing before it: it waited for a read
         self.started: tuple[str, float] | None = None
         self.held = 0
         self.peak = 0
@@ -408,21 +431,27 @@ class SimulatedTransfers(Transfers):
         self.held -= nbytes
 
     def staging(self, size: int) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.uint8)
+        return disk_aligned(size)
 
     def host(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone().contiguous()
 
     def copy(self, label, pairs, after):
-        return self._transfer("copy", label, pairs, after, self.h2d_bandwidth)
+        size = 0
+        for dst, src in pairs:
+            dst.copy_(src)
+            size += dst.numel()
+        return self._clocked("copy", label, size, after, self.h2d_bandwidth)
 
-    def read(self, label, pairs, after, then):
-        end = self._transfer("read", label, pairs, after, self.disk_bandwidth)
-        then()
-        return end
+    def read(self, label, nbytes, fill, after):
+        fill()
+        return self._clocked("read", label, nbytes, after, self.disk_bandwidth)
+
+    def wait(self, event) -> None:
+        self.host_clock = max(self.host_clock, event)
 
     def begin_compute(self, label, after):
-        self.started = (label, max([self.clocks["compute"], *after]))
+        self.started = (label, max([self.clocks["compute"], self.host_clock, *after]))
 
     def end_compute(self, label):
         name, start = self.started
@@ -431,12 +460,8 @@ class SimulatedTransfers(Transfers):
         self.clocks["compute"] = end
         return end
 
-    def _transfer(self, kind, label, pairs, after, bandwidth):
-        size = 0
-        for dst, src in pairs:
-            dst.copy_(src)
-            size += dst.numel()
-        start = max([self.clocks[kind], *after])
+    def _clocked(self, kind, label, size, after, bandwidth):
+        start = max([self.clocks[kind], self.host_clock, *after])
         end = start + size / bandwidth
         self.schedule.append(ScheduleEntry(kind, label, start, end, size))
         self.clocks[kind] = end
@@ -447,52 +472,111 @@ class SimulatedTransfers(Transfers):
 
 
 class DiskTier:
-    """Disk-tier weights in one safetensors file under the plan's disk path, memory-mapped;
-    `source(name)` is a uint8 view of a tensor's bytes in the mapping (no copy)."""
+    """Disk-tier tensors in one file under the plan's disk path, each at a DISK_ALIGN offset,
+    in the order given (the order the units read them). `read_into` fills staging memory with
+    large reads spread over `threads`: O_DIRECT where the file system takes it (the page cache
+    never holds the tier), else buffered reads whose pages are dropped once read. Either way
+    every step reads the disk, as the plan assumes, not a cache the plan never budgeted."""
 
-    def __init__(self, folder: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-        self.path = write_disk_file(Path(folder), tensors)
+    def __init__(
+        self, folder: str | Path, tensors: dict[str, torch.Tensor], threads: int = READ_THREADS
+    ) -> None:
+        self.path, self.spans = write_disk_file(Path(folder), tensors)
         self.removal = weakref.finalize(self, self.path.unlink, True)  # also at exit
-        self.file = open(self.path, "rb")  # noqa: SIM115 (kept open for the mapping)
-        self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
-        (header_size,) = struct.unpack("<Q", self.map[:8])
-        header = json.loads(self.map[8 : 8 + header_size])
-        start = 8 + header_size
-        self.spans = {
-            name: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
-            for name, entry in header.items()
-            if name != "__metadata__"
-        }
-        self._drop(0, start)  # the header, read once
+        self.fd = os.open(self.path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # no readahead: it would cache what was just dropped
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.direct_fd = open_direct(self.path)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="peakc-disk-read")
 
-    def source(self, name: str) -> torch.Tensor:
-        begin, end = self.spans[name]
-        with warnings.catch_warnings():  # the mapping is read-only; nothing writes through it
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(self.map, dtype=torch.uint8, count=end - begin, offset=begin)
+    @property
+    def reads(self) -> str:
+        """How the tier is read: "direct" (O_DIRECT) or "buffered" (pages dropped once read)."""
+        return "direct" if self.direct_fd is not None else "buffered"
 
-    def forget(self, names: list[str]) -> None:
-        """Drop these tensors' pages from the page cache once read: every step reads the disk
-        tier from the disk, as the plan assumes, instead of from a cache it never budgeted."""
-        for name in names:
-            self._drop(*self.spans[name])
+    def room(self, name: str) -> int:
+        """Bytes a read of `name` fills: its size rounded up to DISK_ALIGN."""
+        return disk_room(self.spans[name][1])
+
+    def read_into(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        """Each named tensor's bytes into its uint8 host destination (at least `room(name)`
+        bytes; at a DISK_ALIGN address for a direct read), in READ_CHUNK reads spread over the
+        threads; a short read is an error naming the file."""
+        jobs = []
+        buffered = []
+        for name, dst in items:
+            offset, _ = self.spans[name]
+            length = self.room(name)
+            if dst.numel() < length:
+                raise PeakcError(f"offload: a read of '{name}' needs {length} bytes of staging")
+            direct = self.direct_fd is not None and dst.data_ptr() % DISK_ALIGN == 0
+            if not direct:
+                buffered.append(name)
+            fd = self.direct_fd if direct else self.fd
+            view = dst.numpy()
+            for start in range(0, length, READ_CHUNK):
+                part = view[start : min(start + READ_CHUNK, length)]
+                jobs.append(self.pool.submit(read_exactly, fd, part, offset + start, self.path))
+        for job in jobs:
+            job.result()
+        for name in buffered:
+            offset, _ = self.spans[name]
+            self._drop(offset, offset + self.room(name))
 
     def _drop(self, begin: int, end: int) -> None:
-        """Drop the whole pages holding bytes [begin, end) (a neighbour's share of an edge page
-        too: it is read from the disk again when its turn comes). They are unmapped from this
-        process first: the kernel keeps a mapped page, whatever POSIX_FADV_DONTNEED asks."""
+        """Drop the whole pages holding bytes [begin, end) from the page cache (a neighbour's
+        share of an edge page too: it is read from the disk again when its turn comes)."""
         if not hasattr(os, "posix_fadvise"):
             return
         first = begin - begin % mmap.PAGESIZE
         last = -(-end // mmap.PAGESIZE) * mmap.PAGESIZE
-        if hasattr(mmap, "MADV_DONTNEED"):
-            self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
-        os.posix_fadvise(self.file.fileno(), first, last - first, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(self.fd, first, last - first, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        """Remove the file (the mapping closes once no tensor views it any more)."""
+        """Stop the reader threads, close the file and remove it."""
+        self.pool.shutdown(wait=True)
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.direct_fd = None
         self.removal()
-        self.file.close()
+
+
+def open_direct(path: Path) -> int | None:
+    """`path` opened for O_DIRECT reads, or None where the platform or file system refuses
+    them (tmpfs on older kernels, say): the tier is then read buffered."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        return None
+    try:
+        os.preadv(fd, [disk_aligned(DISK_ALIGN).numpy()], 0)  # some refuse only at read time
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_exactly(fd: int, view: Any, offset: int, path: Path) -> None:
+    """Fill the writable buffer `view` from `fd` at `offset` (several reads if the kernel
+    returns less)."""
+    done, size = 0, len(view)
+    while done < size:
+        try:
+            count = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as exc:
+            raise PeakcError(
+                f"offload: reading the disk tier {path} at byte {offset + done} failed: {exc}"
+            ) from None
+        if count <= 0:
+            raise PeakcError(
+                f"offload: the disk tier {path} ended at byte {offset + done}, "
+                f"{size - done} bytes short (changed or truncated since it was written?)"
+            )
+        done += count
 
 
 def page_cache_share(files: list[Path]) -> float:
@@ -520,11 +604,18 @@ def page_cache_share(files: list[Path]) -> float:
     return cached / total if total else 0.0
 
 
-def write_disk_file(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write the tensors as one safetensors file in `folder`, checking first that the folder
-    is writable and has the space; a failed write leaves nothing behind. The file's pages are
-    dropped from the page cache, so reads come from the disk, as planned."""
-    need = sum(nbytes(t) for t in tensors.values())
+def write_disk_file(
+    folder: Path, tensors: dict[str, torch.Tensor]
+) -> tuple[Path, dict[str, tuple[int, int]]]:
+    """Write the tensors into one file in `folder`, each at a DISK_ALIGN offset and padded to
+    DISK_ALIGN, checking first that the folder is writable and has the space; a failed write
+    leaves nothing behind. The file's pages are dropped from the page cache, so reads come
+    from the disk, as planned. Returns the path and each tensor's (offset, bytes)."""
+    spans: dict[str, tuple[int, int]] = {}
+    need = 0
+    for name, tensor in tensors.items():
+        spans[name] = (need, nbytes(tensor))
+        need += disk_room(nbytes(tensor))
     if not folder.is_dir():
         raise PeakcError(f"offload: disk_path {folder} is not a folder")
     if not os.access(folder, os.W_OK):
@@ -537,19 +628,23 @@ def write_disk_file(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
         )
     digest = hashlib.sha256("".join(sorted(tensors)).encode()).hexdigest()[:12]
     handle, temp = tempfile.mkstemp(prefix=".peakc-offload-", suffix=".tmp", dir=folder)
-    os.close(handle)
-    path = folder / f"peakc-offload-{digest}-{os.getpid()}.safetensors"
+    path = folder / f"peakc-offload-{digest}-{os.getpid()}.bin"
     try:
-        save_file({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, temp)
-        with open(temp, "rb") as f:
+        with open(handle, "wb") as f:
+            for name, tensor in tensors.items():
+                f.write(as_bytes(tensor.detach().to("cpu")).numpy())
+                f.write(bytes(disk_room(spans[name][1]) - spans[name][1]))
+            f.flush()
             os.fsync(f.fileno())
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if os.path.getsize(temp) != need:
+            raise OSError(f"wrote {os.path.getsize(temp)} of {need} bytes")
         os.replace(temp, path)
     except OSError as exc:
         Path(temp).unlink(missing_ok=True)
         raise PeakcError(f"offload: writing the disk tier to {folder} failed: {exc}") from None
-    return path
+    return path, spans
 
 
 # --- the executor -------------------------------------------------------------------------------
@@ -557,19 +652,24 @@ def write_disk_file(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 @dataclass
 class UnitLayout:
-    """Where a unit's streamed tensors sit in a transfer buffer: name -> (offset, size), and
-    which of them are read from disk (through the staging buffer at the same offsets)."""
+    """Where a unit's streamed tensors sit in a transfer buffer: name -> (offset, size); which
+    of them are read from disk, and where those sit in a staging buffer (DISK_ALIGN offsets)."""
 
     spans: dict[str, tuple[int, int]]
     from_disk: list[str]
     size: int
+    staged: dict[str, int] = field(default_factory=dict)
+    staged_size: int = 0
 
 
 class OffloadExecutor:
     """Runs an executor graph (`executor_graph`) under a plan on `transfers`; call it with the
     graph's inputs. Per call, the streamed units' copies and disk reads are issued ahead of
-    their compute: the copy of the next streamed unit while the current one computes, the
-    disk read one streamed unit further."""
+    their compute. When streamed unit k begins: the host waits for its disk read and copies
+    it from staging, issues the pinned-memory copy of unit k+1 and the disk read of unit k+2,
+    then unit k's compute (after its copies). A call begins with the reads of units 0 and 1
+    and the pinned-memory copy of unit 0. `passes.offload.pipeline_seconds` predicts this
+    schedule."""
 
     def __init__(self, graph: Graph, plan: dict[str, Any], transfers: Transfers) -> None:
         check_plan(plan, graph)
@@ -595,6 +695,9 @@ class OffloadExecutor:
             else:
                 disk[name] = tensor
         self.shapes = {n: (t.shape, t.dtype) for n, t in graph.weights().items()}
+        # the file in the order the units read it: each step reads it front to back
+        order = [w for u in self.units for w in u.weights if w in disk]
+        disk = {name: disk[name] for name in dict.fromkeys(order)}
         self.disk = DiskTier(plan["disk_path"], disk) if disk else None
         self.slots: list[torch.Tensor] = []
         self.stagings: list[torch.Tensor] = []
@@ -619,11 +722,12 @@ class OffloadExecutor:
             self.shapes[name] = (tensor.shape, tensor.dtype)
         self.layouts = [self._layout(u) for u in self.units]
         self.stream_order = [i for i, lay in enumerate(self.layouts) if lay.size]
+        self.stream_index = {index: k for k, index in enumerate(self.stream_order)}
         size = max(
             (lay.size + self._unplaced_kv_room(u) for lay, u in zip(self.layouts, self.units)),
             default=0,
         )
-        disk = max((self._disk_size(lay) for lay in self.layouts), default=0)
+        disk = max((lay.staged_size for lay in self.layouts), default=0)
         self.slots = self._sized(self.slots, size, self.transfers.buffer)
         self.stagings = self._sized(self.stagings, disk, self.transfers.staging)
 
@@ -658,27 +762,27 @@ class OffloadExecutor:
 
     def _layout(self, unit: OffloadUnit) -> UnitLayout:
         spans: dict[str, tuple[int, int]] = {}
+        staged: dict[str, int] = {}
         from_disk = []
-        offset = 0
-        streamed = [w for w in unit.weights if w not in self.resident and not self._unplaced(w)]
-        streamed.sort(key=lambda w: self.tier.get(w) != "disk")  # disk first: one staging span
-        for name in streamed:
+        offset = staged_size = 0
+        for name in unit.weights:
+            if name in self.resident or self._unplaced(name):
+                continue
             if name not in self.host and (self.disk is None or name not in self.disk.spans):
                 raise PeakcError(f"offload: unit {unit.name} reads '{name}', which has no tier")
             shape, dtype = self.shapes[name]
             size = torch.Size(shape).numel() * dtype.itemsize
             spans[name] = (offset, size)
+            offset += aligned(size)
             if name not in self.host:
                 from_disk.append(name)
-            offset += aligned(size)
-        return UnitLayout(spans, from_disk, offset)
+                staged[name] = staged_size
+                staged_size += disk_room(size)
+        return UnitLayout(spans, from_disk, offset, staged, staged_size)
 
     def _unplaced(self, name: str) -> bool:
         """A cache layer not placed yet (`set_kv` places them when a generation begins)."""
         return kv_layer(name) is not None and name not in self.resident and name not in self.host
-
-    def _disk_size(self, layout: UnitLayout) -> int:
-        return sum(aligned(layout.spans[n][1]) for n in layout.from_disk)
 
     # --- running --------------------------------------------------------------------------
 
@@ -690,12 +794,12 @@ class OffloadExecutor:
                 f"offload: the KV cache '{unset[0]}' is not placed: begin(batch) first"
             )
         self.reads: dict[int, Any] = {}
-        self.copies: dict[int, Any] = {}
+        self.copies: dict[int, list] = {}
         self.current: int | None = None
         for k in range(min(2, len(self.stream_order))):
             self._issue_read(k)
         if self.stream_order:
-            self._issue_copy(0)
+            self._issue_host_copy(0)
         runner = BlockRunner(
             self.graph,
             [tuple(t.to(self.device) for t in inputs)],
@@ -719,23 +823,25 @@ class OffloadExecutor:
         return tuple(runner.store.get(n, 0) for n in self.graph.output_nodes())
 
     def _unit_weights(self, index: int, block: Block) -> dict[str, torch.Tensor]:
-        """The block runner's weight source: closes the previous unit's compute, issues the
-        next streamed unit's copy and the one after's disk read, then starts this unit's
-        compute after its own copy."""
+        """The block runner's weight source: closes the previous unit's compute; for a streamed
+        unit, copies its disk-tier tensors in once their read is done, issues the next streamed
+        unit's pinned-memory copy and the disk read of the one after; then starts this unit's
+        compute after its copies."""
         self._end_unit()
         unit = self.units[index]
         after = []
-        if index in self.stream_order:
-            k = self.stream_order.index(index)
+        k = self.stream_index.get(index)
+        if k is not None:
+            self._issue_disk_copy(k)
             if k + 1 < len(self.stream_order):
-                self._issue_copy(k + 1)
+                self._issue_host_copy(k + 1)
             if k + 2 < len(self.stream_order):
                 self._issue_read(k + 2)
-            after = [self.copies[k]]
+            after = self.copies.pop(k)
         self.transfers.begin_compute(unit.name, after)
         self.current = index
         weights = {}
-        slot = self._slot(index)
+        slot = self.slots[k % 2] if k is not None else None
         for name in unit.weights:
             if name in self.resident:
                 weights[name] = self.resident[name]
@@ -748,11 +854,11 @@ class OffloadExecutor:
     def _end_unit(self) -> None:
         if self.current is None:
             return
-        if self.current in self.stream_order:
-            self._detach_from_slot(self.units[self.current].block, self._slot(self.current))
+        k = self.stream_index.get(self.current)
+        if k is not None:
+            self._detach_from_slot(self.units[self.current].block, self.slots[k % 2])
         done = self.transfers.end_compute(self.units[self.current].name)
-        if self.current in self.stream_order:
-            k = self.stream_order.index(self.current)
+        if k is not None:
             self.slot_free[k % 2] = [done]
         self.current = None
 
@@ -766,43 +872,52 @@ class OffloadExecutor:
                 if torch.is_tensor(value) and value.untyped_storage().data_ptr() == where:
                     values[i] = value.clone()
 
-    def _slot(self, index: int) -> torch.Tensor | None:
-        if index not in self.stream_order:
-            return None
-        return self.slots[self.stream_order.index(index) % 2]
-
     def _issue_read(self, k: int) -> None:
-        """Disk to pinned staging for the k-th streamed unit, after the staging's last copy."""
+        """Disk to pinned staging for the k-th streamed unit, after the copy that last read
+        from that staging buffer."""
         layout = self.layouts[self.stream_order[k]]
         if not layout.from_disk:
             return
         staging = self.stagings[k % 2]
-        pairs = [
-            (staging[layout.spans[n][0] : sum(layout.spans[n])], self.disk.source(n))
+        items = [
+            (n, staging[layout.staged[n] : layout.staged[n] + self.disk.room(n)])
             for n in layout.from_disk
         ]
+        nbytes = sum(layout.spans[n][1] for n in layout.from_disk)
         label = self.units[self.stream_order[k]].name
-        after = self.staging_free[k % 2]
-        forget = functools.partial(self.disk.forget, layout.from_disk)
-        self.reads[k] = self.transfers.read(label, pairs, after, forget)
+        fill = functools.partial(self.disk.read_into, items)
+        self.reads[k] = self.transfers.read(label, nbytes, fill, self.staging_free[k % 2])
 
-    def _issue_copy(self, k: int) -> None:
-        """Host (and staged disk) bytes to the k-th streamed unit's buffer, after the compute
-        that last read that buffer and after its disk read."""
+    def _issue_host_copy(self, k: int) -> None:
+        """Pinned host bytes (CPU-tier weights and caches) to the k-th streamed unit's buffer,
+        after the compute that last read that buffer."""
+        index = self.stream_order[k]
+        slot = self.slots[k % 2]
+        pairs = [
+            (slot[offset : offset + size], as_bytes(self.host[name]))
+            for name, (offset, size) in self.layouts[index].spans.items()
+            if name in self.host
+        ]
+        label = self.units[index].name
+        self.copies[k] = [self.transfers.copy(label, pairs, self.slot_free[k % 2])] if pairs else []
+
+    def _issue_disk_copy(self, k: int) -> None:
+        """The k-th streamed unit's disk-tier bytes from staging to its buffer, once the host
+        has seen their read end (the copy stream cannot wait for a thread)."""
         index = self.stream_order[k]
         layout = self.layouts[index]
-        slot = self.slots[k % 2]
+        if not layout.from_disk:
+            return
+        self.transfers.wait(self.reads.pop(k))
+        slot, staging = self.slots[k % 2], self.stagings[k % 2]
         pairs = []
-        for name, (offset, size) in layout.spans.items():
-            source = self.host.get(name)
-            source = as_bytes(source) if source is not None else None
-            if source is None:
-                source = self.stagings[k % 2][offset : offset + size]
-            pairs.append((slot[offset : offset + size], source))
-        after = [*self.slot_free[k % 2], *([self.reads[k]] if k in self.reads else [])]
-        self.copies[k] = self.transfers.copy(self.units[index].name, pairs, after)
-        if layout.from_disk:
-            self.staging_free[k % 2] = [self.copies[k]]
+        for name in layout.from_disk:
+            offset, size = layout.spans[name]
+            start = layout.staged[name]
+            pairs.append((slot[offset : offset + size], staging[start : start + size]))
+        done = self.transfers.copy(self.units[index].name, pairs, self.slot_free[k % 2])
+        self.copies[k].append(done)
+        self.staging_free[k % 2] = [done]
 
     def close(self) -> None:
         """Stop the reader and remove the disk tier's file."""
@@ -821,34 +936,137 @@ class OffloadStep:
         self.layout = layout
 
     def begin(self, batch: int) -> None:
-        shape = (
-            batch,
-            self.layout["num_kv_heads"],
-            self.layout["max_seq_len"],
-            self.layout["head_dim"],
-        )
-        dtype = getattr(torch, self.layout["dtype"])
-        self.executor.set_kv(
-            {
-                f"{KV_PREFIX}.{kind}{layer}": torch.zeros(shape, dtype=dtype)
-                for layer in range(self.layout["num_layers"])
-                for kind in "kv"
-            }
-        )
+        self.executor.set_kv(layer_caches(self.layout, batch))
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         logits, new_k, new_v = self.executor(ids, positions)
-        for layer in range(new_k.shape[0]):
-            k = self.executor.kv_tensor(f"{KV_PREFIX}.k{layer}")
-            v = self.executor.kv_tensor(f"{KV_PREFIX}.v{layer}")
-            write_cache(
-                k.unsqueeze(0),
-                v.unsqueeze(0),
-                new_k[layer : layer + 1].to(k.device),
-                new_v[layer : layer + 1].to(v.device),
-                positions.to(k.device),
-            )
+        write_back(self.executor.kv_tensor, new_k, new_v, positions)
         return logits
+
+
+def layer_caches(layout: dict[str, Any], batch: int) -> dict[str, torch.Tensor]:
+    """Zero per-layer caches `offload_kv.k{i}` / `v{i}` [batch, heads, slots, dim] for a
+    decoder's cache layout (the Generator's `generation` record)."""
+    shape = (batch, layout["num_kv_heads"], layout["max_seq_len"], layout["head_dim"])
+    dtype = getattr(torch, layout["dtype"])
+    return {
+        f"{KV_PREFIX}.{kind}{layer}": torch.zeros(shape, dtype=dtype)
+        for layer in range(layout["num_layers"])
+        for kind in "kv"
+    }
+
+
+def write_back(
+    cache: Callable[[str], torch.Tensor],
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Write a step's keys and values [L, B, H, S, D] into each layer's cache where it lives
+    (`cache(name)`; a host-tier cache waits for the device to finish the step)."""
+    for layer in range(new_k.shape[0]):
+        k, v = cache(f"{KV_PREFIX}.k{layer}"), cache(f"{KV_PREFIX}.v{layer}")
+        write_cache(
+            k.unsqueeze(0),
+            v.unsqueeze(0),
+            new_k[layer : layer + 1].to(k.device),
+            new_v[layer : layer + 1].to(v.device),
+            positions.to(k.device),
+        )
+
+
+# --- measured compute ---------------------------------------------------------------------------
+
+
+@dataclass
+class ComputeTimes:
+    """Seconds measured on a device: each unit's compute, and the step's own work around them
+    (the block runner's setup; for a decoder, the KV write-back and the next token's argmax)."""
+
+    units: list[float]
+    step: float
+
+
+def measure_compute(
+    graph: Graph,
+    inputs: tuple[torch.Tensor, ...],
+    device: torch.device | str,
+    caches: dict[str, torch.Tensor] | None = None,
+    runs: int = 3,
+) -> ComputeTimes:
+    """Time each unit of an executor graph (`executor_graph`) on `device` with its weights
+    resident, as the offload executor runs it (the block runner, node by node), and the step
+    around the units; the median of `runs` after a warm-up, the device synchronized at every
+    unit boundary (moving weights is not timed). Units whose weights have the same shapes and
+    dtypes (a decoder's layers) run on one set of them, moved to the device when the shapes
+    change, so the device holds one distinct unit's weights at a time. `caches`: the
+    per-layer cache tensors a decoder's units read."""
+    device = torch.device(device)
+    caches = caches or {}
+    units = offload_units(graph)
+
+    def tensor(name: str) -> torch.Tensor:
+        return caches[name] if name in caches else graph.get_weight(name)
+
+    signatures = [tuple((t.shape, t.dtype) for t in map(tensor, u.weights)) for u in units]
+    loaded: dict[tuple, list[torch.Tensor]] = {}
+    # the write-back's cost: every layer written into one layer's K and V on the device
+    written = {kind: caches[f"{KV_PREFIX}.{kind}0"].to(device) for kind in "kv"} if caches else {}
+
+    def sync() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def one_run() -> tuple[list[float], float]:
+        seconds = [0.0] * len(units)
+        moving = 0.0  # weights moved to the device: not compute
+        current: list = []  # [unit index, its start]
+
+        def weights(index: int, block: Block) -> dict[str, torch.Tensor]:
+            nonlocal moving
+            now = sync()
+            if current:
+                seconds[current[0]] = now - current[1]
+            key = signatures[index]
+            if key not in loaded:
+                loaded.clear()
+                loaded[key] = [tensor(w).to(device) for w in units[index].weights]
+            start = sync()
+            moving += start - now
+            current[:] = [index, start]
+            return dict(zip(units[index].weights, loaded[key]))
+
+        began = sync()
+        runner = BlockRunner(
+            graph,
+            [tuple(t.to(device) for t in inputs)],
+            device,
+            blocks=[u.block for u in units],
+            activations="device",
+            description="offload timing",
+            weights=weights,
+        )
+        runner.run()
+        outputs = [runner.store.get(n, 0) for n in graph.output_nodes()]
+        if current:
+            seconds[current[0]] = sync() - current[1]
+        if written:  # a decoder: logits, new keys, new values
+            logits, new_k, new_v = outputs
+            kind = len(KV_PREFIX) + 1  # offload_kv.k3 -> "k"
+            write_back(lambda name: written[name[kind]], new_k, new_v, inputs[1].to(device))
+            logits[:, -1].argmax(dim=-1)
+        return seconds, sync() - began - moving - sum(seconds)
+
+    with torch.no_grad():
+        one_run()  # warm-up: allocator, kernels, caches
+        timed = [one_run() for _ in range(runs)]
+    loaded.clear()
+    written.clear()
+    return ComputeTimes(
+        [statistics.median(run[0][u] for run in timed) for u in range(len(units))],
+        statistics.median(run[1] for run in timed),
+    )
 
 
 def offload_step(artifact: Any, transfers: Transfers | torch.device | str) -> OffloadStep:

@@ -3,7 +3,6 @@ greedy generation) with weights on every tier, the order of copies, disk reads a
 the artifact path, and the errors for plans from elsewhere and bad disk paths."""
 
 import collections
-import mmap
 import os
 
 import pytest
@@ -158,9 +157,88 @@ def test_forward_equals_the_graph_and_transfers_overlap_compute_in_order(forward
     executor.close()
 
 
-def test_disk_tier_is_read_from_the_disk_every_step(forward, tmp_path):
-    """Once read, the disk tier's pages leave the page cache (mapped pages too: the tier is
-    memory-mapped), so the next step reads the disk, as the plan assumes."""
+def test_the_pass_predicts_the_schedule_the_executor_runs(forward, tmp_path):
+    """`pipeline_seconds` (what the plan's tokens/s come from) is the executor's own schedule:
+    on the simulated device, the first call takes the predicted prefill and the third the
+    predicted decode step, with units mixing resident, pinned and disk tensors, some waiting
+    on compute and some on transfers."""
+    from peakc.passes.base import PassContext
+    from peakc.passes.offload import OffloadOptions, Placement, build_problem, evaluate
+
+    graph = executor_graph(forward)
+    plan = plan_for(graph, every_tier, disk_path=tmp_path)
+    problem = build_problem(forward, graph, PassContext(), OffloadOptions())
+    problem.h2d, problem.disk_read = 2e8, 5e7
+    problem.prefill = [3e-4, 1e-3, 5e-5, 4e-4, 2e-4]
+    problem.decode = [1e-5, 2e-5, 4e-4, 1e-5, 3e-4]
+    placement = Placement({n: plan["weights"][n]["tier"] for n in problem.weights}, [])
+    cost = evaluate(problem, placement)
+    for phase, calls, predicted in (
+        (problem.prefill, 1, cost.prefill_seconds),
+        (problem.decode, 3, cost.decode_seconds),
+    ):
+        sim = SimulatedTransfers(
+            h2d_bandwidth=problem.h2d,
+            disk_bandwidth=problem.disk_read,
+            compute_seconds=dict(zip(problem.units, phase)),
+        )
+        executor = OffloadExecutor(graph, plan, sim)
+        ends = [0.0]
+        for _ in range(calls):
+            executor(*forward.example_inputs)
+            ends.append(sim.schedule[-1].end)
+        executor.close()
+        assert {e.kind for e in sim.schedule} == {"copy", "read", "compute"}
+        assert ends[-1] - ends[-2] == pytest.approx(predicted, rel=1e-9)
+
+
+def test_measured_compute_times_each_unit_and_the_step_around_them(decoder, monkeypatch):
+    """On a fake clock that only the units' nodes and the KV write-back move: each unit gets
+    its own time, the step the write-back's, and the layers (same weight shapes) share one
+    set of device weights."""
+    from types import SimpleNamespace
+
+    from peakc.runtime import blocks
+
+    graph = executor_graph(decoder)
+    units = offload_units(graph)
+    cost = {u.block.nodes[0]: 1.0 + i for i, u in enumerate(units)}
+    now = [0.0]
+    run_nodes, write_back = blocks.run_nodes, offload.write_back
+
+    def timed_nodes(nodes, *args, **kwargs):
+        now[0] += cost.get(nodes[0], 0.0)
+        return run_nodes(nodes, *args, **kwargs)
+
+    def timed_write_back(*args):
+        now[0] += 0.5
+        return write_back(*args)
+
+    moved = collections.Counter()
+    get_weight = graph.get_weight
+
+    def counted(name):
+        moved[name] += 1
+        return get_weight(name)
+
+    monkeypatch.setattr(blocks, "run_nodes", timed_nodes)
+    monkeypatch.setattr(offload, "write_back", timed_write_back)
+    monkeypatch.setattr(offload, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(graph, "get_weight", counted)
+    caches = offload.layer_caches(decoder.info["generation"], 1)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    times = offload.measure_compute(graph, (ids, torch.full((1, 1), 5)), "cpu", caches, runs=3)
+    assert times.units == [1.0, 2.0, 3.0, 4.0] and times.step == 0.5
+    # every weight is read once for its shape; layer 0's are also moved in each of the 4 runs
+    # (a warm-up and 3 timed), layer 1 runs on them
+    assert {moved[w] for w in units[1].weights if kv_layer(w) is None} == {5}
+    assert {moved[w] for w in units[2].weights if kv_layer(w) is None} == {1}
+
+
+@pytest.mark.parametrize("reads", ["direct", "buffered"])
+def test_disk_tier_is_read_from_the_disk_every_step(forward, tmp_path, monkeypatch, reads):
+    """Every step reads the disk tier from the disk, as the plan assumes: O_DIRECT reads never
+    put it in the page cache, buffered ones drop their pages once read."""
     probe = tmp_path / "probe"
     probe.write_bytes(bytes(1 << 16))
     with open(probe, "rb") as f:
@@ -168,23 +246,57 @@ def test_disk_tier_is_read_from_the_disk_every_step(forward, tmp_path):
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if page_cache_share([probe]) > 0:
         pytest.skip(f"the filesystem of {tmp_path} keeps dropped pages (tmpfs?)")
+    if reads == "buffered":
+        monkeypatch.setattr(offload, "open_direct", lambda path: None)
     graph = executor_graph(forward)
     executor = OffloadExecutor(graph, streamed_plan(graph, tmp_path), SimulatedTransfers())
-    # no readahead: in this tiny file it would cache tensors read earlier in the step again
-    executor.disk.map.madvise(mmap.MADV_RANDOM)
+    if executor.disk.reads != reads:
+        executor.close()
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
     for _ in range(2):
-        executor(*forward.example_inputs)
+        outputs = executor(*forward.example_inputs)
+        torch.testing.assert_close(outputs, forward.run(), rtol=0, atol=0)
         assert page_cache_share([executor.disk.path]) == 0
     executor.close()
 
 
+def test_disk_reads_are_chunked_over_threads_and_short_reads_are_errors(tmp_path, monkeypatch):
+    """Tensors of any size come back whole through reads of READ_CHUNK bytes on several
+    threads, into aligned staging (direct) and misaligned staging (buffered); a file cut
+    short is an error naming it, not a half-filled buffer used as weights."""
+    monkeypatch.setattr(offload, "READ_CHUNK", 2 * offload.DISK_ALIGN)
+    tensors = {
+        "a": torch.randn(3000),  # 12000 bytes: two chunks and a part
+        "b": torch.arange(7, dtype=torch.int16),
+        "c": torch.randn(64, 33, dtype=torch.bfloat16),
+    }
+    disk = offload.DiskTier(tmp_path, tensors, threads=3)
+    assert [disk.spans[n][0] % offload.DISK_ALIGN for n in tensors] == [0, 0, 0]
+    staging = offload.disk_aligned(sum(disk.room(n) for n in tensors) + 1)
+    for shift in (0, 1):  # 1: no destination is aligned, every read goes buffered
+        items, at = [], shift
+        for name in tensors:
+            items.append((name, staging[at : at + disk.room(name)]))
+            at += disk.room(name)
+        disk.read_into(items)
+        for (_, dst), tensor in zip(items, tensors.values()):
+            size = tensor.numel() * tensor.element_size()
+            assert torch.equal(dst[:size], offload.as_bytes(tensor))
+    os.truncate(disk.path, disk.spans["c"][0] + 100)
+    with pytest.raises(PeakcError, match=f"the disk tier {disk.path} ended at byte"):
+        disk.read_into([("c", staging[: disk.room("c")])])
+    disk.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_decoder_compiled_with_the_offload_pass_runs_from_its_artifact(decoder, tmp_path):
-    """The pass plans the decoder (KV cache per layer), the manifest keeps the plan, and the
-    executor built from the artifact generates what the captured decoder does."""
+    """The pass plans the decoder (KV cache per layer, compute measured on this CPU), the
+    manifest keeps the plan, and the executor built from the artifact generates what the
+    captured decoder does."""
     weights = sum(t.numel() * t.element_size() for t in decoder.weights().values())
     spec = (
         f"offload{{gpu_memory={1.3 * weights / 1e9},cpu_memory={0.6 * weights / 1e9},"
-        f'disk_path="{tmp_path}",batch=2,prompt_len=8,gen_len=8,reserve=1e-5}}'
+        f'disk_path="{tmp_path}",batch=2,prompt_len=8,gen_len=8,reserve=1e-5,compute=measured}}'
     )
     compiled = peakc.compile(
         decoder.copy(), pipeline=spec, generation=decoder.info["generation"], parity=False
@@ -192,6 +304,7 @@ def test_decoder_compiled_with_the_offload_pass_runs_from_its_artifact(decoder, 
     artifact = peakc.load(compiled.save(tmp_path / "artifact"))
     plan = artifact.manifest["offload"]
     assert set(plan["kv_cache"]) == {"0", "1"}
+    assert plan["compute"] == "measured" and plan["step_seconds"]["decode"] > 0
     assert {e["tier"] for e in plan["weights"].values()} > {"gpu"}
     layout = artifact.manifest["generation"]
     sim = SimulatedTransfers()
