@@ -32,6 +32,12 @@ def add_estimate_commands(sub: argparse._SubParsersAction) -> None:
         help="prompt length for prefill, context length for decode (default: the example's)",
     )
     p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="context length for decode (default: --seq; a triton artifact: its cache length)",
+    )
+    p.add_argument(
         "--phase",
         choices=("prefill", "decode"),
         default="prefill",
@@ -80,19 +86,21 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if token_model:
         batch = args.batch or example[0].shape[0]
         seq = args.seq or example[0].shape[1]
+        lengths = {"prefill": seq, "decode": args.context or seq}
         for phase, run in (("prefill", estimate_prefill), ("decode", estimate_decode)):
             results[phase] = run(
-                source.module, example, profile, batch, seq, prepare, runtime=args.runtime
-            )
+                source.module, example, profile, batch, lengths[phase], prepare,
+                runtime=args.runtime,
+            )  # fmt: skip
     else:
-        if args.batch or args.seq:
+        if args.batch or args.seq or args.context:
             why = (
                 "is a captured graph with fixed shapes"
                 if source.graph is not None
                 else "does not take token ids (batch, seq)"
             )
             raise PeakcError(
-                f"model '{args.model}' {why}: --batch/--seq cannot re-shape it; "
+                f"model '{args.model}' {why}: --batch/--seq/--context cannot re-shape it; "
                 "estimate it at its example shape instead"
             )
         if source.graph is not None:
@@ -132,16 +140,17 @@ def _triton_artifact(model: str) -> Path | None:
 
 def _estimate_triton_artifact(args: argparse.Namespace, profile) -> int:
     """`peakc estimate DIR` for a triton artifact: each program's launches (fusion groups as
-    one kernel, GEMMs, fallbacks) priced on --target, at the shapes it was compiled for."""
+    one kernel, GEMMs, fallbacks) priced on --target, at the shapes it was compiled for or, for
+    a generation decoder, at --batch, --seq (prefill) and --context (decode)."""
     from peakc.backends.triton.cost import predict_artifact
 
-    if args.batch or args.seq or args.pipeline or args.plot:
+    if args.pipeline or args.plot:
         raise PeakcError(
-            f"artifact {args.model}: a triton program is priced at the shapes it was compiled "
-            "for; --batch, --seq, --pipeline and --plot apply to model sources"
+            f"artifact {args.model}: a triton program is priced as compiled; --pipeline and "
+            "--plot apply to model sources"
         )
     folder = _triton_artifact(args.model)
-    prediction = predict_artifact(folder, profile)
+    prediction = predict_artifact(folder, profile, args.batch, args.seq, args.context)
     if args.json:
         print(json.dumps(prediction, indent=2))
         return 0
@@ -154,6 +163,8 @@ def _estimate_triton_artifact(args: argparse.Namespace, profile) -> int:
             f"  {phase:<8} {fmt_time(row['predicted_ms'] / 1e3):>10}  {row['shape']}; "
             f"{row['kernels']} kernels, fallbacks {row['fallback_share']:.0%} of the time"
         )
+    for note in prediction.get("notes", []):
+        print(f"  note: {note}")
     return 0
 
 

@@ -492,12 +492,16 @@ def linear_act(node: fx.Node, ctx: CostContext) -> OpCost:
 
 @register_cost_rule("peakc.attention_cache")
 def attention_cache(node: fx.Node, ctx: CostContext) -> OpCost:
-    """New tokens attend over a KV cache of T slots: reads q, the new k/v and the whole cache."""
+    """New tokens attend over a KV cache of T slots: reads q, the new k/v and the whole cache,
+    or in a decode estimate (`ctx.kv_len`) its first kv_len slots, the ones kernels read."""
     q, k_cache, v_cache = val(node.args[0]), val(node.args[3]), val(node.args[4])
     b, h, s, d = q.shape
     slots, dv = k_cache.shape[-2], v_cache.shape[-1]
-    flops = 2.0 * b * h * s * slots * (d + dv)
     moved = sum(nbytes(t) for t in _tensor_inputs(node)) + _out_bytes(node)
+    if ctx.kv_len is not None and ctx.kv_len < slots:
+        moved -= (nbytes(k_cache) + nbytes(v_cache)) * (1 - ctx.kv_len / slots)
+        slots = ctx.kv_len
+    flops = 2.0 * b * h * s * slots * (d + dv)
     return OpCost(flops, moved, "attention", dtype_name(q), op_class="attention")
 
 

@@ -230,6 +230,90 @@ found["estimate"] = {
                for k, v in compiled_programs.items()},
 }
 
+# ... and at other shapes: launches interpolated from the stored sample points (exact where
+# no point was sampled), shapes the artifact cannot run refused, CUDA-graph batches noted
+from peakc.backends.base import programs_to_export
+from peakc.backends.triton.cost import launches_at, plan_launches, sample_launches
+from peakc.backends.triton.lower import apply_rewrites, lower_program
+from peakc.cost_model.hardware import resolve_profile
+from peakc.cost_model.predict import CostModel
+
+model_cost, worst = CostModel(resolve_profile("cpu")), 0.0
+for name, program in programs_to_export(apply_rewrites(graph)).items():
+    plan = lower_program(program).plan
+    phase = "prefill" if name == "decoder" else "decode"
+    sampled = sample_launches(program, plan, model_cost, phase)
+    for batch, length in ((3, 20), (1, 47)):
+        shaped, est = model_cost.decoder_estimate(
+            program, phase, batch, length if phase == "prefill" else 1, length
+        )
+        for got, want in zip(launches_at(sampled, batch, length),
+                             plan_launches(plan, est, shaped.graph), strict=True):
+            for key in ("flops", "bytes"):
+                worst = max(worst, abs(got[key] - want[key]) / max(want[key], 1.0))
+
+
+def estimate(folder, *argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["estimate", str(folder), "--target", "cpu", "--json", *argv])
+    return json.loads(out.getvalue()) if code == 0 else err.getvalue().strip()
+
+
+graphs = tmp / "graphs"
+shutil.copytree(tmp / "generate", graphs)
+manifest = json.loads((graphs / "manifest.json").read_text())
+manifest["programs"]["decoder"]["runtime"]["decode_batches"] = [1]
+(graphs / "manifest.json").write_text(json.dumps(manifest))
+found["reshaped"] = {
+    "worst": worst,
+    "asked": estimate(tmp / "generate", "--batch", "3", "--seq", "10", "--context", "20"),
+    "example_batch": estimate(tmp / "generate", "--batch", "2"),
+    "short": estimate(tmp / "generate", "--batch", "2", "--context", "12"),
+    "errors": [estimate(tmp / "generate", *a)
+               for a in (["--batch", "4"], ["--context", "49"], ["--seq", "0"])],
+    "no_graph": estimate(graphs, "--batch", "2")["notes"],
+    "forward": estimate(tmp / "odd", "--batch", "2"),
+}
+
+# a GPU too old for a kernel, or a triton without a feature it uses: one line naming both, at
+# compile (the program is built on the device) and at load
+import triton.language as tl
+from peakc.backends.triton import device as triton_device
+
+x16 = x.to(torch.bfloat16)
+peakc.compile(Odd(), (x16,), backend="triton", pipeline="none").save(tmp / "odd16")
+features, capability = {}, triton_device.gpu_capability
+triton_device.gpu_capability = lambda device: ("Tesla V100-SXM2-16GB", (7, 0))
+for case, build in (
+    ("compile", lambda: peakc.compile(Odd(), (x16,), backend="triton", pipeline="none")),
+    ("load", lambda: peakc.load(tmp / "odd16").program()),
+    ("float32", lambda: peakc.load(tmp / "odd").program()),
+):
+    try:
+        build()
+        features[case] = "built"
+    except PeakcError as exc:
+        features[case] = str(exc)
+triton_device.gpu_capability = capability
+maximum = tl.maximum
+del tl.maximum
+try:
+    peakc.load(tmp / "odd").program()
+except PeakcError as exc:
+    features["triton"] = str(exc)
+tl.maximum = maximum
+feature = triton_device.FEATURES["tl.dot(input_precision=)"]
+triton_device.FEATURES["tl.dot(input_precision=)"] = triton_device.Feature(
+    feature.description, available=lambda: False
+)
+try:
+    peakc.load(tmp / "generate").program("decode_step")
+except PeakcError as exc:
+    features["dot"] = str(exc)
+triton_device.FEATURES["tl.dot(input_precision=)"] = feature
+found["features"] = features
+
 # the CUDA-graph step refuses a decode batch above its captured batches (checked before CUDA)
 from peakc.backends.triton.cuda_graphs import GraphedDecoder
 
@@ -350,6 +434,43 @@ def test_estimate_prices_a_triton_artifact_per_phase_and_target(found):
     for phase in ("prefill", "decode"):  # another target: the same program, repriced
         assert 0 < h100["phases"][phase]["predicted_ms"] != cpu["phases"][phase]["predicted_ms"]
         assert h100["phases"][phase]["kernels"] == cpu["phases"][phase]["kernels"] > 0
+
+
+def test_estimate_reprices_a_triton_artifact_at_other_shapes(found):
+    reshaped, priced = found["reshaped"], found["estimate"]["priced"]
+    assert reshaped["worst"] < 1e-9  # interpolation is exact where no point was sampled
+    asked = reshaped["asked"]["phases"]
+    assert asked["prefill"]["shape"] == "batch 3 x 10 tokens"
+    assert asked["decode"]["shape"] == "batch 3 x 1 token, context 20 of 48 slots"
+    assert reshaped["asked"]["notes"] == []
+    # at the example batch and the whole cache, the compiled shape: the stored price again
+    same = reshaped["example_batch"]["phases"]
+    assert same["prefill"]["predicted_ms"] == pytest.approx(priced["decoder"], rel=1e-6)
+    assert same["decode"]["predicted_ms"] == pytest.approx(priced["decode_step"], rel=1e-6)
+    short = reshaped["short"]["phases"]["decode"]["predicted_ms"]
+    assert 0 < short < same["decode"]["predicted_ms"]  # fewer cache slots read
+    big, long, zero = reshaped["errors"]
+    assert "batch 4 exceeds its max_batch 3" in big
+    assert "--context 49 exceeds its KV cache of 48 slots" in long
+    assert "--seq must be positive" in zero
+    assert all(len(e.splitlines()) == 1 for e in reshaped["errors"])
+    (note,) = reshaped["no_graph"]
+    assert "batch 2 is above the captured CUDA graphs (decode_batches [1])" in note
+    assert "is not a generation decoder" in reshaped["forward"]
+
+
+def test_an_old_gpu_or_triton_is_one_line_naming_kernel_and_feature(found):
+    features = found["features"]
+    for case in ("compile", "load"):
+        message = features[case]
+        assert len(message.splitlines()) == 1
+        assert message.startswith("kernel 0 (triton/group:2 ops) needs bf16 (")
+        assert "compute capability 8.0, sm80); Tesla V100-SXM2-16GB has 7.0" in message
+    assert features["float32"] == "built"  # float32 kernels run on that GPU
+    assert "needs tl.maximum, which triton" in features["triton"]
+    assert "(triton/group:2 ops)" in features["triton"]
+    dot = features["dot"]
+    assert "(triton/attention_cache) needs tl.dot(input_precision=)" in dot
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")

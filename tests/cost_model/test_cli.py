@@ -44,7 +44,7 @@ def test_bad_profile_file_is_one_line(tmp_path, capsys):
 def test_batch_on_a_non_token_model_is_refused(capsys):
     assert main(["estimate", "demo:mlp", "--batch", "4"]) == 2
     assert (
-        "does not take token ids (batch, seq): --batch/--seq cannot re-shape it"
+        "does not take token ids (batch, seq): --batch/--seq/--context cannot re-shape it"
         in capsys.readouterr().err
     )
 
@@ -65,3 +65,9 @@ def test_estimate_runtime_flag(capsys):
     for phase in ("prefill", "decode"):
         assert graph[phase]["total_time_s"] == pytest.approx(graph[phase]["device_time_s"])
         assert eager[phase]["total_time_s"] > graph[phase]["total_time_s"]
+
+
+def test_context_sets_the_decode_phase_only(capsys):
+    assert main(["estimate", "demo:llama", "--json", "--seq", "16", "--context", "48"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["prefill"]["seq"] == 16 and data["decode"]["seq"] == 48

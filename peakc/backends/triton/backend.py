@@ -2,8 +2,10 @@
 
 resolve the device -> the backend's rewrites (linear_wq into its kernels' layout) -> per
 program (forward, or decoder + decode_step): lower (fusion groups, templated kernels,
-fallbacks) -> parity against the graph on the example inputs -> tune the kernels' configs
-(CUDA, tune=true) -> price it with the cost model -> artifact contents.
+fallbacks) -> build it on the device (every kernel checked against the GPU's capability and
+the installed triton) -> parity against the graph on the example inputs -> tune the kernels'
+configs (CUDA, tune=true) -> price it with the cost model, at the example shapes and, for a
+generation decoder, at sample shapes `peakc estimate` interpolates -> artifact contents.
 Nothing here imports torch or triton at module level (`peakc backends` lists the options).
 """
 
@@ -66,7 +68,7 @@ class TritonBackend(Backend):
         programs, reports = {}, {}
         for name, program in programs_to_export(graph).items():
             with ctx.progress(f"lower {name}", 1):  # a line of the CLI's progress display
-                data, info, reports[name] = self.lower_one(program, ctx, device, batches)
+                data, info, reports[name] = self.lower_one(name, program, ctx, device, batches)
             programs[name] = (data, info)
         if "decode_step" in programs:
             programs["decoder"][1].runtime["decode_program"] = "decode_step"
@@ -96,9 +98,17 @@ class TritonBackend(Backend):
             raise self.option_error("decode_batches", f"{batches} exceeds max_batch {limit}")
         return sorted(set(batches))
 
-    def lower_one(self, program: Graph, ctx: PassContext, device: str, batches: list[int]):
-        """(program file bytes, its ProgramFile, its report) for one program."""
-        from peakc.backends.triton.cost import estimate_at_examples, price_program
+    def lower_one(
+        self, name: str, program: Graph, ctx: PassContext, device: str, batches: list[int]
+    ):
+        """(program file bytes, its ProgramFile, its report) for one program. Building it on
+        the device checks every kernel against the GPU and triton (device.check_kernels)."""
+        from peakc.backends.triton.cost import (
+            ARTIFACT_PHASES,
+            estimate_at_examples,
+            price_program,
+            sample_launches,
+        )
         from peakc.backends.triton.lower import lower_program
         from peakc.backends.triton.program import TritonProgram, device_key
         from peakc.backends.triton.tuning import decode_inputs, tune_program
@@ -131,6 +141,9 @@ class TritonBackend(Backend):
             "load_seconds": runnable.load_report["seconds"],
             "cost": est if isinstance(est, str) else price_program(lowered, est, ctx),
         }
+        if not isinstance(est, str) and "generation" in program.info:  # `peakc estimate --batch`
+            phase = ARTIFACT_PHASES[name]
+            report["cost"]["shapes"] = sample_launches(program, lowered.plan, ctx.cost, phase)
         if isinstance(est, str):
             report["fallbacks"] = lowered.fallbacks
         return json.dumps(lowered.spec).encode(), info, report

@@ -14,6 +14,8 @@ from peakc.cost_model.predict import concrete
 from peakc.errors import PeakcError
 
 if TYPE_CHECKING:
+    import torch.fx as fx
+
     from peakc.backends.triton.lower import LoweredProgram
     from peakc.cost_model.estimate import Estimate
     from peakc.cost_model.hardware import HardwareProfile
@@ -64,14 +66,22 @@ def price_plan(
     }
 
 
-def plan_launches(plan: FusionPlan, est: Estimate) -> list[dict[str, Any]]:
+def plan_launches(
+    plan: FusionPlan, est: Estimate, shaped: fx.Graph | None = None
+) -> list[dict[str, Any]]:
     """The program's device work, one record per fusion group (its inputs read and outputs
-    written once) and per node outside the groups (as the cost model prices it)."""
+    written once) and per node outside the groups (as the cost model prices it). `shaped`:
+    the graph `est` was made on when it is a reshaped copy of the plan's (same node names)."""
     by_name = {n.name: n for n in est.nodes}
+    nodes = {n.name: n for n in shaped.nodes} if shaped is not None else None
+
+    def moved_by(node: fx.Node) -> float:
+        return value_bytes(nodes[node.name] if nodes is not None else node)
+
     launches = []
     for group in plan.groups:
         flops = sum(by_name[n.name].flops for n in group.nodes if n.name in by_name)
-        moved = sum(value_bytes(n) for n in group.inputs() + group.outputs())
+        moved = sum(moved_by(n) for n in group.inputs() + group.outputs())
         launches.append(
             {"op": "fusion group", "flops": flops, "bytes": moved, "kind": "memory", "kernels": 1}
         )
@@ -119,19 +129,111 @@ def predict_decode_ms(graph: Graph, cost: CostModel, batch: int, context: int) -
     return price_plan(plan, {}, est, cost.profile)["predicted_ms"]
 
 
+# --- the launches at other shapes -----------------------------------------------------------
+#
+# A generation program's launches are stored at sample points, batches x lengths (the prompt's
+# tokens for a prefill, the attended context for a decode step), and interpolated between
+# them: linear in the batch and quadratic in the length. That is exact for work of that form,
+# which is the form of every launch of a decoder (weights read once; activations in batch x
+# tokens; a causal prefill's attention in batch x tokens^2, a decode step's in batch x context).
+
+SAMPLE_BATCHES = (1, 2)
+
+
+def sample_lengths(limit: int) -> list[int]:
+    """Three lengths spread over 1..limit (fewer when limit < 3): a quadratic needs three."""
+    return sorted({max(1, limit // 4), max(1, limit // 2), limit})
+
+
+def sample_launches(
+    program: Graph, plan: FusionPlan, cost: CostModel, phase: str
+) -> dict[str, Any] | str:
+    """A generation program's launches (the plan's groups as one kernel each) at the sample
+    points of `phase` ("prefill" or "decode"), or why it has none: {"phase", "batches",
+    "lengths", "launches": [{op, kind, ..., "flops": [per point], "bytes": [...],
+    "padding": [...], "kernels": [...]}]}, points in batch-major order."""
+    generation = program.info["generation"]
+    batches = [b for b in SAMPLE_BATCHES if b <= int(generation["max_batch"])]
+    lengths = sample_lengths(int(generation["max_seq_len"]))
+    points = []
+    try:
+        for batch in batches:
+            for length in lengths:
+                tokens = length if phase == "prefill" else 1
+                shaped, est = cost.decoder_estimate(program, phase, batch, tokens, length)
+                points.append(plan_launches(plan, est, shaped.graph))
+    except PeakcError as exc:
+        return str(exc)
+    ops = [launch["op"] for launch in points[0]]
+    if any([launch["op"] for launch in point] != ops for point in points):
+        return "its launches differ between the sample shapes"
+    launches = []
+    for i, first in enumerate(points[0]):
+        entry = {k: first[k] for k in ("op", "kind", "dtype", "op_class") if k in first}
+        for key, default in (("flops", 0.0), ("bytes", 0.0), ("padding", 1.0), ("kernels", 1)):
+            entry[key] = [point[i].get(key, default) for point in points]
+        launches.append(entry)
+    return {"phase": phase, "batches": batches, "lengths": lengths, "launches": launches}
+
+
+def launches_at(sampled: dict[str, Any], batch: int, length: int) -> list[dict[str, Any]]:
+    """The sampled launches at (batch, length): FLOPs and bytes interpolated (exact for the
+    form above, also beyond the sample points), padding and kernel counts taken from the
+    nearest sample point."""
+    batches, lengths = sampled["batches"], sampled["lengths"]
+    weights = [wb * wl for wb in _lagrange(batches, batch) for wl in _lagrange(lengths, length)]
+    near = _nearest(batches, batch) * len(lengths) + _nearest(lengths, length)
+    launches = []
+    for launch in sampled["launches"]:
+        entry = {k: v for k, v in launch.items() if not isinstance(v, list)}
+        for key in ("flops", "bytes"):
+            entry[key] = max(0.0, sum(w * v for w, v in zip(weights, launch[key])))
+        entry["padding"], entry["kernels"] = launch["padding"][near], launch["kernels"][near]
+        launches.append(entry)
+    return launches
+
+
+def _lagrange(points: list[int], x: float) -> list[float]:
+    """The Lagrange basis of `points` at x: the weights of the values there."""
+    basis = []
+    for j, xj in enumerate(points):
+        weight = 1.0
+        for m, xm in enumerate(points):
+            if m != j:
+                weight *= (x - xm) / (xj - xm)
+        basis.append(weight)
+    return basis
+
+
+def _nearest(points: list[int], x: float) -> int:
+    return min(range(len(points)), key=lambda i: abs(points[i] - x))
+
+
 # the programs of a triton artifact and the phase each one runs
 ARTIFACT_PHASES = {"forward": "forward", "decoder": "prefill", "decode_step": "decode"}
 
 
-def predict_artifact(directory: Path, profile: HardwareProfile) -> dict[str, Any]:
-    """A triton artifact's predicted time per phase on `profile`, from the launches its
-    report stored for each program (their FLOPs and bytes at the example shapes): no source
-    model, no graph, no kernel compiled."""
+def predict_artifact(
+    directory: Path,
+    profile: HardwareProfile,
+    batch: int | None = None,
+    seq: int | None = None,
+    context: int | None = None,
+) -> dict[str, Any]:
+    """A triton artifact's predicted time per phase on `profile`, from the launches its report
+    stored for each program: no source model, no graph, no kernel compiled. Without a shape,
+    at the example shapes it was compiled for; with `batch`, `seq` (prefill tokens) or
+    `context` (a decode step's attended tokens, default `seq`), a generation artifact's
+    launches interpolated from its sample points (`launches_at`)."""
     manifest, report = _read_json(directory, "manifest.json"), _read_json(directory, "report.json")
     if manifest.get("backend") != "triton":
         raise PeakcError(f"artifact {directory} was compiled for '{manifest.get('backend')}'")
     programs = (report.get("triton") or {}).get("programs") or {}
-    shapes = _phase_shapes(directory, manifest)
+    reshaped = (batch, seq, context) != (None, None, None)
+    if reshaped:  # phase -> (description, batch, length)
+        shapes, notes = _asked_shapes(directory, manifest, batch, seq, context)
+    else:
+        shapes = {p: (text,) for p, text in _phase_shapes(directory, manifest).items()}
     phases = {}
     for name, phase in ARTIFACT_PHASES.items():
         cost = (programs.get(name) or {}).get("cost")
@@ -140,10 +242,20 @@ def predict_artifact(directory: Path, profile: HardwareProfile) -> dict[str, Any
         if isinstance(cost, str) or "launches" not in cost:
             why = cost if isinstance(cost, str) else "compiled by a peakc that stored no launches"
             raise PeakcError(f"artifact {directory}: program '{name}' has no price ({why})")
-        seconds = price_launches(cost["launches"], profile)
+        launches = cost["launches"]
+        if reshaped:
+            sampled = cost.get("shapes")
+            if not isinstance(sampled, dict):
+                why = sampled or "compiled by a peakc that sampled no other shapes"
+                raise PeakcError(
+                    f"artifact {directory}: program '{name}' cannot be priced at another shape "
+                    f"({why}); estimate it without --batch/--seq/--context"
+                )
+            launches = launches_at(sampled, *shapes[phase][1:])
+        seconds = price_launches(launches, profile)
         phases[phase] = {
             "program": name,
-            "shape": shapes[phase],
+            "shape": shapes[phase][0],
             "predicted_ms": round(seconds * 1e3, 4),
             "kernels": cost["kernels"],
             "fallback_share": cost.get("fallback_share", 0.0),
@@ -151,8 +263,67 @@ def predict_artifact(directory: Path, profile: HardwareProfile) -> dict[str, Any
     if not phases:
         raise PeakcError(f"artifact {directory}: its report prices no program")
     compiled_for = report.get("target")
-    return {"artifact": str(directory), "target": profile.name, "compiled_for": compiled_for,
-            "phases": phases}  # fmt: skip
+    result = {"artifact": str(directory), "target": profile.name, "compiled_for": compiled_for,
+              "phases": phases}  # fmt: skip
+    if reshaped:
+        result["notes"] = notes
+    return result
+
+
+def _asked_shapes(
+    directory: Path,
+    manifest: dict[str, Any],
+    batch: int | None,
+    seq: int | None,
+    context: int | None,
+) -> tuple[dict[str, tuple], list[str]]:
+    """Per phase (description, batch, length) at the asked shape, and notes on it; a shape
+    the artifact cannot run (beyond its cache or max_batch) is a PeakcError."""
+    from peakc.runtime.artifact import read_example_inputs
+
+    generation = manifest.get("generation")
+    if generation is None:
+        raise PeakcError(
+            f"artifact {directory} is not a generation decoder: --batch, --seq and --context "
+            "apply to generation artifacts; estimate it at its compiled shape"
+        )
+    example = read_example_inputs(directory, manifest)
+    batch = int(example[0].shape[0]) if batch is None else batch
+    tokens = int(example[0].shape[1]) if seq is None else seq
+    slots, limit = int(generation["max_seq_len"]), int(generation["max_batch"])
+    context = (seq or slots) if context is None else context
+    for flag, value in (("--batch", batch), ("--seq", tokens), ("--context", context)):
+        if value < 1:
+            raise PeakcError(f"{flag} must be positive, got {value}")
+    if batch > limit:
+        raise PeakcError(
+            f"artifact {directory}: batch {batch} exceeds its max_batch {limit} (its Generator "
+            "refuses larger batches; compile with a larger --max-batch)"
+        )
+    for flag, value in (("--seq", tokens), ("--context", context)):
+        if value > slots:
+            raise PeakcError(
+                f"artifact {directory}: {flag} {value} exceeds its KV cache of {slots} slots "
+                "(compile with a larger --max-seq-len)"
+            )
+    notes = []
+    runtime = (manifest["programs"].get("decoder") or {}).get("runtime") or {}
+    graphs = sorted(runtime.get("decode_batches") or [])
+    if graphs and batch > graphs[-1]:
+        notes.append(
+            f"batch {batch} is above the captured CUDA graphs (decode_batches {graphs}): the "
+            "artifact refuses to decode it; priced as if it had a graph for it"
+        )
+    elif graphs and batch not in graphs:
+        notes.append(
+            f"batch {batch} has no CUDA graph (decode_batches {graphs}): it decodes eagerly, "
+            "with host launch gaps this price leaves out"
+        )
+    shapes = {
+        "prefill": (f"batch {batch} x {tokens} tokens", batch, tokens),
+        "decode": (f"batch {batch} x 1 token, context {context} of {slots} slots", batch, context),
+    }
+    return shapes, notes
 
 
 def _phase_shapes(directory: Path, manifest: dict[str, Any]) -> dict[str, str]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from peakc.backends.triton.codegen import GroupKernel
-from peakc.backends.triton.device import interpreting, resolve_device
+from peakc.backends.triton.device import check_kernels, interpreting, resolve_device
 from peakc.errors import PeakcError
 from peakc.ir.ops import find_op, lowering_for
 from peakc.runtime.artifact import register_program_format
@@ -221,10 +221,13 @@ class TritonProgram:
         self.notes: list[str] = []
         self.launchers: list[Callable | None] = []
         sources: dict[str, bool] = {}  # generated source -> found in the on-disk cache
+        built: list[tuple[str, dict[str, Any], str]] = []  # each kernel that runs
         for i, entry in enumerate(spec["kernels"]):
             launcher, source, note = build_kernel(entry)
             if hasattr(launcher, "cache_hit"):
                 sources.setdefault(source, launcher.cache_hit)
+            if launcher is not None:
+                built.append((f"{i} ({entry.get('label') or entry['kind']})", entry, source))
             if note:
                 self.notes.append(note)
             elif source != entry.get("source", ""):
@@ -233,6 +236,7 @@ class TritonProgram:
                     "generates a different source than the artifact stores; running peakc's"
                 )
             self.launchers.append(launcher)
+        check_kernels(built, self.device.type)  # an old GPU or triton: one line, before any runs
         self.configs = self._tuned_configs(spec.get("tuning") or {})
         self.steps = [self._prepare(entry) for entry in spec["steps"]]
         self.outputs = decode_arg(spec["outputs"], self.device)
