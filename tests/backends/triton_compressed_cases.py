@@ -45,15 +45,14 @@ WQ_LAYOUTS = [
     (8, 96, False, False, 48, 96),  # per channel
     (8, 32, True, True, 72, 96),  # act-order
 ]
-# per M, a configuration beside the M bucket's own: every kernel, reduction and GEMV form;
-# block_k per bits (the split-K kernel's tl.dot needs 16 word rows)
+# per M, a configuration beside the M bucket's own: every kernel, reduction and dequantization
+# (corrected sums, or in registers: affine)
 WQ_OTHER = {
-    1: dict(kernel="splitk", block_m=1, block_n=32, block_k={4: 64, 8: 32}, split_k=2,
-            reduction="atomic", factored=False),
-    3: dict(kernel="gemm", block_m=16, block_n=32, block_k={4: 64, 8: 32}),
-    17: dict(kernel="dequant", block_m=1, block_n=32, block_k={4: 128, 8: 64}),
-    64: dict(kernel="splitk", block_m=32, block_n=64, block_k={4: 256, 8: 128}, split_k=3),
-}  # fmt: skip
+    1: KernelConfig("fused", 8, 32, split_k=2, reduction="partials", affine=True),
+    3: KernelConfig("fused", 16, 32, split_k=2, reduction="atomic"),
+    17: KernelConfig("dequant", 1, 32),
+    64: KernelConfig("fused", 32, 64, split_k=3, affine=True),
+}
 # 2:4 layouts: (bits: 0 float, group_size: dense columns, 0 per channel; sym, N, K)
 SPARSE_LAYOUTS = [(0, 0, False, 40, 100), (4, 32, False, 48, 128), (4, 64, True, 40, 200),
                   (4, 0, False, 24, 96), (8, 32, True, 40, 160)]  # fmt: skip
@@ -96,14 +95,22 @@ def linear_wq_cases() -> list[dict]:
             bias = torch.randn(n, generator=gen).to(dtype) if j % 2 else None
             ref_bias = None if bias is None else bias.float()
             ref = _linear_wq_reference(x.float(), *args, ref_bias, bits, gs, k)
-            other = dict(WQ_OTHER[m], block_k=WQ_OTHER[m]["block_k"][bits])
-            for config in (choose_config(m, packed), KernelConfig(**other)):
+            for config in (choose_config(m, packed), WQ_OTHER[m]):
                 y = linear_wq_triton(x, packed, bias, config)
                 out.append(dict(layout=i, m=m, dtype=str(dtype), kernel=config.kernel,
-                                reduction=config.reduction, factored=config.factored,
+                                reduction=config.reduction, affine=config.affine,
                                 err=relative_error(y, ref), shape=list(y.shape),
                                 out_dtype=str(y.dtype)))  # fmt: skip
     return out
+
+
+def counter_state() -> dict:
+    """The serial reduction's arrival counters after the linear_wq cases: kept per device and
+    left zeroed by the kernel (so one buffer serves every launch)."""
+    from peakc.backends.triton.kernels.linear_wq import _COUNTERS
+
+    return dict(devices=len(_COUNTERS), nonzero=sum(int(b.count_nonzero()) for b in
+                                                    _COUNTERS.values()))  # fmt: skip
 
 
 def sparse_weight(gen, n, k) -> torch.Tensor:
@@ -208,6 +215,7 @@ if __name__ == "__main__":
         "wq_layouts": WQ_LAYOUTS,
         "sparse_layouts": SPARSE_LAYOUTS,
         "linear_wq": linear_wq_cases(),
+        "wq_counters": counter_state(),
         "sparse24": sparse_cases(),
         "lowering": lowering_cases(),
         "eager": eager_cases(),

@@ -38,7 +38,8 @@ from peakc.errors import PeakcError
 from peakc.ir.ops import find_op, lowering_for
 from peakc.runtime.artifact import register_program_format
 
-PROGRAM_VERSION = 1
+# 2: linear_wq's int16 slot layout and linear_compressed's sliced-ELL blocks as stored weights
+PROGRAM_VERSION = 2
 BACKEND = "triton"
 OPERATORS = {"getitem": operator.getitem, "add": operator.add, "sub": operator.sub,
              "mul": operator.mul, "floordiv": operator.floordiv, "neg": operator.neg}  # fmt: skip
@@ -214,7 +215,10 @@ class TritonProgram:
 
         started = time.perf_counter()
         if spec.get("version") != PROGRAM_VERSION:
-            raise PeakcError(f"triton program: version {spec.get('version')} is not supported")
+            raise PeakcError(
+                f"triton program: version {spec.get('version')} is not the version this peakc "
+                f"runs ({PROGRAM_VERSION}; the kernels' stored weight layouts changed): recompile"
+            )
         self.spec = spec
         self.device = torch.device(device)
         self.runtime = runtime or {}

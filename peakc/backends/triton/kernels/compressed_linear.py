@@ -9,9 +9,13 @@ the kernels do not cover is declined with the reason (the report names the layer
 weight whose K is not a multiple of 4 (or whose groups do not hold whole groups of 4) is a
 compile error naming the layer.
 
-Eager backend: `register_cuda_kernels()` makes the kernels the CUDA implementation of the three
-peakc ops; their weights stay in peakc's layout in the artifact and are repacked once, on first
-use, per weight tensor.
+`linear_compressed` (QMoE's dictionary-coded experts) is rewritten the same way: its code
+stream is decoded (checked) and transcoded into the sliced-ELL layout that
+linear_compressed.py's kernel reads, stored as the layer's weights.
+
+Eager backend: `register_cuda_kernels()` makes the kernels the CUDA implementation of the four
+peakc ops; their weights stay in peakc's layout in the artifact and are repacked (transcoded)
+once, on first use, per weight tensor.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from peakc.errors import PeakcError
 from peakc.ir.ops import (
+    LINEAR_COMPRESSED,
     LINEAR_SPARSE24,
     LINEAR_SPARSE24_WQ,
     LINEAR_WQ,
@@ -32,6 +38,7 @@ from peakc.ir.ops import (
     register_lowering,
 )
 
+from . import linear_compressed as lc
 from . import linear_wq as wq
 from . import sparse24
 
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
 
 BACKEND = "triton"
 X_DTYPES = (torch.float16, torch.bfloat16)
+COMPRESSED_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # linear_compressed's
 
 
 # --- the backend's own ops: the repacked layouts ---------------------------------------------
@@ -51,13 +59,14 @@ def _repacked_linear(
     qweight, scales, zeros, perm, bits, group_size, in_features
 ) -> wq.RepackedLinear:
     """The RepackedLinear that a linear_wq_repacked call's operands describe."""
-    k_padded = qweight.shape[0] * (32 // bits)
+    blocks, out_features, slot = qweight.shape
+    k_padded = blocks * slot * (16 // bits)
     per_channel = scales.shape[0] == 1  # one scale row: group = the padded K
     groups = 1 if per_channel else -(-in_features // group_size)
     group = k_padded if per_channel else group_size
     return wq.RepackedLinear(
         qweight, scales, zeros, perm, bits, group_size, group, groups, in_features,
-        qweight.shape[1], k_padded,
+        out_features, k_padded,
     )  # fmt: skip
 
 
@@ -80,7 +89,7 @@ def _linear_wq_repacked_reference(
 
 
 def _linear_wq_repacked_fake(x, qweight, *rest):
-    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))  # qweight [blocks, N, S]
 
 
 def _sparse24_of(values, meta, scales, zeros, bits, group_rows, in_features) -> Any:
@@ -88,12 +97,13 @@ def _sparse24_of(values, meta, scales, zeros, bits, group_rows, in_features) -> 
     if bits == 0:
         return sparse24.RepackedSparse24(values, meta, in_features, values.shape[1])
     kept = in_features // 2
-    k_padded = values.shape[0] * (32 // bits)
+    blocks, out_features, slot = values.shape  # linear_wq's repacked codes
+    k_padded = blocks * slot * (16 // bits)
     per_channel = scales.shape[0] == 1
     groups = 1 if per_channel else -(-kept // group_rows)
     inner = wq.RepackedLinear(
         values, scales, zeros, None, bits, kept if per_channel else group_rows, group_rows,
-        groups, kept, values.shape[1], k_padded,
+        groups, kept, out_features, k_padded,
     )  # fmt: skip
     return sparse24.RepackedSparse24(inner, meta, in_features, values.shape[1])
 
@@ -142,23 +152,19 @@ def _kernel_config(config: dict | None, kind: type) -> Any:
 @register_lowering("linear_wq_repacked", BACKEND, label="triton/linear_wq")
 def launch_linear_wq(qx, qweight, scales, zeros, perm, bias, bits, group_size, in_features,
                      config: dict | None = None) -> torch.Tensor:  # fmt: skip
-    """The split-K GEMV, the fused GEMM or dequantize + cuBLAS, by M or by `config`."""
+    """The fused kernel (split-K at decode batches) or dequantize + cuBLAS, by M or by
+    `config`."""
     packed = _repacked_linear(qweight, scales, zeros, perm, bits, group_size, in_features)
     return wq.linear_wq_triton(qx, packed, bias, _kernel_config(config, wq.KernelConfig))
 
 
-launch_linear_wq.kernels = (
-    wq.linear_wq_splitk_kernel,
-    wq.sum_splits_kernel,
-    wq.linear_wq_gemm_kernel,
-    wq.dequantize_kernel,
-)
+launch_linear_wq.kernels = (wq.linear_wq_kernel, wq.sum_splits_kernel, wq.dequantize_kernel)
 launch_linear_wq.configs = [
     {},  # by M: linear_wq.CONFIGS
-    {"kernel": "splitk", "block_m": 1, "block_n": 128, "block_k": 256},
-    {"kernel": "splitk", "block_m": 16, "block_n": 64, "block_k": 256},
-    {"kernel": "gemm", "block_m": 64, "block_n": 128, "block_k": 64, "num_stages": 4},
-    {"kernel": "dequant", "block_m": 1, "block_n": 64, "block_k": 256},
+    {"kernel": "fused", "block_m": 16, "block_n": 64, "reduction": "partials"},
+    {"kernel": "fused", "block_m": 16, "block_n": 128, "waves": 4.0},
+    {"kernel": "fused", "block_m": 64, "block_n": 128, "num_stages": 4},
+    {"kernel": "dequant", "block_m": 1, "block_n": 64},
 ]
 
 
@@ -211,11 +217,10 @@ def linear_wq_why_not(node: fx.Node, graph: Graph, context: Any = None) -> str |
         return f"{packed.bits}-bit weights (the kernels take 4 and 8)"
     if _constant_args(graph, packed.tensors()) is None:
         return "the packed weights are computed in the graph, not stored"
-    per_word = 32 // packed.bits
     scales = packed.scales.meta["val"]
     if scales.shape[1] > 1 and (packed.group_size & (packed.group_size - 1) or
-                                packed.group_size < per_word):  # fmt: skip
-        return f"group size {packed.group_size} is not a power of two >= {per_word}"
+                                packed.group_size < wq.MIN_GROUP):  # fmt: skip
+        return f"group size {packed.group_size} is not a power of two >= {wq.MIN_GROUP}"
     return _x_dtype_reason(x)
 
 
@@ -305,6 +310,92 @@ def _add_weights(graph: Graph, node: fx.Node, old_name: str, tag: str, tensors: 
     }
 
 
+# --- linear_compressed: transcoded into the sliced-ELL layout (linear_compressed.py) --------
+
+
+def _linear_compressed_ell_reference(
+    x: torch.Tensor,
+    entries: torch.Tensor,
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    part: int,
+) -> torch.Tensor:
+    """linear_compressed on the kernel's sliced-ELL layout (linear_compressed.py): expand the
+    levels, scale per row, x @ Wᵀ + bias."""
+    levels = lc.ell_levels(entries, blocks, scales.shape[0], in_features, part)
+    w = levels.to(scales.dtype) * scales[:, None]
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+def _linear_compressed_ell_fake(x, entries, blocks, scales, *rest):
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+LINEAR_COMPRESSED_ELL = define_op(
+    "linear_compressed_ell",
+    _linear_compressed_ell_reference,
+    _linear_compressed_ell_fake,
+    backend=BACKEND,
+)
+
+
+@register_lowering("linear_compressed_ell", BACKEND, label="triton/linear_compressed")
+def launch_linear_compressed(x, entries, blocks, scales, bias, in_features, part,
+                             config: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """The sliced-ELL GEMV/GEMM, its config by M or by `config`."""
+    return lc.linear_compressed_ell_triton(
+        x, entries, blocks, scales, bias, in_features, part, config
+    )
+
+
+launch_linear_compressed.kernels = lc.linear_compressed_ell_triton.kernels
+launch_linear_compressed.configs = lc.ELL_CONFIGS
+
+
+def _code_operands(node: fx.Node) -> dict[str, Any]:
+    _, words, offsets, table, checksum = node.args[:5]
+    return {"words": words, "offsets": offsets, "table": table, "checksum": checksum}
+
+
+def linear_compressed_why_not(node: fx.Node, graph: Graph, context: Any = None) -> str | None:
+    """Why the sliced-ELL kernel does not take this linear_compressed (None: it does)."""
+    if _constant_args(graph, _code_operands(node)) is None:
+        return "the code stream is computed in the graph, not stored"
+    dtype = node.args[0].meta["val"].dtype
+    if dtype not in COMPRESSED_X_DTYPES:
+        return f"activations are {dtype} (the kernel takes fp16/bf16/fp32)"
+    return None
+
+
+@register_lowering(
+    "linear_compressed",
+    BACKEND,
+    label="triton/linear_compressed",
+    stage="rewrite",
+    why_not=linear_compressed_why_not,
+)
+def rewrite_linear_compressed(graph: Graph, node: fx.Node, context: Any = None) -> None:
+    """linear_compressed -> linear_compressed_ell, its code stream decoded (checked: a damaged
+    stream is a PeakcError naming the layer) and transcoded (on a GPU when there is one)."""
+    x, _, _, _, _, scales, bias, in_features, segment, max_words = node.args
+    operands = _code_operands(node)
+    code = _constant_args(graph, operands)
+    device = "cuda" if torch.cuda.is_available() else code["words"].device
+    stream = [code[key].to(device) for key in ("words", "offsets", "table", "checksum")]
+    rows = node.meta["val"].shape[-1]
+    try:
+        ell = lc.transcode(*stream, rows, in_features, segment, max_words)
+    except PeakcError as exc:
+        raise PeakcError(f"{_layer(node)}: {exc}") from None
+    tensors = {"entries": ell.entries, "blocks": ell.blocks}
+    tensors = {key: t.to(code["words"].device) for key, t in tensors.items()}
+    nodes = _add_weights(graph, node, operands["words"].target, "ell", tensors)
+    args = (x, nodes["entries"], nodes["blocks"], scales, bias, in_features, ell.part)
+    graph.replace_call(node, LINEAR_COMPRESSED_ELL.overload, args, operands.values())
+
+
 # --- eager programs on CUDA: the kernels as the ops' CUDA implementation ---------------------
 
 _REPACKED = WeakIdKeyDictionary()  # weight tensor (by identity) -> (version, repacked)
@@ -344,13 +435,28 @@ def _cuda_linear_sparse24_wq(x, qvalues, scales, qzeros, meta, bias, bits, group
     return sparse24.linear_sparse24_triton(x, packed, bias)
 
 
+def _cuda_linear_compressed(x, words, offsets, table, checksum, scales, bias, in_features,
+                            segment, max_words):  # fmt: skip
+    stream = (words, offsets, table, checksum)
+    if x.dtype not in COMPRESSED_X_DTYPES:
+        return LINEAR_COMPRESSED.reference(x, *stream, scales, bias, in_features, segment,
+                                           max_words)  # fmt: skip
+    ell = _cached(words, lambda: lc.transcode(
+        *stream, scales.shape[0], in_features, segment, max_words))  # fmt: skip
+    return lc.linear_compressed_ell_triton(
+        x, ell.entries, ell.blocks, scales, bias, in_features, ell.part
+    )
+
+
 @functools.cache
 def register_cuda_kernels() -> None:
-    """Make the kernels the CUDA implementation of linear_wq, linear_sparse24 and
-    linear_sparse24_wq (layouts they do not cover run the reference); once per process."""
+    """Make the kernels the CUDA implementation of linear_wq, linear_sparse24,
+    linear_sparse24_wq and linear_compressed (layouts they do not cover run the reference);
+    once per process."""
     for opdef, fn in (
         (LINEAR_WQ, _cuda_linear_wq),
         (LINEAR_SPARSE24, _cuda_linear_sparse24),
         (LINEAR_SPARSE24_WQ, _cuda_linear_sparse24_wq),
+        (LINEAR_COMPRESSED, _cuda_linear_compressed),
     ):
         torch.library.register_kernel(f"{opdef.namespace}::{opdef.name}", "cuda", fn)

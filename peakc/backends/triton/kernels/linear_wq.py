@@ -1,19 +1,32 @@
-"""W4A16 / W8A16 weight-only linear (`peakc::linear_wq`) in Triton: repack once, then a split-K
-kernel for decode-sized batches and a tensor-core GEMM for prefill, chosen by M.
+"""W4A16 / W8A16 weight-only linear (`peakc::linear_wq`) in Triton: repack once, then one fused
+kernel that feeds the tensor cores with weights converted in registers (split-K for
+decode-sized batches), or dequantize + cuBLAS for large batches; chosen by M.
 
-Repacked layout (`RepackedLinear`), read by both kernels:
-  qweight int32 [k_padded * bits / 32, N]: E = 32 / bits codes per word along K (column
-          E*i + j in bits [j*b, (j+1)*b) of word row i), N contiguous, so a program reads
-          whole K-tiles for a run of N in coalesced rows and never shuffles codes: slot j of a
-          tile's words is one slice of the weight, multiplied with the matching columns of x.
-  scales  [groups, N] (the scales' dtype) and zeros uint8 [groups, N]: W = (q - z) * s.
+Repacked layout (`RepackedLinear`):
+  qweight int16 [k_padded / B, N, S]: the weight in blocks of B = S * 16 / bits columns. Element
+          (b, n, i) holds 16 / bits codes: code c (bits [c * bits, (c + 1) * bits)) is column
+          b * B + c * S + i. Code c of a block's [N, S] tile is thus one run of S contiguous
+          columns (one tl.dot with S columns of x), and every 16-bit element converts on its own,
+          an elementwise op, so Triton keeps the tile in the tensor cores' register layout.
+          S = 32 columns, or the group when that is smaller (16 at least for linear_wq; 2:4's
+          kept values, read one by one, take smaller groups).
+  scales  [rows, N] (the scales' dtype) and zeros uint8 [rows, N], row = column // group:
+          W = (q - z) * s; per channel, one row and group = k_padded.
   perm    int32 [K] or None: act-order columns are sorted by group at pack time, so groups are
           contiguous runs of G columns; the kernels read x[perm[j]] for packed column j.
-  K is padded with zero codes (and groups with zero scales) to whole tiles; x is masked beyond
-  K, so the padding contributes nothing.
+  K is padded with zero codes (and scale rows with zero scales) to whole blocks; x is masked
+  beyond K, so the padding contributes nothing.
 
-A code becomes a float without an int-to-float conversion: placed at the top of the mantissa of
-1.0 it reads 1 + q / 2^b, and one fused multiply-add with per-group constants gives (q - z) * s.
+Conversion: a 4-bit field OR-ed under the exponent of 128 (bf16 0x4300; fp16 1024, 0x6400)
+reads off + q exactly: one `lop3` for two weights (`tl.inline_asm_elementwise`, two 16-bit
+elements per 32-bit register), and one shift more for each field above the lowest. An 8-bit
+code is two such fields, the high one under 16x the exponent (2048 + 16 q), so both products go
+into the same sum. The tensor cores multiply these with x (fp32 sums); per group the kernel
+subtracts (off + z) times x's sum over the group's columns and applies the scale:
+out = s * (Σ (off + q) x - (off + z) Σ x); or (`affine`, for large batches) it dequantizes in
+registers before the dot, (off + q - (off + z)) * s. The Triton interpreter cannot run PTX:
+there the same fields are cut out with plain shifts and masks. The artifact stores this layout
+(the Triton backend repacks at compile time); `unpack_linear_wq` inverts it.
 """
 
 from __future__ import annotations
@@ -31,7 +44,8 @@ from peakc.errors import PeakcError
 from peakc.ir.ops import pack_bits, unpack_bits
 
 BITS = (4, 8)
-MAX_TILE_WORDS = 32  # K is padded to whole tiles of this many word rows
+SLOT = 32  # columns per code slot of a block (the group, when that is smaller)
+MIN_GROUP = 16  # the fused kernel's slots (one tl.dot each) hold at least 16 columns
 
 
 @dataclass
@@ -50,11 +64,25 @@ class RepackedLinear:
     out_features: int
     k_padded: int
 
+    @property
+    def slot(self) -> int:
+        """Columns per code slot of a block (S)."""
+        return self.qweight.shape[2]
+
+    @property
+    def block_columns(self) -> int:
+        return self.slot * 16 // self.bits
+
     def nbytes(self) -> int:
         parts = [self.qweight, self.scales, self.zeros]
         if self.perm is not None:
             parts.append(self.perm)
         return sum(t.numel() * t.element_size() for t in parts)
+
+
+def slot_columns(group: int) -> int:
+    """S for a group of `group` columns: 32, or the group when it is smaller."""
+    return min(SLOT, group)
 
 
 def repack_linear_wq(
@@ -66,22 +94,23 @@ def repack_linear_wq(
     group_size: int,
     in_features: int,
     name: str = "linear_wq",
+    min_group: int = MIN_GROUP,
 ) -> RepackedLinear:
     """Repack peakc's linear_wq weights (ops.py layout) into the kernels' layout, on their device.
-    Raises PeakcError, naming `name`, for a layout the kernels do not cover."""
+    Raises PeakcError, naming `name`, for a layout the kernels do not cover (groups smaller
+    than `min_group`: the fused kernel's dots need slots of 16 columns; the 2:4 kernel, which
+    gathers codes one by one, takes smaller ones)."""
     if bits not in BITS:
         raise PeakcError(f"{name}: {bits}-bit weights have no Triton kernel (bits 4 and 8 do)")
     out_features, n_groups = scales.shape
     k = in_features
-    per_word = 32 // bits
-    tile = MAX_TILE_WORDS * per_word
-    k_padded = -(-k // tile) * tile
-    if n_groups == 1:
-        group = k_padded
-    elif group_size & (group_size - 1) or group_size < per_word:
-        raise PeakcError(f"{name}: group size {group_size} is not a power of two >= {per_word}")
-    else:
-        group = group_size
+    if n_groups > 1 and (group_size & (group_size - 1) or group_size < min_group):
+        raise PeakcError(f"{name}: group size {group_size} is not a power of two >= {min_group}")
+    slot = SLOT if n_groups == 1 else slot_columns(group_size)
+    per_element = 16 // bits
+    block = slot * per_element
+    k_padded = -(-k // block) * block
+    group = k_padded if n_groups == 1 else group_size
     codes = unpack_bits(qweight, bits, k)
     zeros = unpack_bits(qzeros, bits, n_groups)
     natural = torch.arange(k, device=codes.device) // group_size
@@ -94,14 +123,15 @@ def repack_linear_wq(
                 "be made contiguous by a column permutation"
             )
         codes = codes[:, perm]
-    codes = torch.nn.functional.pad(codes, (0, k_padded - k)).to(torch.int64)
-    slots = codes.view(out_features, k_padded // per_word, per_word)
-    shifts = torch.arange(per_word, device=codes.device) * bits
-    words = (slots << shifts).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    rows = k_padded // group
+    codes = torch.nn.functional.pad(codes, (0, k_padded - k)).to(torch.int32)
+    # [N, blocks, codes per element, S] -> [blocks, N, S, codes per element], fields OR-ed
+    slots = codes.view(out_features, k_padded // block, per_element, slot).permute(1, 0, 3, 2)
+    shifts = torch.arange(per_element, device=codes.device, dtype=torch.int32) * bits
+    elements = (slots << shifts).sum(-1)
+    elements = torch.where(elements >= 2**15, elements - 2**16, elements).to(torch.int16)
+    rows = -(-k_padded // group)
     return RepackedLinear(
-        qweight=words.T.contiguous(),
+        qweight=elements.contiguous(),
         scales=torch.nn.functional.pad(scales.T, (0, 0, 0, rows - n_groups)).contiguous(),
         zeros=torch.nn.functional.pad(zeros.T, (0, 0, 0, rows - n_groups))
         .to(torch.uint8)
@@ -122,11 +152,12 @@ def unpack_linear_wq(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The inverse of `repack_linear_wq`: (qweight, scales, qzeros, g_idx) in peakc's layout
     (g_idx is None when the columns were not permuted)."""
-    bits, per_word = packed.bits, 32 // packed.bits
-    words = packed.qweight.T.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per_word, device=words.device) * bits
-    slots = (words[..., None] >> shifts) & ((1 << bits) - 1)
-    codes = slots.reshape(packed.out_features, packed.k_padded)[:, : packed.in_features]
+    bits, per_element = packed.bits, 16 // packed.bits
+    elements = packed.qweight.to(torch.int32) & 0xFFFF
+    shifts = torch.arange(per_element, device=elements.device, dtype=torch.int32) * bits
+    slots = (elements[..., None] >> shifts) & ((1 << bits) - 1)  # [blocks, N, S, codes]
+    codes = slots.permute(1, 0, 3, 2).reshape(packed.out_features, packed.k_padded)
+    codes = codes[:, : packed.in_features]
     g_idx = None
     if packed.perm is not None:
         inverse = torch.argsort(packed.perm.long())
@@ -140,131 +171,106 @@ def unpack_linear_wq(
 # --- kernels ---------------------------------------------------------------------------------
 
 
-@triton.jit
-def _tile_product(
-    acc,
-    x_ptr,
-    perm_ptr,
-    qw_ptr,
-    s_ptr,
-    z_ptr,
-    t,
-    offs_m,
-    mask_m,
-    offs_n,
-    mask_n,
-    N,
-    K,
-    stride_xm,
-    group_words,
-    BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    WORDS: tl.constexpr,
-    FINE_GROUPS: tl.constexpr,
-    HAS_PERM: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):
-    """acc + the product of x's K-tile t with the weight's K-tile t for columns offs_n.
-
-    The tile is WORDS rows of words [BLOCK_N, WORDS]; slot j of every word is one [BLOCK_N,
-    WORDS] slice of the weight (columns PER_WORD*i + j), multiplied with the matching (strided)
-    columns of x.
-    BLOCK_M == 1: acc [BLOCK_N, WORDS] of elementwise products (summed by the caller); else acc
-    [BLOCK_N, BLOCK_M] += tl.dot(weight slice, x slice)."""
-    PER_WORD: tl.constexpr = 32 // BITS
-    LEVELS: tl.constexpr = 1 << BITS
-    TOP: tl.constexpr = 23 - BITS
-    rows = t * WORDS + tl.arange(0, WORDS)
-    words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
-    if FINE_GROUPS:
-        cell = (rows // group_words)[None, :] * N + offs_n[:, None]
-        scale = tl.load(s_ptr + cell, mask=mask_n[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + cell, mask=mask_n[:, None], other=0).to(tl.float32)
-    else:
-        cell = (t * WORDS) // group_words * N + offs_n
-        scale = tl.load(s_ptr + cell, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        zero = tl.load(z_ptr + cell, mask=mask_n, other=0).to(tl.float32)[:, None]
-    # a code q placed at the top of a float's mantissa reads 1 + q / LEVELS, so
-    # (q - z) * s = that * (LEVELS * s) - (LEVELS + z) * s: one fused multiply-add per weight
-    slope = scale * LEVELS
-    offset = -(zero + LEVELS) * scale
-    for j in tl.static_range(PER_WORD):
-        if BITS * j >= TOP:
-            moved = words >> (BITS * j - TOP)
-        else:
-            moved = words << (TOP - BITS * j)
-        mantissa = (moved & ((LEVELS - 1) << TOP)) | 0x3F800000
-        w = mantissa.to(tl.float32, bitcast=True) * slope + offset
-        kk = t * (WORDS * PER_WORD) + tl.arange(0, WORDS) * PER_WORD + j
-        in_k = kk < K
-        if HAS_PERM:
-            kk = tl.load(perm_ptr + kk, mask=in_k, other=0)
-        if BLOCK_M == 1:
-            xv = tl.load(x_ptr + offs_m * stride_xm + kk, mask=in_k, other=0.0)
-            acc += w * xv.to(tl.float32)[None, :]
-        else:
-            ptrs = x_ptr + offs_m[None, :] * stride_xm + kk[:, None]
-            xt = tl.load(ptrs, mask=in_k[:, None] & mask_m[None, :], other=0.0)
-            if DOT_F32:  # the CPU interpreter multiplies bf16 bit patterns (triton 3.9)
-                acc = tl.dot(w.to(xt.dtype).to(tl.float32), xt.to(tl.float32), acc,
-                             input_precision="ieee")  # fmt: skip
-            else:
-                acc = tl.dot(w.to(xt.dtype), xt, acc)
-    return acc
-
-
-@triton.jit
-def _tile_row_factored(
-    x_ptr,
-    perm_ptr,
-    qw_ptr,
-    s_ptr,
-    z_ptr,
-    t,
-    row,
-    offs_n,
-    mask_n,
-    N,
-    K,
-    group_words,
-    BITS: tl.constexpr,
-    WORDS: tl.constexpr,
-    HAS_PERM: tl.constexpr,
-):
-    """One row of x times K-tile t [BLOCK_N] when the tile lies inside one group: the codes
-    enter as f = 1 + q / 2^b straight from the words' bits, and scale and zero point apply once
-    per column and tile, (q - z) s = 2^b s f - (2^b + z) s: one multiply-add per weight fewer
-    than dequantizing each weight."""
-    PER_WORD: tl.constexpr = 32 // BITS
-    LEVELS: tl.constexpr = 1 << BITS
-    TOP: tl.constexpr = 23 - BITS
-    rows = t * WORDS + tl.arange(0, WORDS)
-    words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
-    lanes = tl.zeros(words.shape, dtype=tl.float32)
-    x_sum = tl.zeros([WORDS], dtype=tl.float32)
-    for j in tl.static_range(PER_WORD):
-        if BITS * j >= TOP:
-            moved = words >> (BITS * j - TOP)
-        else:
-            moved = words << (TOP - BITS * j)
-        f = ((moved & ((LEVELS - 1) << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
-        kk = t * (WORDS * PER_WORD) + tl.arange(0, WORDS) * PER_WORD + j
-        in_k = kk < K
-        if HAS_PERM:
-            kk = tl.load(perm_ptr + kk, mask=in_k, other=0)
-        xv = tl.load(x_ptr + row + kk, mask=in_k, other=0.0).to(tl.float32)
-        lanes += f * xv[None, :]
-        x_sum += xv
-    cell = (t * WORDS) // group_words * N + offs_n
-    scale = tl.load(s_ptr + cell, mask=mask_n, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + cell, mask=mask_n, other=0).to(tl.float32)
+@triton.constexpr_function
+def _field_asm(field, magic):
+    """PTX for two 16-bit elements in one register: 4-bit field `field` of each, OR-ed under
+    `magic` (`lop3` (a & b) | c), shifted down first unless it is the lowest."""
+    halves = hex(magic * 0x10001)
+    if field == 0:
+        return f"lop3.b32 $0, $1, 0x000F000F, {halves}, 0xEA;"
     return (
-        tl.sum(lanes, axis=1) * (scale * LEVELS) - tl.sum(x_sum, axis=0) * (zero + LEVELS) * scale
+        f"{{.reg .b32 t; shr.u32 t, $1, {4 * field}; lop3.b32 $0, t, 0x000F000F, {halves}, 0xEA;}}"
     )
 
 
 @triton.jit
-def linear_wq_splitk_kernel(
+def _field_float(e, like, FIELD: tl.constexpr, MAGIC: tl.constexpr, INTERPRETED: tl.constexpr):
+    """4-bit field FIELD of each int16 in e, OR-ed under MAGIC: magic + q (or 16 q), exactly, as
+    like's dtype: one PTX op per two elements on CUDA, plain shifts in the interpreter."""
+    if INTERPRETED:
+        bits = ((e >> (4 * FIELD)) & 15) | MAGIC
+        return bits.to(tl.int16).to(like.dtype, bitcast=True)
+    return tl.inline_asm_elementwise(
+        _field_asm(FIELD, MAGIC), "=r,r", [e], dtype=like.dtype, is_pure=True, pack=2
+    )
+
+
+@triton.jit
+def _affine(w, offset, scale, high, HIGH_OFFSET: tl.constexpr, INTERPRETED: tl.constexpr):
+    """((w - offset) [+ (high - HIGH_OFFSET)]) * scale in w's dtype, offset and scale [R] per
+    row (fp32); high (an 8-bit code's high field, or None) makes the code exactly before the one
+    rounding by the scale. The interpreter computes 16-bit floats on their bit patterns (triton
+    3.9), so there it goes through fp32."""
+    if INTERPRETED:
+        q = w.to(tl.float32) - offset[:, None]
+        if high is not None:
+            q += high.to(tl.float32) - HIGH_OFFSET
+        return (q * scale[:, None]).to(w.dtype)
+    q = w - offset.to(w.dtype)[:, None]
+    if high is not None:
+        q += high - HIGH_OFFSET
+    return q * scale.to(w.dtype)[:, None]
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRETED: tl.constexpr):
+    """acc + a @ b (fp32 sums)."""
+    if INTERPRETED:  # the interpreter multiplies bf16 bit patterns (triton 3.9)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _x_columns(x_ptr, perm_ptr, cols, offs_m, mask_m, stride_xm, K,
+               HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr, ROWS_FIRST: tl.constexpr):  # fmt: skip
+    """x at packed columns `cols` for rows offs_m: [cols, rows] for tl.dot, or [rows, cols]
+    (ROWS_FIRST) for row sums; zero beyond K."""
+    in_k = cols < K
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + cols, mask=in_k, other=0)
+    if ROWS_FIRST:
+        ptrs = x_ptr + offs_m[:, None] * stride_xm + cols[None, :]
+        mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & in_k[None, :]
+    else:
+        ptrs = x_ptr + offs_m[None, :] * stride_xm + cols[:, None]
+        mask = mask_m[None, :] if EVEN_K else mask_m[None, :] & in_k[:, None]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _block_terms(s_ptr, z_ptr, x_ptr, perm_ptr, b, offs_n, mask_n, offs_m, mask_m, N, K, group,
+                 stride_xm, BLOCK_COLS: tl.constexpr, GROUPS: tl.constexpr,
+                 HAS_PERM: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                 X_SUMS: tl.constexpr):  # fmt: skip
+    """Block b's per-group terms: scales and zero points [BLOCK_N, GROUPS] (fp32) and, if
+    X_SUMS, x's sums over each group's columns [BLOCK_M, GROUPS]."""
+    columns: tl.constexpr = BLOCK_COLS // GROUPS
+    rows = (b * BLOCK_COLS + tl.arange(0, GROUPS) * columns) // group
+    cell = rows[None, :] * N + offs_n[:, None]
+    if EVEN_N:
+        scale = tl.load(s_ptr + cell).to(tl.float32)
+        zero = tl.load(z_ptr + cell).to(tl.float32)
+    else:
+        scale = tl.load(s_ptr + cell, mask=mask_n[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + cell, mask=mask_n[:, None], other=0).to(tl.float32)
+    if X_SUMS:
+        cols = b * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        xr = _x_columns(x_ptr, perm_ptr, cols, offs_m, mask_m, stride_xm, K, HAS_PERM, EVEN_K,
+                        True).to(tl.float32)  # fmt: skip
+        x_sums = tl.sum(tl.reshape(xr, [xr.shape[0], GROUPS, columns]), axis=2)
+    else:
+        x_sums = tl.zeros([offs_m.shape[0], GROUPS], dtype=tl.float32)
+    return scale, zero, x_sums
+
+
+@triton.jit
+def _group_column(t, g: tl.constexpr):
+    """Column g of t [R, GROUPS] as [R]."""
+    return tl.sum(tl.where(tl.arange(0, t.shape[1])[None, :] == g, t, 0.0), axis=1)
+
+
+@triton.jit
+def linear_wq_kernel(
     x_ptr,
     qw_ptr,
     s_ptr,
@@ -272,76 +278,128 @@ def linear_wq_splitk_kernel(
     perm_ptr,
     bias_ptr,
     out_ptr,
+    part_ptr,
+    count_ptr,
     M,
     N,
     K,
-    k_tiles,
-    tiles_per_split,
-    group_words,
+    blocks,
+    per_split,
+    splits,
+    group,
     stride_xm,
     BITS: tl.constexpr,
+    S: tl.constexpr,
+    GROUP_SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WORDS: tl.constexpr,
-    FINE_GROUPS: tl.constexpr,
+    X_BF16: tl.constexpr,
+    AFFINE: tl.constexpr,
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    FACTORED: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    INTERPRETED: tl.constexpr,
     REDUCTION: tl.constexpr,
 ):
-    """Decode GEMV: program (n, m, s) computes out[m-tile, n-tile] over the K-tiles of split s,
-    on the CUDA cores when BLOCK_M == 1 (one row; FACTORED: scales applied per tile, which
-    needs tiles inside groups), else with tl.dot. REDUCTION 0: store out;
-    1: store fp32 partials [split, M, N]; 2: atomic add into a zeroed fp32 [M, N]."""
+    """Program (n, m, s) computes out[m-tile, n-tile] over the blocks of split s: per block one
+    tl.dot per code field, weights [BLOCK_N, S] converted in registers times x [S, BLOCK_M].
+    AFFINE: the weights are dequantized in registers ((off + q) - (off + z)) * s before the dot
+    (cheaper per output for large BLOCK_M); else per group the sums are corrected afterwards
+    (module docstring). GROUP_SLOTS: code slots per group (16 / BITS when a group holds whole
+    blocks). Each block's scales, zero points and x sums are loaded one block ahead: the
+    compiler pipelines only the dot operands' loads, and these loads' latency showed in the
+    first measurements (two blocks ahead, carried through the loop, stops the compiler from
+    pipelining the weights' loads at all: triton 3.6). INTERPRETED: the Triton interpreter (no
+    PTX; 16-bit float math in fp32). REDUCTION 0: store out (+ bias);
+    1: store fp32 partials [split, M, N]; 2: atomic add into a zeroed fp32 [M, N];
+    3: store partials, and the last split of a tile to arrive (count_ptr, zeroed, left zeroed)
+    sums them into out."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
+    PER_ELEMENT: tl.constexpr = 16 // BITS
+    BLOCK_COLS: tl.constexpr = PER_ELEMENT * S
+    GROUPS: tl.constexpr = PER_ELEMENT // GROUP_SLOTS
+    MAGIC_LO: tl.constexpr = 0x4300 if X_BF16 else 0x6400  # 128 + q (fp16: 1024 + q)
+    MAGIC_HI: tl.constexpr = 0x4500 if X_BF16 else 0x7400  # 2048 + 16 q (fp16: 16384 + 16 q)
+    BASE: tl.constexpr = 128.0 if X_BF16 else 1024.0
+    OFFSET: tl.constexpr = BASE if BITS == 4 else 17.0 * BASE
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    first = pid_s * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, k_tiles)
-    if BLOCK_M == 1 and FACTORED:
-        row_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for t in range(first, last):
-            row_acc += _tile_row_factored(
-                x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, t, pid_m * stride_xm, offs_n, mask_n, N,
-                K, group_words, BITS, WORDS, HAS_PERM,
-            )  # fmt: skip
-        acc = row_acc[:, None]
-        offs_m = pid_m + tl.arange(0, 1)
-    elif BLOCK_M == 1:
-        offs_m = pid_m
-        mask_m = pid_m < M
-        lanes = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-        for t in range(first, last):
-            lanes = _tile_product(
-                lanes, x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, t, offs_m, mask_m, offs_n, mask_n,
-                N, K, stride_xm, group_words, BITS, BLOCK_M, WORDS, FINE_GROUPS, HAS_PERM,
-                DOT_F32,
-            )  # fmt: skip
-        acc = tl.sum(lanes, axis=1)[:, None]
-        offs_m = pid_m + tl.arange(0, 1)
-    else:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for t in range(first, last):
-            acc = _tile_product(
-                acc, x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, t, offs_m, mask_m, offs_n, mask_n,
-                N, K, stride_xm, group_words, BITS, BLOCK_M, WORDS, FINE_GROUPS, HAS_PERM,
-                DOT_F32,
-            )  # fmt: skip
-    mask = mask_n[:, None] & (offs_m < M)[None, :]
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_i = tl.arange(0, S)
+    first = pid_s * per_split
+    last = tl.minimum(first + per_split, blocks)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    scale, zero, x_sums = _block_terms(
+        s_ptr, z_ptr, x_ptr, perm_ptr, first, offs_n, mask_n, offs_m, mask_m, N, K, group,
+        stride_xm, BLOCK_COLS, GROUPS, HAS_PERM, EVEN_N, EVEN_K, not AFFINE,
+    )  # fmt: skip
+    for b in range(first, last):
+        next_terms = _block_terms(
+            s_ptr, z_ptr, x_ptr, perm_ptr, tl.minimum(b + 1, last - 1), offs_n, mask_n, offs_m,
+            mask_m, N, K, group, stride_xm, BLOCK_COLS, GROUPS, HAS_PERM, EVEN_N, EVEN_K,
+            not AFFINE,
+        )  # fmt: skip
+        tile = qw_ptr + b * N * S + offs_n[:, None] * S + offs_i[None, :]
+        if EVEN_N:
+            e = tl.load(tile)
+        else:
+            e = tl.load(tile, mask=mask_n[:, None], other=0)
+        for g in tl.static_range(GROUPS):
+            group_scale = _group_column(scale, g)
+            group_zero = _group_column(zero, g)
+            d = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for j in tl.static_range(GROUP_SLOTS):  # code slot g * GROUP_SLOTS + j
+                cols = b * BLOCK_COLS + (g * GROUP_SLOTS + j) * S + offs_i
+                xc = _x_columns(x_ptr, perm_ptr, cols, offs_m, mask_m, stride_xm, K,
+                                HAS_PERM, EVEN_K, False)  # fmt: skip
+                if BITS == 4:
+                    w = _field_float(e, xc, g * GROUP_SLOTS + j, MAGIC_LO, INTERPRETED)
+                    if AFFINE:
+                        w = _affine(w, group_zero + BASE, group_scale, None, 0.0, INTERPRETED)
+                    d = _dot(w, xc, d, INTERPRETED)
+                else:  # the code's low field (off + lo), then its high field (16 off + 16 hi)
+                    w = _field_float(e, xc, 2 * (g * GROUP_SLOTS + j), MAGIC_LO, INTERPRETED)
+                    high = _field_float(e, xc, 2 * (g * GROUP_SLOTS + j) + 1, MAGIC_HI,
+                                        INTERPRETED)  # fmt: skip
+                    if AFFINE:  # (lo - z) + 16 hi = q - z exactly, then one rounding by s
+                        w = _affine(w, group_zero + BASE, group_scale, high, 16.0 * BASE,
+                                    INTERPRETED)  # fmt: skip
+                        d = _dot(w, xc, d, INTERPRETED)
+                    else:
+                        d = _dot(high, xc, _dot(w, xc, d, INTERPRETED), INTERPRETED)
+            if AFFINE:
+                acc += d
+            else:
+                x_sum = _group_column(x_sums, g)
+                acc += group_scale[:, None] * (d - (group_zero + OFFSET)[:, None] * x_sum[None, :])
+        scale, zero, x_sums = next_terms
     cell = offs_m[None, :] * N + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
     if REDUCTION == 0:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + cell, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    elif REDUCTION == 1:
-        tl.store(out_ptr + pid_s * M * N + cell, acc, mask=mask)
+    elif REDUCTION == 2:
+        tl.atomic_add(part_ptr + cell, acc, mask=mask, sem="relaxed")
     else:
-        tl.atomic_add(out_ptr + cell, acc, mask=mask, sem="relaxed")
+        tl.store(part_ptr + pid_s * M * N + cell, acc, mask=mask)
+        if REDUCTION == 3:
+            tl.debug_barrier()  # every thread's partials written before the release below
+            counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
+            if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+                total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for split in range(0, splits):
+                    total += tl.load(part_ptr + split * M * N + cell, mask=mask, other=0.0,
+                                     cache_modifier=".cg")  # fmt: skip
+                if HAS_BIAS:
+                    bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+                    total += bias.to(tl.float32)[:, None]
+                tl.store(out_ptr + cell, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 @triton.jit
@@ -367,106 +425,6 @@ def sum_splits_kernel(
 
 
 @triton.jit
-def _dequantized_tile(
-    qw_ptr,
-    s_ptr,
-    z_ptr,
-    t,
-    offs_n,
-    mask_n,
-    N,
-    group_words,
-    BITS: tl.constexpr,
-    WORDS: tl.constexpr,
-    FINE_GROUPS: tl.constexpr,
-):
-    """K-tile t of the weight for columns offs_n as floats [WORDS * 32 / BITS, BLOCK_N] in
-    column order: each word row is loaded once and spread over its slots in registers.
-
-    A code q under the exponent of 2^23 reads 2^23 + q exactly, so (q - z) * s is one add and
-    one multiply on the loaded word, without an int-to-float conversion."""
-    PER_WORD: tl.constexpr = 32 // BITS
-    BLOCK_K: tl.constexpr = WORDS * PER_WORD
-    BLOCK_N: tl.constexpr = offs_n.shape[0]
-    rows = t * WORDS + tl.arange(0, WORDS)
-    words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-    shifts = tl.arange(0, PER_WORD) * BITS
-    codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-    codes = tl.reshape(codes, [BLOCK_K, BLOCK_N])
-    magic = (codes | 0x4B000000).to(tl.float32, bitcast=True)
-    if FINE_GROUPS:
-        group_rows = (t * BLOCK_K + tl.arange(0, BLOCK_K)) // (group_words * PER_WORD)
-        cell = group_rows[:, None] * N + offs_n[None, :]
-        scale = tl.load(s_ptr + cell, mask=mask_n[None, :], other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + cell, mask=mask_n[None, :], other=0).to(tl.float32)
-    else:
-        cell = (t * WORDS) // group_words * N + offs_n
-        scale = tl.load(s_ptr + cell, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        zero = tl.load(z_ptr + cell, mask=mask_n, other=0).to(tl.float32)[None, :]
-    return (magic - (zero + 8388608.0)) * scale
-
-
-@triton.jit
-def linear_wq_gemm_kernel(
-    x_ptr,
-    qw_ptr,
-    s_ptr,
-    z_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    k_tiles,
-    group_words,
-    stride_xm,
-    BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    WORDS: tl.constexpr,
-    FINE_GROUPS: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):
-    """Prefill GEMM (x in packed column order: permuted when act-order): each program owns an
-    out tile [BLOCK_M, BLOCK_N] and walks K in tiles, dequantizing a whole weight tile in
-    registers for one tl.dot; programs go in bands of GROUP_M m-tiles so that neighbours share
-    weight tiles in L2."""
-    BLOCK_K: tl.constexpr = WORDS * (32 // BITS)
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    band = GROUP_M * tiles_n
-    first_m = (pid // band) * GROUP_M
-    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_m
-    pid_n = (pid % band) // band_m
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for t in range(0, k_tiles):
-        w = _dequantized_tile(
-            qw_ptr, s_ptr, z_ptr, t, offs_n, mask_n, N, group_words, BITS, WORDS, FINE_GROUPS
-        )
-        kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        ptrs = x_ptr + offs_m[:, None] * stride_xm + kk[None, :]
-        xt = tl.load(ptrs, mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
-        if DOT_F32:  # the CPU interpreter multiplies bf16 bit patterns (triton 3.9)
-            acc = tl.dot(xt.to(tl.float32), w.to(xt.dtype).to(tl.float32), acc,
-                         input_precision="ieee")  # fmt: skip
-        else:
-            acc = tl.dot(xt, w.to(xt.dtype), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    cell = offs_m[:, None] * N + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(out_ptr + cell, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def dequantize_kernel(
     qw_ptr,
     s_ptr,
@@ -474,65 +432,62 @@ def dequantize_kernel(
     out_ptr,
     N,
     K,
-    group_words,
+    group,
     BITS: tl.constexpr,
+    S: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WORDS: tl.constexpr,
-    FINE_GROUPS: tl.constexpr,
 ):
-    """Writes the float weight transposed in packed column order, Wᵀ [K, N] in out's dtype,
-    tile (n, t) per program: for large batches, where a library GEMM on it beats
-    dequantizing per output tile."""
-    BLOCK_K: tl.constexpr = WORDS * (32 // BITS)
+    """Writes the float weight in packed column order, W [N, K] in out's dtype, tile (n, block)
+    per program: for large batches, where a library GEMM on it beats the fused kernel."""
+    PER_ELEMENT: tl.constexpr = 16 // BITS
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    t = tl.program_id(1)
-    w = _dequantized_tile(
-        qw_ptr, s_ptr, z_ptr, t, offs_n, mask_n, N, group_words, BITS, WORDS, FINE_GROUPS
-    )
-    kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (kk < K)[:, None] & mask_n[None, :]
-    tl.store(out_ptr + kk[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    b = tl.program_id(1)
+    offs_i = tl.arange(0, S)
+    e = tl.load(qw_ptr + b * N * S + offs_n[:, None] * S + offs_i[None, :], mask=mask_n[:, None],
+                other=0).to(tl.int32)  # fmt: skip
+    for c in tl.static_range(PER_ELEMENT):
+        cols = b * PER_ELEMENT * S + c * S + offs_i
+        q = ((e >> (c * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+        cell = (cols // group)[None, :] * N + offs_n[:, None]
+        scale = tl.load(s_ptr + cell, mask=mask_n[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + cell, mask=mask_n[:, None], other=0).to(tl.float32)
+        mask = mask_n[:, None] & (cols < K)[None, :]
+        ptrs = out_ptr + offs_n[:, None] * K + cols[None, :]
+        tl.store(ptrs, ((q - zero) * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --- choosing and launching ------------------------------------------------------------------
 
+REDUCTIONS = {"partials": 1, "atomic": 2, "serial": 3}
+
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One launch's shape: block_k columns per K-tile (a multiple of 16 words for the split-K
-    kernel's tl.dot); split_k = 0 picks the split from the multiprocessor count. kernel
-    "dequant": the weight dequantized into a scratch Wᵀ (tiles block_k x block_n), then
-    torch.matmul (cuBLAS)."""
+    """One launch's shape. kernel "fused": `linear_wq_kernel` with out tiles [block_n, block_m],
+    K split into split_k parts (0: enough programs for `waves` per multiprocessor), the parts
+    summed as `reduction` says (REDUCTIONS); "dequant": the weight dequantized into a scratch W
+    (tiles of block_n rows), then cuBLAS."""
 
-    kernel: Literal["splitk", "gemm", "dequant"]
+    kernel: Literal["fused", "dequant"]
     block_m: int
     block_n: int
-    block_k: int
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0
-    reduction: Literal["partials", "atomic"] = "partials"
-    factored: bool = True  # block_m 1: scales per tile when a tile lies inside one group
+    waves: float = 4.0
+    reduction: Literal["partials", "atomic", "serial"] = "serial"
+    affine: bool = False  # dequantize in registers before the dot (large block_m)
 
 
 # M bucket (upper bound) -> configuration per bits; the first bucket that holds M wins.
-# Measured on an H200 (benchmarks/lowbit_kernels.py --sweep-out): the factored GEMV wins for
-# int4 and loses for int8; from M = 128 on, dequantize + cuBLAS beats every fused GEMM tried.
+# Measured on an H200 (benchmarks/lowbit_kernels.py --sweep-out): from M = 128 on, dequantize +
+# cuBLAS beats every fused configuration tried.
 CONFIGS: list[tuple[int, dict[int, KernelConfig]]] = [
-    (
-        1,
-        {
-            4: KernelConfig("splitk", 1, 256, 128),
-            8: KernelConfig("splitk", 1, 256, 64, factored=False),
-        },
-    ),
-    (16, {4: KernelConfig("splitk", 16, 128, 128), 8: KernelConfig("splitk", 16, 128, 128)}),
-    (64, {4: KernelConfig("splitk", 64, 128, 128), 8: KernelConfig("splitk", 64, 128, 64)}),
-    (
-        1 << 62,
-        {4: KernelConfig("dequant", 1, 64, 256), 8: KernelConfig("dequant", 1, 64, 128)},
-    ),
+    (8, {4: KernelConfig("fused", 8, 128), 8: KernelConfig("fused", 8, 256)}),
+    (16, {4: KernelConfig("fused", 16, 128), 8: KernelConfig("fused", 16, 128)}),
+    (64, {4: KernelConfig("fused", 64, 128, waves=2.0), 8: KernelConfig("fused", 64, 128)}),
+    (1 << 62, {4: KernelConfig("dequant", 1, 64), 8: KernelConfig("dequant", 1, 64)}),
 ]
 # (bits, N, K, M bucket) -> configuration measured better than the bucket's for that shape.
 SHAPE_CONFIGS: dict[tuple[int, int, int, int], KernelConfig] = {}
@@ -552,27 +507,41 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_count(programs: int, k_tiles: int, multiprocessors: int) -> tuple[int, int]:
-    """(splits, K-tiles per split) giving about four waves of programs (measured better than
-    two on an H200 for decode batches)."""
-    want = max(1, min(k_tiles, -(-4 * multiprocessors // programs)))
-    per_split = -(-k_tiles // want)
-    return -(-k_tiles // per_split), per_split
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def dequantize_transposed(
-    packed: RepackedLinear, dtype: torch.dtype, config: KernelConfig
-) -> torch.Tensor:
-    """The float weight transposed in packed column order, Wᵀ [K, N] in `dtype`."""
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """`count` zeroed int32 counters for the serial reduction. The kernel leaves them zeroed, so
+    one buffer per device serves every launch (no memset per call; launches on one device are
+    assumed to run in stream order, as the backends issue them). None is made while a CUDA
+    graph is captured (its zeroing would run only at replay): then, if the device has no buffer
+    large enough yet, the call gets a fresh one and the graph its memset."""
+    buffer = _COUNTERS.get(device)
+    if buffer is not None and buffer.numel() >= count:
+        return buffer
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    buffer = torch.zeros(max(count, 1 << 14), dtype=torch.int32, device=device)
+    _COUNTERS[device] = buffer
+    return buffer
+
+
+def split_count(programs: int, blocks: int, config: KernelConfig, device: torch.device) -> int:
+    """How many parts K is split into: config.split_k, or enough for config.waves programs per
+    multiprocessor (whole blocks per part, no empty part)."""
+    want = config.split_k or round(config.waves * _multiprocessors(device) / programs)
+    per_split = -(-blocks // max(1, min(blocks, want)))
+    return -(-blocks // per_split)
+
+
+def dequantize_weight_rows(packed: RepackedLinear, dtype: torch.dtype, block_n: int = 64):
+    """The float weight in packed column order, W [N, K] in `dtype`."""
     k, n = packed.in_features, packed.out_features
-    per_word = 32 // packed.bits
-    words = config.block_k // per_word
-    out = torch.empty(k, n, dtype=dtype, device=packed.qweight.device)
-    grid = (triton.cdiv(n, config.block_n), packed.k_padded // config.block_k)
+    out = torch.empty(n, k, dtype=dtype, device=packed.qweight.device)
+    grid = (triton.cdiv(n, block_n), packed.k_padded // packed.block_columns)
     dequantize_kernel[grid](
-        packed.qweight, packed.scales, packed.zeros, out, n, k, packed.group // per_word,
-        BITS=packed.bits, BLOCK_N=config.block_n, WORDS=words,
-        FINE_GROUPS=packed.group // per_word < words, num_warps=config.num_warps,
+        packed.qweight, packed.scales, packed.zeros, out, n, k, packed.group,
+        BITS=packed.bits, S=packed.slot, BLOCK_N=block_n,
     )  # fmt: skip
     return out
 
@@ -589,67 +558,42 @@ def linear_wq_triton(
     x2 = as_rows(x)
     m = x2.shape[0]
     config = config or choose_config(m, packed)
-    per_word = 32 // packed.bits
-    words = config.block_k // per_word
-    if config.block_k % per_word or packed.k_padded % config.block_k:
-        raise ValueError(f"block_k {config.block_k} does not tile {packed.k_padded} columns")
-    if config.kernel == "splitk" and config.block_m > 1 and words < 16:
-        raise ValueError(f"tl.dot needs block_k >= {16 * per_word} for {packed.bits}-bit codes")
-    k_tiles = packed.k_padded // config.block_k
-    group_words = packed.group // per_word
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bias_arg = bias if bias is not None else packed.scales
-    common = dict(
-        BITS=packed.bits,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        WORDS=words,
-        FINE_GROUPS=group_words < words,
-        HAS_BIAS=bias is not None,
-        DOT_F32=x.device.type != "cuda",
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
     if config.kernel == "dequant":
-        wt = dequantize_transposed(packed, x.dtype, config)
+        w = dequantize_weight_rows(packed, x.dtype, config.block_n)
         xp = x2 if packed.perm is None else x2.index_select(1, packed.perm)
-        out = xp @ wt if bias is None else torch.addmm(bias.to(x.dtype), xp, wt)
-        return out.reshape(*lead, n)
-    if config.kernel == "gemm":
-        xp = x2 if packed.perm is None else x2.index_select(1, packed.perm)
-        programs = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-        linear_wq_gemm_kernel[(programs,)](
-            xp, packed.qweight, packed.scales, packed.zeros, bias_arg, out,
-            m, n, k, k_tiles, group_words, xp.stride(0), GROUP_M=8, **common,
-        )  # fmt: skip
-        return out.reshape(*lead, n)
+        return torch.nn.functional.linear(xp, w, bias).reshape(*lead, n)
+    blocks = packed.k_padded // packed.block_columns
     tiles = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))
-    if config.split_k:
-        per_split = -(-k_tiles // config.split_k)
-        splits = -(-k_tiles // per_split)
+    splits = split_count(tiles[0] * tiles[1], blocks, config, x.device)
+    per_split = -(-blocks // splits)
+    reduction = 0 if splits == 1 else REDUCTIONS[config.reduction]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if reduction == 2:
+        part = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    elif reduction:
+        part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     else:
-        splits, per_split = split_count(tiles[0] * tiles[1], k_tiles, _multiprocessors(x.device))
+        part = out
+    count = arrival_counters(x.device, tiles[0] * tiles[1]) if reduction == 3 else out
+    group_slots = min(16 // packed.bits, max(1, packed.group // packed.slot))
     perm = packed.perm if packed.perm is not None else packed.qweight
-    weights = (packed.qweight, packed.scales, packed.zeros, perm, bias_arg)
-    scalars = (m, n, k, k_tiles, per_split, group_words, x2.stride(0))
-    common["HAS_PERM"] = packed.perm is not None
-    common["FACTORED"] = config.factored and not common["FINE_GROUPS"]
-    grid = (*tiles, splits)
-    if splits == 1:
-        linear_wq_splitk_kernel[grid](x2, *weights, out, *scalars, REDUCTION=0, **common)
-        return out.reshape(*lead, n)
-    common["HAS_BIAS"] = False
-    if config.reduction == "atomic":
-        partial = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-        splits_summed, reduction = 1, 2
-    else:
-        partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-        splits_summed, reduction = splits, 1
-    linear_wq_splitk_kernel[grid](x2, *weights, partial, *scalars, REDUCTION=reduction, **common)
-    block = 1024
-    sum_splits_kernel[(triton.cdiv(m * n, block),)](
-        partial, bias_arg, out, m * n, n, splits_summed, HAS_BIAS=bias is not None, BLOCK=block
-    )
+    bias_arg = bias if bias is not None else out
+    linear_wq_kernel[(*tiles, splits)](
+        x2, packed.qweight, packed.scales, packed.zeros, perm, bias_arg, out, part, count,
+        m, n, k, blocks, per_split, splits, packed.group, x2.stride(0),
+        BITS=packed.bits, S=packed.slot, GROUP_SLOTS=group_slots, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, X_BF16=x.dtype == torch.bfloat16, AFFINE=config.affine,
+        HAS_PERM=packed.perm is not None,
+        HAS_BIAS=bias is not None, EVEN_N=n % config.block_n == 0, EVEN_K=k == packed.k_padded,
+        INTERPRETED=x.device.type != "cuda", REDUCTION=reduction,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if reduction in (1, 2):
+        block = 1024
+        sum_splits_kernel[(triton.cdiv(m * n, block),)](
+            part, bias_arg, out, m * n, n, splits if reduction == 1 else 1,
+            HAS_BIAS=bias is not None, BLOCK=block,
+        )  # fmt: skip
     return out.reshape(*lead, n)
 
 

@@ -99,7 +99,8 @@ def repack_sparse24_wq(
     if scales.shape[1] > 1 and group_size % 4:
         raise PeakcError(f"{name}: 2:4 needs groups of a multiple of 4 columns, got {group_size}")
     kept = sparse24_values_weight(qvalues, scales, qzeros, bits, group_size, in_features)
-    values = repack_linear_wq(*kept.tensors().values(), None, *kept.layout(), name=name)
+    values = repack_linear_wq(*kept.tensors().values(), None, *kept.layout(), name=name,
+                              min_group=2)  # fmt: skip
     return RepackedSparse24(values, _meta_words(meta, in_features), in_features, scales.shape[0])
 
 
@@ -135,19 +136,20 @@ def _kept_values(
     N,
     group_rows,
     BITS: tl.constexpr,
+    S: tl.constexpr,
 ):
     """Kept values at compressed rows `rows` [R] for columns offs_n, as float32 [R, BLOCK_N]:
-    loaded (BITS == 0) or dequantized from repacked linear_wq words."""
+    loaded (BITS == 0) or dequantized from repacked linear_wq elements (int16 [blocks, N, S],
+    code c of element i of block b is row b * B + c * S + i)."""
     mask = in_rows[:, None] & mask_n[None, :]
     if BITS == 0:
         values = tl.load(v_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
         values = values.to(tl.float32)
     else:
-        PER_WORD: tl.constexpr = 32 // BITS
-        words = tl.load(
-            v_ptr + (rows // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask, other=0
-        )
-        codes = (words >> ((rows % PER_WORD) * BITS)[:, None]) & ((1 << BITS) - 1)
+        BLOCK_ROWS: tl.constexpr = S * 16 // BITS
+        element = (rows // BLOCK_ROWS * N)[:, None] * S + offs_n[None, :] * S + (rows % S)[:, None]
+        elements = tl.load(v_ptr + element, mask=mask, other=0).to(tl.int32)
+        codes = (elements >> (rows % BLOCK_ROWS // S * BITS)[:, None]) & ((1 << BITS) - 1)
         cell = (rows // group_rows)[:, None] * N + offs_n[None, :]
         scale = tl.load(s_ptr + cell, mask=mask, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + cell, mask=mask, other=0).to(tl.float32)
@@ -168,6 +170,7 @@ def _kept_tile(
     K,
     group_rows,
     BITS: tl.constexpr,
+    S: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
     """K-tile t's groups g [BLOCK_G], in range, and per column their kept values v0, v1 and
@@ -177,8 +180,9 @@ def _kept_tile(
     mask = in_g[:, None] & mask_n[None, :]
     word = tl.load(meta_ptr + (g // 8)[:, None] * N + offs_n[None, :], mask=mask, other=0)
     nibble = (word >> ((g % 8) * 4)[:, None]) & 15
-    v0 = _kept_values(v_ptr, s_ptr, z_ptr, 2 * g, in_g, offs_n, mask_n, N, group_rows, BITS)
-    v1 = _kept_values(v_ptr, s_ptr, z_ptr, 2 * g + 1, in_g, offs_n, mask_n, N, group_rows, BITS)
+    v0 = _kept_values(v_ptr, s_ptr, z_ptr, 2 * g, in_g, offs_n, mask_n, N, group_rows, BITS, S)
+    v1 = _kept_values(v_ptr, s_ptr, z_ptr, 2 * g + 1, in_g, offs_n, mask_n, N, group_rows, BITS,
+                      S)  # fmt: skip
     return g, in_g, v0, v1, nibble & 3, nibble >> 2
 
 
@@ -208,6 +212,7 @@ def linear_sparse24_kernel(
     group_rows,
     stride_xm,
     BITS: tl.constexpr,
+    S: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -231,7 +236,7 @@ def linear_sparse24_kernel(
         lanes = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
         for t in range(first, last):
             g, in_g, v0, v1, first_col, second_col = _kept_tile(
-                v_ptr, meta_ptr, s_ptr, z_ptr, t, offs_n, mask_n, N, K, group_rows, BITS, BLOCK_G
+                v_ptr, meta_ptr, s_ptr, z_ptr, t, offs_n, mask_n, N, K, group_rows, BITS, S, BLOCK_G
             )
             mask = in_g[:, None] & mask_n[None, :]
             base = x_ptr + pid_m * stride_xm + 4 * g[:, None]
@@ -244,7 +249,7 @@ def linear_sparse24_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for t in range(first, last):
             g, in_g, v0, v1, first_col, second_col = _kept_tile(
-                v_ptr, meta_ptr, s_ptr, z_ptr, t, offs_n, mask_n, N, K, group_rows, BITS, BLOCK_G
+                v_ptr, meta_ptr, s_ptr, z_ptr, t, offs_n, mask_n, N, K, group_rows, BITS, S, BLOCK_G
             )
             w = _dense_tile(v0, v1, first_col, second_col, BLOCK_G, BLOCK_N)
             kk = 4 * t * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
@@ -276,6 +281,7 @@ def sparse24_dense_kernel(
     K,
     group_rows,
     BITS: tl.constexpr,
+    S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
@@ -285,7 +291,7 @@ def sparse24_dense_kernel(
     mask_n = offs_n < N
     t = tl.program_id(1)
     g, in_g, v0, v1, first_col, second_col = _kept_tile(
-        v_ptr, meta_ptr, s_ptr, z_ptr, t, offs_n, mask_n, N, K, group_rows, BITS, BLOCK_G
+        v_ptr, meta_ptr, s_ptr, z_ptr, t, offs_n, mask_n, N, K, group_rows, BITS, S, BLOCK_G
     )
     w = _dense_tile(v0, v1, first_col, second_col, BLOCK_G, BLOCK_N)
     kk = 4 * t * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
@@ -339,21 +345,23 @@ def dense_transposed(packed: RepackedSparse24, dtype: torch.dtype, block_n: int 
                      block_k: int = 64) -> torch.Tensor:  # fmt: skip
     """The dense weight transposed, Wᵀ [K, N] in `dtype`, written by `sparse24_dense_kernel`."""
     k, n = packed.in_features, packed.out_features
-    weights, bits, group_rows = _kernel_weights(packed)
+    weights, bits, group_rows, slot = _kernel_weights(packed)
     out = torch.empty(k, n, dtype=dtype, device=packed.meta.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     sparse24_dense_kernel[grid](
-        *weights, out, n, k, group_rows, BITS=bits, BLOCK_N=block_n, BLOCK_G=block_k // 4
+        *weights, out, n, k, group_rows, BITS=bits, S=slot, BLOCK_N=block_n, BLOCK_G=block_k // 4
     )
     return out
 
 
-def _kernel_weights(packed: RepackedSparse24) -> tuple[tuple, int, int]:
-    """(values, meta, scales, zeros) pointers, bits (0: float values) and rows per group."""
+def _kernel_weights(packed: RepackedSparse24) -> tuple[tuple, int, int, int]:
+    """(values, meta, scales, zeros) pointers, bits (0: float values), rows per group and the
+    codes' slot width (linear_wq's S; 1 for float values)."""
     values = packed.values
     if isinstance(values, RepackedLinear):
-        return (values.qweight, packed.meta, values.scales, values.zeros), values.bits, values.group
-    return (values, packed.meta, values, values), 0, 1
+        pointers = (values.qweight, packed.meta, values.scales, values.zeros)
+        return pointers, values.bits, values.group, values.slot
+    return (values, packed.meta, values, values), 0, 1, 1
 
 
 def _semi_structured(packed: RepackedSparse24, dtype: torch.dtype) -> torch.Tensor:
@@ -394,14 +402,15 @@ def linear_sparse24_triton(
                                                       // (tiles[0] * tiles[1]))))  # fmt: skip
     per_split = -(-k_tiles // splits)
     splits = -(-k_tiles // per_split)
-    weights, bits, group_rows = _kernel_weights(packed)
+    weights, bits, group_rows, slot = _kernel_weights(packed)
     bias_arg = bias if bias is not None else packed.meta
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     target = out if splits == 1 else torch.zeros(m, n, dtype=torch.float32, device=x.device)
     linear_sparse24_kernel[(*tiles, splits)](
         x2, *weights, bias_arg, target, m, n, k, k_tiles, per_split, group_rows, x2.stride(0),
-        BITS=bits, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_G=config.block_k // 4,
-        HAS_BIAS=bias is not None, DOT_F32=x.device.type != "cuda", ATOMIC=splits > 1,
+        BITS=bits, S=slot, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_G=config.block_k // 4, HAS_BIAS=bias is not None, DOT_F32=x.device.type != "cuda",
+        ATOMIC=splits > 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1:
