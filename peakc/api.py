@@ -376,14 +376,17 @@ def load(directory: str | Path):
 
 
 def use_cuda_kernels() -> None:
-    """On a CUDA machine with Triton, run linear_wq and the 2:4 ops of eager programs on the
-    Triton kernels (their CUDA implementation); elsewhere they keep their references."""
+    """On a CUDA machine with Triton, run linear_wq, the 2:4 ops and grouped_mm_compressed of
+    eager programs on the Triton kernels (their CUDA implementation); elsewhere they keep
+    their references."""
     import importlib.util
 
     import torch
 
     if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
         return
+    from peakc.backends.triton.kernels import grouped_mm_compressed
     from peakc.backends.triton.kernels.compressed_linear import register_cuda_kernels
 
     register_cuda_kernels()
+    grouped_mm_compressed.register_cuda_kernel()

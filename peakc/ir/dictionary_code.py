@@ -256,6 +256,32 @@ class CompressedRows:
             row += count
         return parts
 
+    @classmethod
+    def concat(cls, parts: list[CompressedRows]) -> CompressedRows:
+        """The matrix of `parts` stacked by rows (one table, cols and segment): `split_rows`
+        backwards, so a large matrix can be coded in pieces and stored as one stream."""
+        first = parts[0]
+        if any((p.cols, p.segment) != (first.cols, first.segment) for p in parts) or any(
+            not torch.equal(p.table, first.table) for p in parts[1:]
+        ):
+            raise PeakcError("compressed rows: parts differ in width, segment or code table")
+        offsets, base = [torch.zeros(1, dtype=torch.int64)], 0
+        for p in parts:
+            offsets.append(p.offsets[1:].to(torch.int64) + base)
+            base += p.words.numel()
+        words = torch.cat([p.words for p in parts])
+        offsets32 = torch.cat(offsets).to(torch.int32)
+        return cls(
+            words,
+            offsets32,
+            first.table,
+            stream_checksum(words, offsets32, first.table),
+            sum(p.rows for p in parts),
+            first.cols,
+            first.segment,
+            max(p.max_words for p in parts),
+        )
+
 
 def segments_per_row(cols: int, segment: int) -> int:
     return max(1, -(-cols // segment))
@@ -270,37 +296,43 @@ def encode(
     """Code `levels` [rows, cols] (integers in the dictionary's alphabet) segment by segment.
 
     All segments are parsed together, one column at a time: each keeps its node in the parse
-    tree and emits a codeword when it reaches a word's end."""
+    tree and emits a codeword when it reaches a word's end. The parse runs where `levels` lie
+    (a GPU codes a large matrix in a fraction of the CPU's time); the result is on the CPU."""
     if levels.dim() != 2 or levels.numel() == 0:
         raise PeakcError(
             f"encode: expected a non-empty [rows, cols] matrix, got {tuple(levels.shape)}"
         )
-    bad = ~torch.isin(levels, torch.tensor(dictionary.alphabet, dtype=levels.dtype))
+    alphabet = torch.tensor(dictionary.alphabet, dtype=levels.dtype, device=levels.device)
+    bad = ~torch.isin(levels, alphabet)
     if bool(bad.any()):
         raise PeakcError(
             f"encode: level {int(levels[bad][0])} is outside the dictionary's {dictionary.alphabet}"
         )
     tree = tree or ParseTree.of(dictionary)
+    device = levels.device
+    child, finish = tree.child.to(device), tree.finish.to(device)
     rows, cols = levels.shape
     n_seg = segments_per_row(cols, segment)
-    padded = torch.nn.functional.pad(levels.to(torch.int64).cpu(), (0, n_seg * segment - cols))
+    padded = torch.nn.functional.pad(levels.to(torch.int64), (0, n_seg * segment - cols))
     codes = (padded & 3).view(rows * n_seg, segment).T.contiguous()  # [column, segment]
-    seg_len = torch.full((n_seg,), segment, dtype=torch.int64)
+    del padded
+    seg_len = torch.full((n_seg,), segment, dtype=torch.int64, device=device)
     seg_len[-1] = cols - (n_seg - 1) * segment
     seg_len = seg_len.repeat(rows)
     steps = min(segment, cols)
-    emitted = torch.full((steps + 1, rows * n_seg), -1, dtype=torch.int64)  # word per step
-    state = torch.zeros(rows * n_seg, dtype=torch.int64)
+    emitted = torch.full((steps + 1, rows * n_seg), -1, dtype=torch.int64, device=device)
+    state = torch.zeros(rows * n_seg, dtype=torch.int64, device=device)
     for t in range(steps):
-        nxt = tree.child[state, codes[t]]
+        nxt = child[state, codes[t]]
         active = seg_len > t
         emitted[t] = torch.where(active & (nxt < 0), -nxt - 1, -1)
         state = torch.where(active, nxt.clamp(min=0), state)
-    emitted[steps] = torch.where(state != 0, tree.finish[state], -1)
+    emitted[steps] = torch.where(state != 0, finish[state], -1)
+    del codes
     emitted = emitted.T  # segment-major: the stream's order
     present = emitted >= 0
-    words = emitted[present]
-    counts = present.sum(1)
+    words = emitted[present].cpu()
+    counts = present.sum(1).cpu()
     offsets = torch.zeros(rows * n_seg + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts, 0)
     words16 = torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16)
@@ -420,5 +452,10 @@ def entropy_bits(levels: torch.Tensor) -> float:
     """Empirical (order-0) entropy of the levels, in bits per level: the bound a code of
     independent levels cannot beat."""
     _, counts = torch.unique(levels, return_counts=True)
-    p = counts.double() / counts.sum()
-    return float(-(p * torch.log2(p)).sum())
+    return count_entropy_bits(counts.tolist())
+
+
+def count_entropy_bits(counts: list[int]) -> float:
+    """The order-0 entropy, in bits per level, of levels seen with these counts."""
+    total = sum(counts)
+    return -sum(c / total * math.log2(c / total) for c in counts if c) if total else 0.0

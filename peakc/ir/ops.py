@@ -622,6 +622,39 @@ def _grouped_mm_fake(x, weight, offsets):
 GROUPED_MM = define_op("grouped_mm", _grouped_mm_reference, _grouped_mm_fake)
 
 
+def _grouped_mm_compressed_reference(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    offsets: torch.Tensor,
+    table: torch.Tensor,
+    checksum: torch.Tensor,
+    scales: torch.Tensor,
+    group_offsets: torch.Tensor,
+    in_features: int,
+    segment: int,
+    max_words: int,
+) -> torch.Tensor:
+    """grouped_mm over stacked experts whose weights are dictionary-coded (QMoE): the coded
+    matrix [E*N, K] (layout: linear_compressed's) holds expert e's linear weight [N, K] in
+    rows e*N..(e+1)*N, W = levels * scales[:, None]; x [T, K] sorted by expert and
+    `group_offsets` [E] as grouped_mm's. Decodes (checked) every expert, then grouped_mm."""
+    from peakc.ir.dictionary_code import decode
+
+    rows, experts = scales.shape[0], group_offsets.shape[0]
+    levels = decode(words, offsets, table, checksum, rows, in_features, segment, max_words)
+    w = (levels.to(scales.dtype) * scales[:, None]).view(experts, rows // experts, in_features)
+    return _grouped_mm_reference(x, w.transpose(1, 2).to(x.dtype), group_offsets)
+
+
+def _grouped_mm_compressed_fake(x, words, offsets, table, checksum, scales, group_offsets, *rest):
+    return x.new_empty((x.shape[0], scales.shape[0] // group_offsets.shape[0]))
+
+
+GROUPED_MM_COMPRESSED = define_op(
+    "grouped_mm_compressed", _grouped_mm_compressed_reference, _grouped_mm_compressed_fake
+)
+
+
 # --- linear_sparse24 / linear_sparse24_wq: linear with 2:4-compressed weights ----------------
 #
 # Layout (W [N, K], K a multiple of 4, at most two nonzeros in every 4 consecutive columns of a

@@ -1,7 +1,8 @@
 """Causal LMs with an explicit, preallocated KV cache, for generation capture.
 
 `DecoderWithCache` wraps a Llama-family model (peakc's demo Llama, or transformers' Llama,
-Mistral, Qwen2 and SmolLM2, which share the module layout) and reuses its submodules, so
+Mistral, Qwen2, SmolLM2 and Mixtral, its MoE block in the MLP's place: they share the module
+layout) and reuses its submodules, so
 weights and module paths stay those of the source model. Its forward takes
 
     input_ids [B, S] int64, positions [B, S] int64 (each token's cache slot),
@@ -24,7 +25,7 @@ from peakc.errors import PeakcError
 from peakc.ir import ops  # noqa: F401  (registers peakc::attention_cache)
 from peakc.runtime import kv_cache as runtime_kv_cache
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 
 
 @dataclass

@@ -103,10 +103,13 @@ def test_compressed_artifact_saves_loads_and_runs_on_eager(tmp_path):
 
 
 def test_two_bit_levels_and_the_token_floor():
-    result = _run(moe_graph().copy(), levels="2bit", min_tokens=1000)
+    result = _run(moe_graph().copy(), levels="2bit", min_tokens=1000, floor="rtn")
     s = result.stats
     assert s["experts_below_floor"] == 2 * EXPERTS and s["tokens_per_expert.min"] == 32
     assert "gptq_kernel" not in s  # every expert fell below the floor: rounded to nearest
+    # floor=blend: all-active experts saw every token, their Hessian is the layer's own
+    blended = _run(moe_graph().copy(), levels="2bit", min_tokens=1000).stats
+    assert blended["experts_below_floor"] == 2 * EXPERTS and blended["gptq_kernel"] == "batched"
     g = result.graph
     node = next(n for n in g.call_nodes() if n.target is COMPRESSED)
     w = {i: g.get_weight(node.args[i].target) for i in (1, 2, 3, 4, 5)}
@@ -120,7 +123,7 @@ def test_a_model_without_experts_is_an_error_naming_the_pass_and_model(llama_gra
 
 
 def test_targets_matching_no_expert_is_an_error():
-    with pytest.raises(PeakcError, match="'targets' 'attn' matches no expert linear"):
+    with pytest.raises(PeakcError, match="'targets' 'attn' matches no expert weight"):
         _run(moe_graph().copy(), targets="attn")
 
 
@@ -132,6 +135,9 @@ def test_targets_matching_no_expert_is_an_error():
         (dict(segment=8), "'segment'"),
         (dict(dictionary_size=70000), "'dictionary_size'"),
         (dict(min_tokens=-1), "'min_tokens'"),
+        (dict(floor="identity"), "'floor'"),
+        (dict(max_tokens_per_expert=-1), "'max_tokens_per_expert'"),
+        (dict(expert_batch=0), "'expert_batch'"),
     ],
 )
 def test_bad_options_name_the_option(options, needle):

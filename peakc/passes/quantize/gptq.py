@@ -19,6 +19,10 @@ at the block's start, on weights that carry the updates of every earlier column.
 earlier per-column loop fitted a group running past its block's end on columns still
 missing that block's updates; the two differ only when group and block boundaries do not
 line up, e.g. block_size 48 with group_size 32.)
+
+`gptq_quantize_batched` solves B layers of one shape with their own Hessians at once (the
+experts of a MoE layer, compress_moe): every step above as one batched torch operation over
+an experts dimension, equal to B calls of the torch solver.
 """
 
 from __future__ import annotations
@@ -157,6 +161,151 @@ def gptq_quantize(
         return QuantizedWeight(ints, static_scales, static_zeros, None, deq, name)
     g_idx = (inverse // gs).to(torch.int32) if act_order else None
     return QuantizedWeight(ints, dyn_scales, dyn_zeros, g_idx, deq, name)
+
+
+def gptq_quantize_batched(
+    weights: torch.Tensor,
+    hessians: torch.Tensor,
+    spec: GridSpec,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    static_groups: bool = True,
+    layers: list[str] | None = None,
+    owner: str = "quantize",
+) -> list[QuantizedWeight]:
+    """GPTQ for B layers of one shape at once (the experts of a MoE layer): `weights` [B, rows,
+    cols], `hessians` [B, cols, cols], each layer with its own Hessian (and so its own
+    act-order permutation). Every step of `gptq_quantize` runs as one batched torch operation
+    over B: the Cholesky factors, the column walk inside a block and the lazy update (bmm), so
+    B experts cost about one expert's kernel launches. Results equal B `gptq_quantize` calls
+    with kernel="torch" up to float summation order; a Hessian that is not positive definite
+    is retried alone with growing damping, as `gptq_quantize` does. Returns one
+    QuantizedWeight per layer (kernel "batched")."""
+    w = weights.detach().float()
+    batch, rows, cols = w.shape
+    names = layers or [f"layer {b}" for b in range(batch)]
+    keep = w != 0
+    h = hessians.detach().float().clone()
+    dead = h.diagonal(dim1=1, dim2=2) == 0  # [B, cols]
+    h.diagonal(dim1=1, dim2=2).masked_fill_(dead, 1.0)
+    w = w.masked_fill(dead[:, None, :], 0.0)
+    gs = spec.group_size
+    n_groups = -(-cols // gs)
+    if static_groups:
+        static_scales, static_zeros = (
+            t.view(batch, rows, n_groups) for t in fit_groups(w.reshape(batch * rows, cols), spec)
+        )
+    if act_order:
+        perm = torch.argsort(h.diagonal(dim1=1, dim2=2), dim=1, descending=True)
+        h = torch.take_along_dim(h, perm[:, :, None], dim=1)
+        h = torch.take_along_dim(h, perm[:, None, :], dim=2)
+    else:
+        perm = torch.arange(cols, device=w.device).expand(batch, cols)
+    factor = inverse_hessian_factors(h, damp, names, owner)
+    del h
+    by_col = perm[:, :, None]  # gathers [B, cols, rows] in the walk's column order
+    wt = torch.take_along_dim(w.transpose(1, 2), by_col, dim=1)
+    keep_t = torch.take_along_dim(keep.transpose(1, 2), by_col, dim=1)
+    ints_t = torch.empty_like(wt)
+    deq_t = torch.empty_like(wt)
+    if static_groups:  # each (permuted) column's grid, [B, cols, rows]
+        if n_groups == 1:  # one grid per row: a view, not B x cols x rows floats
+            scale_t = static_scales.transpose(1, 2).expand(batch, cols, rows)
+            zero_t = static_zeros.transpose(1, 2).expand(batch, cols, rows)
+        else:
+            group_of = (perm // gs)[:, :, None]
+            scale_t = torch.take_along_dim(static_scales.transpose(1, 2), group_of, dim=1)
+            zero_t = torch.take_along_dim(static_zeros.transpose(1, 2), group_of, dim=1)
+    dyn_scales = torch.zeros(batch, rows, n_groups, device=w.device)
+    dyn_zeros = torch.zeros(batch, rows, n_groups, device=w.device)
+    for i1, i2 in column_blocks(cols, block_size, None if static_groups else gs):
+        width = i2 - i1
+        if static_groups:
+            s, z = scale_t[:, i1:i2], zero_t[:, i1:i2]
+        else:
+            if i1 % gs == 0:  # a block never spans two groups here (column_blocks)
+                group = wt[:, i1 : i1 + gs].transpose(1, 2).reshape(batch * rows, -1)
+                grid = [t.view(batch, rows) for t in fit_grid(group, spec)]
+                dyn_scales[:, :, i1 // gs], dyn_zeros[:, :, i1 // gs] = grid
+            s = grid[0][:, None, :].expand(batch, width, rows)
+            z = grid[1][:, None, :].expand(batch, width, rows)
+        errs = solve_block_batched(
+            wt[:, i1:i2],
+            factor[:, i1:i2, i1:i2],
+            keep_t[:, i1:i2],
+            s,
+            z,
+            spec.maxq,
+            ints_t[:, i1:i2],
+            deq_t[:, i1:i2],
+        )
+        if i2 < cols:
+            wt[:, i2:].baddbmm_(factor[:, i1:i2, i2:].transpose(1, 2), errs, alpha=-1)
+    inverse = torch.argsort(perm, dim=1)[:, :, None]
+    ints = torch.take_along_dim(ints_t, inverse, dim=1).transpose(1, 2)
+    deq = torch.take_along_dim(deq_t, inverse, dim=1).transpose(1, 2)
+    out = []
+    for b in range(batch):
+        if static_groups:
+            scales, zeros, g_idx = static_scales[b], static_zeros[b], None
+        else:
+            scales, zeros = dyn_scales[b], dyn_zeros[b]
+            g_idx = (inverse[b, :, 0] // gs).to(torch.int32) if act_order else None
+        out.append(
+            QuantizedWeight(
+                ints[b].contiguous(), scales, zeros, g_idx, deq[b].contiguous(), "batched"
+            )
+        )
+    return out
+
+
+def inverse_hessian_factors(
+    hessians: torch.Tensor, damp: float, layers: list[str], owner: str
+) -> torch.Tensor:
+    """`damped_inverse_factor` of each Hessian of a batch [B, cols, cols], batched; a Hessian
+    that is not positive definite at `damp` is retried alone with growing damping (warning
+    and error name its layer)."""
+    mean_diag = hessians.diagonal(dim1=1, dim2=2).mean(dim=1)
+    eye = torch.eye(hessians.shape[1], device=hessians.device)
+    damped = hessians + (damp * mean_diag)[:, None, None] * eye
+    chol, info = torch.linalg.cholesky_ex(damped)
+    factor, info_inv = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    finite = torch.isfinite(factor).flatten(1).all(dim=1)
+    failed = ((info != 0) | (info_inv != 0) | ~finite).nonzero().flatten().tolist()
+    for b in failed:
+        factor[b] = damped_inverse_factor(hessians[b], damp, layers[b], owner)
+    return factor
+
+
+def solve_block_batched(
+    wb: torch.Tensor,
+    fb: torch.Tensor,
+    keep: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    maxq: int,
+    ints: torch.Tensor,
+    deq: torch.Tensor,
+) -> torch.Tensor:
+    """`solve_block_torch` over a batch of layers: `wb` [B, width, rows] (updated in place),
+    each layer's factor block `fb` [B, width, width]; codes and dequantized values go into
+    `ints` and `deq`; returns the errors [B, width, rows]."""
+    width = wb.shape[1]
+    errs = torch.empty_like(wb)
+    diag = fb.diagonal(dim1=1, dim2=2)  # [B, width]
+    for j in range(width):
+        col, s, z = wb[:, j], scale[:, j], zero[:, j]
+        q = torch.where(keep[:, j], quantize_ints(col, s, z, maxq), z)
+        ints[:, j] = q
+        dq = torch.mul(q - z, s)
+        deq[:, j] = dq
+        err = torch.sub(col, dq).div_(diag[:, j, None])
+        errs[:, j] = err
+        if j + 1 < width:
+            wb[:, j + 1 :].baddbmm_(fb[:, j, j + 1 :, None], err[:, None, :], alpha=-1)
+    return errs
 
 
 def column_blocks(cols: int, block_size: int, group_size: int | None) -> list[tuple[int, int]]:

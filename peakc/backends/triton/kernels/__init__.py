@@ -5,6 +5,7 @@ from peakc.backends.triton.kernels import (  # noqa: F401  (importing registers 
     attention,
     compressed_linear,
     glu,
+    grouped_mm_compressed,
     linear_compressed,
     norms,
     rotary,
