@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peakc.cost_model.lowbit_curves import LOWBIT_CURVES  # fitted: benchmarks/lowbit_curves.py
 from peakc.errors import PeakcError
 
 Curve = list[tuple[float, float]]  # (size, fraction of peak), interpolated in log10(size)
@@ -267,17 +268,6 @@ GRAPH_GAP = (
     "kernels; refine with `peakc calibrate`"
 )
 EAGER_LAUNCH = "estimate of eager PyTorch per-op host cost; refine with `peakc calibrate`"
-
-
-# The Triton low-bit and 2:4 kernels (peakc/backends/triton/kernels/) at decode batches: bytes
-# read -> fraction of the copy bandwidth, from benchmarks/results/lowbit_kernels.json (H200,
-# 2026-12-03, M = 1-16, one 8B layer's linears). They are bound by the instructions that unpack
-# codes, so they reach far less of the bandwidth than a copy of the same size.
-LOWBIT_CURVES: dict[str, Curve] = {
-    "lowbit": [(1e5, 0.005), (1e6, 0.03), (1e7, 0.12), (3e7, 0.22), (6e7, 0.32), (1e9, 0.35)],
-    "sparse24": [(1e5, 0.005), (1e6, 0.03), (1e7, 0.12), (2e7, 0.19), (1e8, 0.27), (1e9, 0.3)],
-    "sparse24_lowbit": [(1e5, 0.002), (1e6, 0.015), (7e6, 0.066), (2.5e7, 0.08), (1e9, 0.1)],
-}
 
 
 def _gpu_curves() -> dict[str, Any]:
