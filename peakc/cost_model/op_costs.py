@@ -551,3 +551,32 @@ def _compressed_linear(node: fx.Node, op_class: str) -> OpCost:
     m = x.numel() // k
     moved = sum(nbytes(t) for t in _tensor_inputs(node)) + _out_bytes(node)
     return OpCost(2.0 * m * n * k, moved, "gemm", dtype_name(x), op_class=op_class)
+
+
+@register_cost_rule("peakc.linear_compressed", "peakc_triton.linear_compressed_ell")
+def linear_compressed(node: fx.Node, ctx: CostContext) -> OpCost:
+    """A linear on a dictionary-coded (QMoE) weight, one kernel reading it compressed (the code
+    stream, or the Triton backend's sliced-ELL transcode): as linear_wq (class "lowbit")."""
+    return _compressed_linear(node, "lowbit")
+
+
+# where each grouped op keeps its group offsets (the experts' cumulative token counts)
+_GROUP_OFFSETS_ARG = {"peakc.grouped_mm_compressed": 6, "peakc_triton.grouped_mm_compressed_ell": 4}
+
+
+@register_cost_rule(*_GROUP_OFFSETS_ARG)
+def grouped_mm_compressed(node: fx.Node, ctx: CostContext) -> OpCost:
+    """A MoE layer's routed experts on one compressed stacked weight, one kernel: 2*T*N*K FLOPs
+    for T routed token rows; moves x, y, the offsets and, of the compressed weight, the share
+    of the E experts that can receive tokens, min(T, E) / E: an expert without tokens is never
+    read (class "lowbit")."""
+    x, out = val(node.args[0]), val(node)
+    offsets_node = node.args[_GROUP_OFFSETS_ARG[op_name(node.target)]]
+    offsets = val(offsets_node)
+    t, k = x.shape
+    n, experts = out.shape[-1], offsets.shape[0]
+    coded = [a for a in node.all_input_nodes if a is not node.args[0] and a is not offsets_node]
+    weight = sum(nbytes(val(a)) for a in coded)
+    share = min(t, experts) / experts if experts else 0.0
+    moved = nbytes(x) + nbytes(offsets) + weight * share + _out_bytes(node)
+    return OpCost(2.0 * t * n * k, moved, "gemm", dtype_name(x), op_class="lowbit")

@@ -11,7 +11,9 @@ compile error naming the layer.
 
 `linear_compressed` (QMoE's dictionary-coded experts) is rewritten the same way: its code
 stream is decoded (checked) and transcoded into the sliced-ELL layout that
-linear_compressed.py's kernel reads, stored as the layer's weights.
+linear_compressed.py's kernel reads, stored as the layer's weights. `grouped_mm_compressed`
+(a MoE layer's routed experts stacked in one coded matrix) likewise, into the grouped layout
+of grouped_mm_compressed.py, whose kernel runs every expert of the layer in one launch.
 
 Eager backend: `register_cuda_kernels()` makes the kernels the CUDA implementation of the four
 peakc ops; their weights stay in peakc's layout in the artifact and are repacked (transcoded)
@@ -29,6 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from peakc.errors import PeakcError
 from peakc.ir.ops import (
+    GROUPED_MM,
     LINEAR_COMPRESSED,
     LINEAR_SPARSE24,
     LINEAR_SPARSE24_WQ,
@@ -38,6 +41,7 @@ from peakc.ir.ops import (
     register_lowering,
 )
 
+from . import grouped_mm_compressed as gmc
 from . import linear_compressed as lc
 from . import linear_wq as wq
 from . import sparse24
@@ -360,7 +364,8 @@ def _code_operands(node: fx.Node) -> dict[str, Any]:
 
 
 def linear_compressed_why_not(node: fx.Node, graph: Graph, context: Any = None) -> str | None:
-    """Why the sliced-ELL kernel does not take this linear_compressed (None: it does)."""
+    """Why the sliced-ELL kernels do not take this linear_compressed or grouped_mm_compressed
+    (None: they do)."""
     if _constant_args(graph, _code_operands(node)) is None:
         return "the code stream is computed in the graph, not stored"
     dtype = node.args[0].meta["val"].dtype
@@ -380,20 +385,98 @@ def rewrite_linear_compressed(graph: Graph, node: fx.Node, context: Any = None) 
     """linear_compressed -> linear_compressed_ell, its code stream decoded (checked: a damaged
     stream is a PeakcError naming the layer) and transcoded (on a GPU when there is one)."""
     x, _, _, _, _, scales, bias, in_features, segment, max_words = node.args
+    rows = node.meta["val"].shape[-1]
+    nodes, ell = _store_transcoded(graph, node, lambda *stream: lc.transcode(
+        *stream, rows, in_features, segment, max_words))  # fmt: skip
+    args = (x, nodes["entries"], nodes["blocks"], scales, bias, in_features, ell.part)
+    graph.replace_call(node, LINEAR_COMPRESSED_ELL.overload, args, _code_operands(node).values())
+
+
+def _store_transcoded(
+    graph: Graph, node: fx.Node, transcode: Callable[..., lc.EllWeight]
+) -> tuple[dict, lc.EllWeight]:
+    """The node's code stream transcoded (on a GPU when there is one; a damaged stream is a
+    PeakcError naming the layer) and stored as `<module>.ell_entries` / `.ell_blocks`."""
     operands = _code_operands(node)
     code = _constant_args(graph, operands)
     device = "cuda" if torch.cuda.is_available() else code["words"].device
     stream = [code[key].to(device) for key in ("words", "offsets", "table", "checksum")]
-    rows = node.meta["val"].shape[-1]
     try:
-        ell = lc.transcode(*stream, rows, in_features, segment, max_words)
+        ell = transcode(*stream)
     except PeakcError as exc:
         raise PeakcError(f"{_layer(node)}: {exc}") from None
     tensors = {"entries": ell.entries, "blocks": ell.blocks}
     tensors = {key: t.to(code["words"].device) for key, t in tensors.items()}
-    nodes = _add_weights(graph, node, operands["words"].target, "ell", tensors)
-    args = (x, nodes["entries"], nodes["blocks"], scales, bias, in_features, ell.part)
-    graph.replace_call(node, LINEAR_COMPRESSED_ELL.overload, args, operands.values())
+    return _add_weights(graph, node, operands["words"].target, "ell", tensors), ell
+
+
+# --- grouped_mm_compressed: every routed expert of a layer in one launch ----------------------
+
+
+def _grouped_mm_compressed_ell_reference(
+    x: torch.Tensor,
+    entries: torch.Tensor,
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    group_offsets: torch.Tensor,
+    in_features: int,
+    part: int,
+) -> torch.Tensor:
+    """grouped_mm_compressed on the grouped sliced-ELL layout (grouped_mm_compressed.py):
+    expand every expert's levels, scale per row, then grouped_mm."""
+    experts = group_offsets.shape[0]
+    rows = scales.shape[0] // experts
+    levels = gmc.grouped_ell_levels(entries, blocks, experts, rows, in_features, part)
+    w = (levels.to(scales.dtype) * scales[:, None]).view(experts, rows, in_features)
+    return GROUPED_MM.reference(x, w.transpose(1, 2).to(x.dtype), group_offsets)
+
+
+def _grouped_mm_compressed_ell_fake(x, entries, blocks, scales, group_offsets, *rest):
+    return x.new_empty((x.shape[0], scales.shape[0] // group_offsets.shape[0]))
+
+
+GROUPED_MM_COMPRESSED_ELL = define_op(
+    "grouped_mm_compressed_ell",
+    _grouped_mm_compressed_ell_reference,
+    _grouped_mm_compressed_ell_fake,
+    backend=BACKEND,
+)
+
+
+@register_lowering("grouped_mm_compressed_ell", BACKEND, label="triton/grouped_mm_compressed")
+def launch_grouped_mm_compressed(x, entries, blocks, scales, group_offsets, in_features, part,
+                                 config: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """Every expert of the layer in one launch of the grouped sliced-ELL kernel, its config
+    by the mean tokens per expert or by `config`."""
+    return gmc.grouped_mm_ell_triton(
+        x, entries, blocks, scales, group_offsets, in_features, part, config
+    )
+
+
+launch_grouped_mm_compressed.kernels = gmc.grouped_mm_ell_triton.kernels
+launch_grouped_mm_compressed.configs = gmc.grouped_mm_ell_triton.configs
+
+
+@register_lowering(
+    "grouped_mm_compressed",
+    BACKEND,
+    label="triton/grouped_mm_compressed",
+    stage="rewrite",
+    why_not=linear_compressed_why_not,
+)
+def rewrite_grouped_mm_compressed(graph: Graph, node: fx.Node, context: Any = None) -> None:
+    """grouped_mm_compressed -> grouped_mm_compressed_ell, the stacked experts' stream decoded
+    (checked: a damaged stream is a PeakcError naming the layer) and transcoded, one expert's
+    rows on whole slices."""
+    x, _, _, _, _, scales, group_offsets, in_features, segment, max_words = node.args
+    experts = group_offsets.meta["val"].shape[0]
+    rows = experts * node.meta["val"].shape[-1]  # every expert's rows
+    nodes, ell = _store_transcoded(graph, node, lambda *stream: gmc.transcode_experts(
+        *stream, experts, rows, in_features, segment, max_words))  # fmt: skip
+    args = (x, nodes["entries"], nodes["blocks"], scales, group_offsets, in_features, ell.part)
+    graph.replace_call(
+        node, GROUPED_MM_COMPRESSED_ELL.overload, args, _code_operands(node).values()
+    )
 
 
 # --- eager programs on CUDA: the kernels as the ops' CUDA implementation ---------------------

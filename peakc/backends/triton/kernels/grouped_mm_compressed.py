@@ -1,19 +1,23 @@
-"""`peakc::grouped_mm_compressed` on linear_compressed's Triton kernels: the routed experts of
-one MoE layer with their weights kept compressed on the GPU.
+"""`peakc::grouped_mm_compressed` on the sliced-ELL kernel: the routed experts of one MoE layer,
+their weights kept compressed on the GPU, in one kernel launch per layer.
 
-Expert e's weight is rows e*N..(e+1)*N of one coded matrix. Both layouts linear_compressed.py
-reads keep absolute positions in their offsets (the dictionary code's segment offsets, the
-sliced-ELL block offsets), so a kernel reads expert e through views of the offsets and of the
-scales, with no copy. Each expert that received tokens is one kernel launch on its rows of x
-(the tokens routed to one expert); experts without tokens are never read. The token counts
-are read on the host (one sync per call, as the reference's grouped matmul does).
+Expert e's weight is rows e*N..(e+1)*N of one coded matrix. `transcode_experts` decodes the
+stacked stream (checked) and lays each expert out in sliced ELL (linear_compressed.py) on its
+own whole slices of ELL_ROWS rows (an N that is not a multiple of 8 is padded per expert), one
+after the other: expert e, slice s, part p is block (e * slices + s) * parts + p.
 
-- Eager programs on CUDA (`register_cuda_kernel()`, called by peakc.load): the stacked stream
-  is transcoded once, on first use, into the sliced-ELL layout (checked decode; cached per
-  stream tensor) and each expert runs the ELL kernel on its slices (N a multiple of ELL_ROWS;
-  otherwise the fused dictionary decoder per expert).
-- Triton backend: the op's lowering runs the fused dictionary decoder per expert on the
-  stored stream.
+`grouped_mm_ell_triton` launches one program grid over (slice of an expert, expert). The
+group offsets stay on the device (no sync): each program reads its expert's token rows from
+them and loops over them in blocks of `block_m` (at decode, usually one block of one token);
+an expert without tokens reads none of its weight. For block_m > 1, x is laid out beforehand
+(on the device) as xᵀ blocks [K, block_m] per expert, so one gather reads a column of every
+token in the block, as linear_compressed's kernel does.
+
+- Triton backend: a rewrite lowering (compressed_linear.py) stores the transcoded layout as
+  the layer's weights and turns the node into the backend op `grouped_mm_compressed_ell`,
+  whose emit lowering is this launcher.
+- Eager programs on CUDA (`register_cuda_kernel()`, called by peakc.use_cuda_kernels): the
+  stream is transcoded once, on first use (cached per stream tensor), then the same launcher.
 """
 
 from __future__ import annotations
@@ -22,106 +26,217 @@ import functools
 from collections.abc import Callable
 
 import torch
+import triton
+import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from peakc.backends.triton.kernels import linear_compressed as lc
-from peakc.ir.dictionary_code import segments_per_row
-from peakc.ir.ops import GROUPED_MM_COMPRESSED, register_lowering
+from peakc.backends.triton.kernels.linear_compressed import _ell_level, _ell_tile
+from peakc.backends.triton.kernels.operands import as_rows
+from peakc.ir.dictionary_code import decode
+from peakc.ir.ops import GROUPED_MM_COMPRESSED
 
-X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernels multiply
-
-
-def why_not_grouped_mm_compressed(node, graph, context) -> str | None:
-    """Decline segments too long for one tile of codewords (linear_compressed's limit)."""
-    max_words = node.args[9]
-    if max_words > lc.MAX_TILE_WORDS:
-        return (
-            f"grouped_mm_compressed: {max_words} codewords in a segment "
-            f"(kernel tiles hold {lc.MAX_TILE_WORDS})"
-        )
-    return None
+X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernel multiplies
 
 
-@register_lowering(
-    "grouped_mm_compressed",
-    "triton",
-    label="triton/linear_compressed per expert",
-    why_not=why_not_grouped_mm_compressed,
-)
-def grouped_mm_compressed_triton(
-    x: torch.Tensor,
+def transcode_experts(
     words: torch.Tensor,
     offsets: torch.Tensor,
     table: torch.Tensor,
     checksum: torch.Tensor,
+    experts: int,
+    rows: int,
+    cols: int,
+    segment: int,
+    max_words: int,
+) -> lc.EllWeight:
+    """The stacked dictionary-coded experts (`rows` = all experts' rows) in the grouped
+    sliced-ELL layout (module docstring), on the stream's device; decoded with its checks
+    (damaged bytes are a PeakcError). Its `rows` counts the padded rows it holds."""
+    levels = decode(words, offsets, table, checksum, rows, cols, segment, max_words)
+    per_expert = rows // experts
+    entries, blocks, start = [], [], 0
+    for e in range(experts):  # one expert at a time: the transcode's scratch stays small
+        ell = lc.ell_from_levels(levels[e * per_expert : (e + 1) * per_expert])
+        entries.append(ell.entries)
+        blocks.append(ell.blocks[:-1] + start)
+        start += int(ell.blocks[-1])
+    blocks.append(torch.tensor([start], dtype=torch.int32, device=levels.device))
+    padded = -(-per_expert // lc.ELL_ROWS) * lc.ELL_ROWS
+    return lc.EllWeight(
+        torch.cat(entries), torch.cat(blocks), experts * padded, cols, min(cols, lc.MAX_PART)
+    )
+
+
+def grouped_ell_levels(
+    entries: torch.Tensor, blocks: torch.Tensor, experts: int, rows: int, cols: int, part: int
+) -> torch.Tensor:
+    """The int8 levels [experts * rows, cols] of a grouped sliced-ELL weight (the inverse of
+    `transcode_experts`'s layout; `rows` per expert)."""
+    padded = -(-rows // lc.ELL_ROWS) * lc.ELL_ROWS
+    levels = lc.ell_levels(entries, blocks, experts * padded, cols, part)
+    return levels.view(experts, padded, cols)[:, :rows].reshape(experts * rows, cols)
+
+
+@triton.jit
+def _grouped_ell_kernel(
+    x_ptr,
+    entries_ptr,
+    blocks_ptr,
+    scales_ptr,
+    y_ptr,
+    first_ptr,
+    count_ptr,
+    base_ptr,
+    N,
+    K,
+    n_parts,
+    part,
+    slices,
+    x_block_stride,
+    stride_ym,
+    G: tl.constexpr,
+    BJ: tl.constexpr,
+    BM: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """One program: slice s of expert e (G rows), for every token routed to e, BM at a time.
+    Expert e's tokens are rows first[e]..first[e] + count[e] of y; its blocks of x start at
+    block base[e] (BM == 1: rows of x; else xᵀ blocks [K, BM])."""
+    slice_id = tl.program_id(0)
+    expert = tl.program_id(1)
+    rows = slice_id * G + tl.arange(0, G)
+    row_ok = rows < N
+    scale = tl.load(scales_ptr + expert * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+    first = tl.load(first_ptr + expert)
+    count = tl.load(count_ptr + expert)
+    base = tl.load(base_ptr + expert)
+    block0 = (expert * slices + slice_id) * n_parts
+    for m_block in range(tl.cdiv(count, BM)):
+        x_base = x_ptr + (base + m_block) * x_block_stride
+        if BM == 1:
+            acc = tl.zeros([BJ, G], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BJ, G, BM], dtype=tl.float32)
+        for p in range(n_parts):
+            b0 = tl.load(blocks_ptr + block0 + p)
+            width = tl.load(blocks_ptr + block0 + p + 1) - b0
+            block = entries_ptr + tl.multiple_of(b0 * G, G)
+            tiles = tl.cdiv(width, BJ)
+            if PREFETCH:
+                upcoming = _ell_tile(block, 0, width, BJ, G)
+            for t in range(tiles):
+                if PREFETCH:
+                    e = upcoming
+                    upcoming = _ell_tile(block, t + 1, width, BJ, G)
+                else:
+                    e = _ell_tile(block, t, width, BJ, G)
+                col = tl.minimum(p * part + (e >> 2), K - 1)  # damaged entries stay inside x
+                level = _ell_level(e)
+                if BM == 1:
+                    xv = tl.load(x_base + col)
+                    acc += xv.to(tl.float32) * level
+                else:
+                    xv = tl.load(x_base + col[:, :, None] * BM + tl.arange(0, BM)[None, None, :])
+                    acc += xv.to(tl.float32) * level[:, :, None]
+        if BM == 1:
+            out = tl.sum(acc, axis=0) * scale
+            y_at = y_ptr + (first + m_block) * stride_ym + rows
+            tl.store(y_at, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+        else:
+            ms = m_block * BM + tl.arange(0, BM)
+            out = tl.sum(acc, axis=0) * scale[:, None]
+            y_at = y_ptr + (first + ms)[None, :] * stride_ym + rows[:, None]
+            tl.store(
+                y_at, out.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (ms < count)[None, :]
+            )
+
+
+def _xt_blocks(
+    x: torch.Tensor, ends: torch.Tensor, first: torch.Tensor, counts: torch.Tensor, bm: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's routed rows as xᵀ blocks [blocks, K, bm], each expert's tokens in blocks of their
+    own (zero-padded), and each expert's first block; built on the device without a sync
+    (the block count bounded by T / bm + experts, one spare block taking unrouted rows)."""
+    t, k = x.shape
+    experts = ends.shape[0]
+    per_expert = (counts + bm - 1) // bm
+    base = torch.cumsum(per_expert, 0) - per_expert
+    spare = -(-t // bm) + experts
+    token = torch.arange(t, device=x.device)
+    expert = torch.searchsorted(ends, token, right=True)  # `experts` past the last offset
+    routed = expert < experts
+    expert = expert.clamp(max=experts - 1)
+    local = token - first[expert]
+    block = torch.where(routed, base[expert] + local // bm, spare)
+    xt = x.new_zeros((spare + 1, k, bm))
+    xt[block, :, local % bm] = x
+    return xt, base
+
+
+def choose_grouped_config(tokens: int, experts: int, rows: int) -> dict:
+    """The default config: linear_compressed's at the mean tokens per expert (decode: one)."""
+    return lc.choose_ell_config(max(1, -(-tokens // max(experts, 1))), rows)
+
+
+def grouped_mm_ell_triton(
+    x: torch.Tensor,
+    entries: torch.Tensor,
+    blocks: torch.Tensor,
     scales: torch.Tensor,
     group_offsets: torch.Tensor,
     in_features: int,
-    segment: int,
-    max_words: int,
+    part: int,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """x [T, K] sorted by expert @ each expert's decoded weightᵀ, one kernel launch per expert
-    with tokens; rows past the last offset stay zero (as the reference's)."""
+    """x [T, K] sorted by expert @ each expert's weightᵀ (W = levels * scales[:, None], the
+    levels in `transcode_experts`'s layout), every expert in one launch; rows past the last
+    offset stay zero (as the reference's). `config` one of ELL_CONFIGS (None:
+    `choose_grouped_config`)."""
     experts = group_offsets.shape[0]
-    rows = scales.shape[0] // experts
-    per_expert = rows * segments_per_row(in_features, segment)
-    out = x.new_zeros((x.shape[0], rows))
-    start = 0
-    for e, end in enumerate(group_offsets.tolist()):
-        end = int(end)
-        if end > start:
-            out[start:end] = lc.linear_compressed_triton(
-                x[start:end],
-                words,
-                offsets[e * per_expert : (e + 1) * per_expert + 1],
-                table,
-                checksum,
-                scales[e * rows : (e + 1) * rows],
-                None,
-                in_features,
-                segment,
-                max_words,
-                config=config,
-            )
-        start = end
+    rows = scales.shape[0] // max(experts, 1)
+    x = as_rows(x)
+    t = x.shape[0]
+    out = x.new_zeros((t, rows))
+    if t == 0 or experts == 0 or rows == 0:
+        return out
+    config = config or choose_grouped_config(t, experts, rows)
+    bm = config["block_m"] or min(triton.next_power_of_2(-(-t // experts)), lc.MAX_BLOCK_M)
+    ends = group_offsets.to(device=x.device, dtype=torch.int64)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    first = ends - counts
+    if bm == 1:
+        xs, base, x_block_stride = x, first, x.stride(0)
+    else:
+        xs, base = _xt_blocks(x, ends, first, counts, bm)
+        x_block_stride = in_features * bm
+    slices = -(-rows // lc.ELL_ROWS)
+    as_int32 = [v.to(torch.int32) for v in (first, counts, base)]
+    _grouped_ell_kernel[(slices, experts)](
+        xs,
+        entries,
+        blocks,
+        scales,
+        out,
+        *as_int32,
+        rows,
+        in_features,
+        -(-in_features // part),
+        part,
+        slices,
+        x_block_stride,
+        out.stride(0),
+        G=lc.ELL_ROWS,
+        BJ=config["block_j"],
+        BM=bm,
+        PREFETCH=config["prefetch"],
+        num_warps=config["num_warps"],
+    )
     return out
 
 
-grouped_mm_compressed_triton.kernels = lc.linear_compressed_triton.kernels
-grouped_mm_compressed_triton.configs = lc.CONFIGS
-
-
-def grouped_mm_compressed_ell(
-    x: torch.Tensor,
-    ell: lc.EllWeight,
-    scales: torch.Tensor,
-    group_offsets: torch.Tensor,
-    config: dict | None = None,
-) -> torch.Tensor:
-    """x [T, K] sorted by expert @ each expert's weightᵀ, every expert's rows held in one
-    sliced-ELL weight (each expert a whole number of slices): the ELL kernel once per expert
-    with tokens, on views of the block offsets and scales."""
-    experts = group_offsets.shape[0]
-    rows = scales.shape[0] // experts
-    per_expert = rows // lc.ELL_ROWS * -(-ell.cols // ell.part)  # blocks of one expert
-    out = x.new_zeros((x.shape[0], rows))
-    start = 0
-    for e, end in enumerate(group_offsets.tolist()):
-        end = int(end)
-        if end > start:
-            out[start:end] = lc.linear_compressed_ell_triton(
-                x[start:end],
-                ell.entries,
-                ell.blocks[e * per_expert : (e + 1) * per_expert + 1],
-                scales[e * rows : (e + 1) * rows],
-                None,
-                ell.cols,
-                ell.part,
-                config,
-            )
-        start = end
-    return out
+grouped_mm_ell_triton.kernels = (_grouped_ell_kernel,)
+grouped_mm_ell_triton.configs = lc.ELL_CONFIGS
 
 
 _TRANSCODED = WeakIdKeyDictionary()  # code words tensor (by identity) -> (version, EllWeight)
@@ -139,19 +254,18 @@ def _transcoded(words: torch.Tensor, build: Callable[[], lc.EllWeight]) -> lc.El
 def grouped_mm_compressed_cuda(
     x, words, offsets, table, checksum, scales, group_offsets, in_features, segment, max_words
 ) -> torch.Tensor:
-    """grouped_mm_compressed as eager programs run it on CUDA: the sliced-ELL kernel per
-    expert (the stream transcoded on first use); experts of rows not a multiple of ELL_ROWS
-    take the fused dictionary decoder, activations the kernels do not multiply or segments
-    too long for its tiles the reference."""
+    """grouped_mm_compressed as eager programs run it on CUDA: the stream transcoded on first
+    use, then every expert in one launch of the grouped sliced-ELL kernel; activations the
+    kernel does not multiply take the reference."""
     stream = (words, offsets, table, checksum)
     rest = (in_features, segment, max_words)
-    rows = scales.shape[0] // group_offsets.shape[0]
-    if x.dtype not in X_DTYPES or (rows % lc.ELL_ROWS and max_words > lc.MAX_TILE_WORDS):
+    if x.dtype not in X_DTYPES:
         return GROUPED_MM_COMPRESSED.reference(x, *stream, scales, group_offsets, *rest)
-    if rows % lc.ELL_ROWS:
-        return grouped_mm_compressed_triton(x, *stream, scales, group_offsets, *rest)
-    ell = _transcoded(words, lambda: lc.transcode(*stream, scales.shape[0], *rest))
-    return grouped_mm_compressed_ell(x, ell, scales, group_offsets)
+    experts = group_offsets.shape[0]
+    ell = _transcoded(words, lambda: transcode_experts(*stream, experts, scales.shape[0], *rest))
+    return grouped_mm_ell_triton(
+        x, ell.entries, ell.blocks, scales, group_offsets, in_features, ell.part
+    )
 
 
 @functools.cache
