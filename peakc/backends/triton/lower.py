@@ -4,7 +4,8 @@
 kernels' repacked layout) -> plan fusion groups -> number the values -> one step per node, in
 graph order: a group at its first node, a peakc op (or one of the backend's own) through its
 Triton launcher, or its reference when none is registered or the lowering declines the node
-(with the reason), a dense GEMM on cuBLAS, any other ATen op by name -> kernels described
+(with the reason), a dense GEMM through the gemv launcher (cuBLAS unless tuned otherwise)
+or, where it declines the node, on cuBLAS, any other ATen op by name -> kernels described
 (template or group) with their source text.
 """
 
@@ -147,7 +148,7 @@ def node_step(node, graph, context, value_id, kernels: list, fallbacks: dict) ->
         return {"kind": "kernel", "op": name, "kernel": len(kernels) - 1, **step}
     target = str(node.target)
     if target in GEMMS:
-        return {"kind": "gemm", "op": target, **step}
+        return gemm_step(node, graph, value_id, kernels, step)
     if getattr(node.target, "__module__", None) == "_operator":
         if node.target.__name__ not in OPERATORS:
             raise PeakcError(f"backend triton: node '{node.name}': operator {target} unsupported")
@@ -155,6 +156,21 @@ def node_step(node, graph, context, value_id, kernels: list, fallbacks: dict) ->
     if not target.startswith("aten."):
         raise PeakcError(f"backend triton: node '{node.name}': op {target} is not an ATen op")
     return {"kind": "aten", "op": target, **step}
+
+
+def gemm_step(node, graph, value_id, kernels: list, step: dict[str, Any]) -> dict[str, Any]:
+    """A dense GEMM: the backend's gemv launcher (cuBLAS by default; a Triton skinny GEMM for
+    the shapes where tuning measured one faster) when it takes the node, else cuBLAS with the
+    reason (kernels/gemv.py)."""
+    from peakc.backends.triton.kernels.gemv import gemv_arguments, why_not_gemv
+
+    dynamic = bool((graph.info.get("dynamic") or {}).get("dims"))
+    reason = why_not_gemv(node, dynamic)
+    if reason is not None:
+        return {"kind": "gemm", "op": str(node.target), "reason": reason, **step}
+    kernels.append(template_entry("gemv", lowering_for("gemv", BACKEND), node))
+    args = encode_arg(gemv_arguments(node), value_id)
+    return {"kind": "kernel", "op": "gemv", "kernel": len(kernels) - 1, "args": args, "kwargs": {}}
 
 
 def template_entry(name: str, lowering, node) -> dict[str, Any]:

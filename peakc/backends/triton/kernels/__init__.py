@@ -4,6 +4,7 @@ triton lowering (peakc/ir/ops.py's registry)."""
 from peakc.backends.triton.kernels import (  # noqa: F401  (importing registers the lowerings)
     attention,
     compressed_linear,
+    gemv,
     glu,
     grouped_mm_compressed,
     linear_compressed,
