@@ -157,7 +157,7 @@ def compile(
     if any(p.name == "partition" for p in pipe.passes) and unstaged:
         raise PeakcError(  # before capture: the backend would drop the stage plan
             f"backend '{unstaged[0]}' does not lower pipeline stages (pass 'partition'): "
-            "compile with --backend eager, or leave partition out of the pipeline"
+            "compile with --backend eager or triton, or leave partition out of the pipeline"
         )
 
     earlier = [{"phase": name, "seconds": round(s, 4)} for name, s in (timing or {}).items()]

@@ -2,7 +2,8 @@
 
 The partition pass records its plan in `graph.info["partition"]`; a backend that finds one
 lowers each stage's Graph (`peakc.ir.stages.split_stages`) as its own program `stage_<s>` with
-its own `stage_<s>.safetensors`, so a process reads only the stage it runs. The manifest's
+its own `stage_<s>.safetensors`, so a process reads only the stage it runs (a backend that
+rewrites weights into its kernels' layout rewrites each stage alone). The manifest's
 `partition` entry records the cut, the schedule, the microbatches, the world size the
 artifact expects and, per stage, its program, weights file, rank, units and cached layers
 (`peakc.runtime.pipeline` runs it).
@@ -21,13 +22,21 @@ from peakc.runtime.artifact import ArtifactContents, ProgramFile
 from peakc.runtime.pipeline import PLAN_KEY
 
 ExportFn = Callable[[Graph], tuple[bytes, ProgramFile]]
+PrepareFn = Callable[[Graph], Graph]
 
 
 def lower_stages(
-    graph: Graph, ctx: PassContext, backend: str, pipeline: str, export: ExportFn
+    graph: Graph,
+    ctx: PassContext,
+    backend: str,
+    pipeline: str,
+    export: ExportFn,
+    prepare: PrepareFn | None = None,
 ) -> ArtifactContents:
     """Artifact contents holding every stage of the graph's partition plan, each exported by
-    `export` (the backend's program exporter)."""
+    `export` (the backend's program exporter) after `prepare` (the backend's rewrites of a
+    stage, e.g. triton's weight repacking): a stage's weights file holds the prepared stage's
+    weights."""
     plan = graph.info[PLAN_KEY]
     world = plan["world_size"]
     names = [u.name for u in stage_units(graph)]
@@ -40,6 +49,8 @@ def lower_stages(
     programs, weight_files, entries = {}, {}, []
     for s, stage in enumerate(split_stages(graph, bounds)):
         name = f"stage_{s}"
+        if prepare is not None:
+            stage = prepare(stage)
         with ctx.progress(f"export {name}", 1):  # a line of the CLI's progress display
             programs[name] = export(stage)
         weight_files[f"{name}.safetensors"] = stage.weights()

@@ -227,7 +227,11 @@ class PipelineRun:
             }
         except PeakcError as exc:
             error = str(exc)
-        self.agree(error)
+        try:
+            self.agree(error)
+        except PeakcError:  # every rank raises here, with nothing left in flight
+            self.close(barrier=False)
+            raise
 
     @property
     def layout(self) -> dict[str, Any] | None:
@@ -241,9 +245,16 @@ class PipelineRun:
             if message:
                 raise PeakcError(f"rank {rank}: {message}")
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, barrier: bool = True) -> None:
+        """Leave the process group before the interpreter exits (gloo's threads abort a process
+        that exits with its group alive). `barrier`: first wait until every rank is done, so no
+        rank tears its group down while a peer still receives from it; off after an error,
+        where a peer may never arrive."""
+        if not dist.is_initialized():
+            return
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
 
     # --- batch inference ---------------------------------------------------------------------
 
@@ -502,6 +513,7 @@ def worker_parser() -> argparse.ArgumentParser:
 def run_worker(args: argparse.Namespace) -> None:
     """Batch inference (`--output` or no prompts) and/or generation (`--prompt-ids`)."""
     run = PipelineRun(args.artifact, args.device, args.timeout)
+    finished = False
     try:
         if args.output or not args.prompt_ids:
             inputs: tuple[torch.Tensor, ...] = ()  # only the first stage's rank reads them
@@ -525,8 +537,9 @@ def run_worker(args: argparse.Namespace) -> None:
                 print(text)
                 if args.tokens_output:
                     Path(args.tokens_output).write_text(text)
+        finished = True
     finally:
-        run.close()
+        run.close(barrier=finished)
 
 
 def _input_index(item: tuple[str, torch.Tensor]) -> int:

@@ -212,7 +212,7 @@ def test_stages_chain_to_the_whole_graph(decoder_graph):
 
 
 def test_a_backend_without_stages_is_refused_before_capture():
-    """ort and triton lower one program: a partition plan is refused, not silently dropped."""
+    """ort lowers one program: a partition plan is refused, not silently dropped."""
     import peakc
 
     with pytest.raises(PeakcError, match="backend 'ort' does not lower pipeline stages"):

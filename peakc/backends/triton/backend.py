@@ -6,6 +6,8 @@ fallbacks) -> build it on the device (every kernel checked against the GPU's cap
 the installed triton) -> parity against the graph on the example inputs -> tune the kernels'
 configs (CUDA, tune=true) -> price it with the cost model, at the example shapes and, for a
 generation decoder, at sample shapes `peakc estimate` interpolates -> artifact contents.
+A graph cut by the partition pass is lowered stage by stage instead: one program and one
+weights file per stage (backends/stages.py), each rewritten, built, checked and priced alone.
 Nothing here imports torch or triton at module level (`peakc backends` lists the options).
 """
 
@@ -20,7 +22,7 @@ from peakc.backends.base import Backend, lowering_report, programs_to_export, re
 if TYPE_CHECKING:
     from peakc.ir.graph import Graph
     from peakc.passes.base import PassContext
-    from peakc.runtime.artifact import ArtifactContents
+    from peakc.runtime.artifact import ArtifactContents, ProgramFile
 
 # on the norm-wise relative error ‖triton − graph‖ / ‖graph‖, per output dtype
 PARITY_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
@@ -47,18 +49,29 @@ class TritonBackend(Backend):
 
     name: ClassVar[str] = "triton"
     Options: ClassVar[type] = TritonOptions
+    lowers_stages: ClassVar[bool] = True
 
     def validate(self) -> None:
         self.check_runtime_options("auto")
 
     def lower(self, graph: Graph, ctx: PassContext, pipeline: str) -> ArtifactContents:
+        from peakc.backends.stages import PLAN_KEY
         from peakc.backends.triton.device import resolve_device
         from peakc.runtime.artifact import ArtifactContents
 
+        staged = PLAN_KEY in graph.info  # the partition pass ran: one program per stage
+        if staged and self.options.cuda_graph:
+            raise self.option_error(
+                "cuda_graph",
+                "does not apply to pipeline stages (partition): the pipeline runtime sends each "
+                "decode step down the stages; leave cuda_graph off",
+            )
         device = resolve_device()
         if (self.options.cuda_graph or self.options.tune) and device != "cuda":
             option = "cuda_graph" if self.options.cuda_graph else "tune"
             raise self.option_error(option, "needs a CUDA device (Triton is interpreting on CPU)")
+        if staged:
+            return self.lower_pipeline_stages(graph, ctx, pipeline, device)
         from peakc.backends.triton.lower import apply_rewrites
 
         batches = self.decode_batches(graph)
@@ -84,6 +97,27 @@ class TritonBackend(Backend):
                 "triton": {"device": device, "decode_batches": batches, "programs": reports},
             },
         )
+
+    def lower_pipeline_stages(
+        self, graph: Graph, ctx: PassContext, pipeline: str, device: str
+    ) -> ArtifactContents:
+        """One triton program per stage of the graph's partition plan, each stage rewritten
+        alone (so its weights file holds its rewritten weights). A stage is one program for
+        prefill and decode alike: tune=true tunes it at its example shapes (other shapes run
+        the default configs); no stage replays a CUDA graph (lower refuses cuda_graph)."""
+        from peakc.backends.stages import lower_stages
+        from peakc.backends.triton.lower import apply_rewrites
+
+        reports: dict[str, Any] = {}
+
+        def lower_stage(stage: Graph) -> tuple[bytes, ProgramFile]:
+            name = f"stage_{stage.info['stage']['index']}"
+            data, info, reports[name] = self.lower_one(name, stage, ctx, device, [])
+            return data, info
+
+        contents = lower_stages(graph, ctx, self.name, pipeline, lower_stage, apply_rewrites)
+        contents.report["triton"] = {"device": device, "decode_batches": [], "programs": reports}
+        return contents
 
     def decode_batches(self, graph: Graph) -> list[int]:
         """The batch sizes that get a decode CUDA graph (none without cuda_graph)."""
@@ -141,7 +175,9 @@ class TritonBackend(Backend):
             "load_seconds": runnable.load_report["seconds"],
             "cost": est if isinstance(est, str) else price_program(lowered, est, ctx),
         }
-        if not isinstance(est, str) and "generation" in program.info:  # `peakc estimate --batch`
+        # `peakc estimate --batch`: the whole decoder's programs (a stage's inputs are not a
+        # decoder's, so its launches are not sampled at other shapes)
+        if not isinstance(est, str) and "generation" in program.info and name in ARTIFACT_PHASES:
             phase = ARTIFACT_PHASES[name]
             report["cost"]["shapes"] = sample_launches(program, lowered.plan, ctx.cost, phase)
         if isinstance(est, str):
