@@ -34,8 +34,9 @@ recorded. The JSON is written after every record.
 
 `--int4` adds peakc rows for the model quantized to 4 bits (round-to-nearest, group 128: the
 GPTQ layout, so the bytes streamed and the kernels are GPTQ's; the values do not change the
-speed), planned and streamed at their packed size; the linears run peakc's reference
-linear_wq (dequantize per call, its scratch counted in the plan). accelerate has no int4 row:
+speed), planned and streamed at their packed size in the Triton kernels' repacked layout, the
+linears run on the int4 kernels; each record's `linear_path` says which path ran ("triton", or
+"reference" with the layers and reasons in `linear_reference_layers`). accelerate has no int4 row:
 it has no 4-bit kernel on this machine (its GPTQ kernels come from packages it lacks); each
 int4 record says so.
 
@@ -413,6 +414,8 @@ def run_peakc(
             decode_ms=[round(1e3 * s, 2) for s in steps],
         )
         record["held_gpu_gb"] = gb(held_bytes(executor))
+        if precision == "int4":
+            record.update(linear_paths(executor))
         if executor.disk is not None:
             record["disk_reads"] = executor.disk.reads
             record["page_cache"] = round(page_cache_share([executor.disk.path]), 4)
@@ -435,9 +438,21 @@ def run_peakc(
 
 INT4_NOTES = {
     "quantization": "rtn 4-bit, group 128 (GPTQ's packed layout and size)",
-    "linear": "peakc reference linear_wq (dequantized per call)",
     "peer": "no accelerate row: accelerate has no 4-bit kernel on this machine",
 }
+
+
+def linear_paths(executor: OffloadExecutor) -> dict:
+    """Which path the int4 linears ran: "triton" when every layer ran the kernels (and they
+    were launched), else "reference", with the layers that ran it and why."""
+    report = executor.linear_wq_report()
+    declined = {layer: why for layer, why in report["layers"].items() if why != "triton"}
+    ran = report["kernel_launches"] > 0 and not declined
+    return {
+        "linear_path": "triton" if ran else "reference",
+        "linear_reference_layers": declined,
+        "kernel_launches": report["kernel_launches"],
+    }
 
 
 def peakc_seconds(problem, placement, cost, machine: Machine, warm_up: int, tokens: int) -> float:
@@ -749,6 +764,8 @@ def summary(r: dict) -> str:
         f"{r['runtime']:10s} {r['precision']:4s} {where:28s} decode {r['decode_tok_s']} tok/s, "
         f"prefill {r['prefill_tok_s']} tok/s, peak {r['peak_gpu_gb']} GB"
     )
+    if "linear_path" in r:
+        text += f", linears {r['linear_path']}"
     if r["runtime"] == "peakc":
         text += (
             f" (planned {r.get('planned_gpu_gb')}, executor held {r.get('held_gpu_gb')}), "

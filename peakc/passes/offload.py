@@ -14,7 +14,9 @@ transfer buffers as large as the largest streamed unit (each tensor padded as th
 it out), the activations (`activation_bytes`) and a stated safety margin (`reserve`); pinned CPU
 memory the CPU tier and two disk staging buffers; the disk its tier. Weights are placed at
 their stored size, so a quantized model's packed `linear_wq` tensors stream at their
-compressed size.
+compressed size: in the Triton kernels' repacked layout where the kernels take the layer (the
+executor runs them on the streamed tensors, and their scratch, not the reference's, is counted
+in the activations), else in peakc's (the reference runs; the plan says why, per layer).
 
 The predicted tokens/s are the chosen placement run through the executor's own schedule
 (`pipeline_seconds`): what does not overlap is counted, such as the first copy of a step, a
@@ -98,6 +100,8 @@ class PlacementProblem:
     # seconds per call outside the units (the runner's setup, the KV write-back, sampling)
     prefill_step: float = 0.0
     decode_step: float = 0.0
+    # per linear_wq layer: "triton" (placed at its repacked size, run on the kernels) or why not
+    linear_wq: dict[str, str] = field(default_factory=dict)
 
     def overhead(self) -> float:
         """GPU bytes besides tensors and buffers: activations and the safety margin."""
@@ -547,6 +551,8 @@ class OffloadPass(Pass):
             "cpu_mb": round(cpu / 1e6, 3),
             "disk_mb": round(disk / 1e6, 3),
             "kv_on_cpu": solution.placement.kv.count("cpu"),
+            "linear_wq.triton": list(problem.linear_wq.values()).count("triton"),
+            "linear_wq.reference": sum(p != "triton" for p in problem.linear_wq.values()),
             "predicted_decode_tok_s": round(predicted["decode_tok_s"], 2),
             "accelerate_decode_tok_s": round(peer["decode_tok_s"], 2),
         }
@@ -559,6 +565,7 @@ class OffloadPass(Pass):
             },
             "solver": {"seconds": round(solution.seconds, 3), "gap": solution.gap},
             "compute": self.options.compute,
+            "linear_wq": problem.linear_wq,
         }
         return PassResult(graph, modified=False, stats=stats, report=report)
 
@@ -568,13 +575,15 @@ def build_problem(
 ) -> PlacementProblem:
     """The placement problem of `graph` on the target, over the units of its executor graph
     `runnable` (`runtime.offload.executor_graph`): per-unit compute at the workload's shapes
-    (`options.compute`), tensor bytes as stored, the budgets and the profile's bandwidths."""
-    from peakc.runtime.offload import kv_layer, offload_units
+    (`options.compute`), tensor bytes as the executor stores them (linear_wq weights the
+    Triton kernels take in their repacked layout), the budgets and the profile's bandwidths."""
+    from peakc.runtime.offload import LINEAR_KEY, kv_layer, offload_units
 
     profile = ctx.target
     units = offload_units(runnable)
     compute = unit_compute(graph, runnable, units, ctx, options)
-    weights = {n: int(t.numel() * t.element_size()) for n, t in graph.weights().items()}
+    # the tensors as the executor holds them (linear_wq weights in the kernels' layout)
+    weights = {n: int(t.numel() * t.element_size()) for n, t in runnable.weights().items()}
     readers: dict[str, list[int]] = {}
     kv_unit: dict[int, int] = {}
     for u, unit in enumerate(units):
@@ -607,6 +616,7 @@ def build_problem(
         prompt_len=options.prompt_len if generation else _tokens(graph),
         prefill_step=compute.prefill_step,
         decode_step=compute.decode_step,
+        linear_wq=dict(runnable.info.get(LINEAR_KEY, {})),
     )
 
 
@@ -636,7 +646,7 @@ def unit_compute(
     if generation is None:
         estimate = ctx.cost.estimate(graph)
         times = unit_times(estimate, units)
-        compute = UnitCompute(times, times, activation_bytes(graph, units))
+        compute = UnitCompute(times, times, activation_bytes(graph, units, kernel_nodes(runnable)))
     else:
         slots = int(graph.example_inputs[2].shape[3])
         if options.prompt_len + options.gen_len > slots:
@@ -653,7 +663,9 @@ def unit_compute(
         shaped, prefill = ctx.cost.decoder_estimate(graph, "prefill", b, p, p)
         _, decode = ctx.cost.decoder_estimate(graph, "decode", b, 1, p + options.gen_len // 2)
         compute = UnitCompute(
-            unit_times(prefill, units), unit_times(decode, units), activation_bytes(shaped, units)
+            unit_times(prefill, units),
+            unit_times(decode, units),
+            activation_bytes(shaped, units, kernel_nodes(runnable)),
         )
     if options.compute == "measured":
         prefill_times, decode_times = measured_compute(graph, runnable, ctx, options)
@@ -705,11 +717,22 @@ def unit_times(estimate: Any, units: list[OffloadUnit]) -> list[float]:
     return times
 
 
-def activation_bytes(shaped: Graph, units: list[OffloadUnit]) -> float:
+def kernel_nodes(runnable: Graph) -> set[str]:
+    """Names of the linear_wq nodes the executor runs on the Triton kernels (their weights
+    repacked by `runtime.offload.repack_linears`)."""
+    from peakc.runtime.offload import KERNEL_KEY
+
+    return {n.name for n in runnable.call_nodes() if n.meta.get(KERNEL_KEY)}
+
+
+def activation_bytes(
+    shaped: Graph, units: list[OffloadUnit], kernels: set[str] = frozenset()
+) -> float:
     """An upper bound on the activation memory of running `shaped` unit by unit: the block
     interpreter keeps every value a unit makes until the unit ends, and the values that cross
     units until their last reader; so the largest unit's values and the scratch of its
-    hungriest op, plus every crossing value."""
+    hungriest op, plus every crossing value. The linear_wq nodes named in `kernels` run the
+    Triton kernels: their scratch is the kernels' (`kernel_scratch`), not the reference's."""
     from peakc.cost_model.op_costs import is_view, nbytes, val
 
     unit_of = {n.name: u for u, unit in enumerate(units) for n in unit.block.nodes}
@@ -723,10 +746,26 @@ def activation_bytes(shaped: Graph, units: list[OffloadUnit]) -> float:
         value = val(node)
         size = nbytes(value) if hasattr(value, "element_size") else 0.0
         made[u] += size
-        scratch[u] = max(scratch[u], hidden_scratch(node))
+        own = linear_kernel_scratch(node) if node.name in kernels else hidden_scratch(node)
+        scratch[u] = max(scratch[u], own)
         if any(unit_of.get(user.name) != u for user in node.users):
             crossing += size
     return max((m + s for m, s in zip(made, scratch)), default=0.0) + crossing
+
+
+def linear_kernel_scratch(node: Any) -> float:
+    """Bytes the Triton kernels allocate inside a `peakc.linear_wq` node they run
+    (`runtime.offload.kernel_scratch`, at the node's rows of x)."""
+    from peakc.cost_model.op_costs import val
+    from peakc.runtime.offload import kernel_scratch
+
+    x = val(node.args[0])
+    if x is None:
+        return 0.0
+    rows = int(x.numel() // x.shape[-1])
+    out_features = int(val(node.args[2]).shape[0])  # scales [N, groups]
+    bits, in_features = int(node.args[6]), int(node.args[8])
+    return float(kernel_scratch(rows, out_features, in_features, bits, x.element_size()))
 
 
 def hidden_scratch(node: Any) -> float:
@@ -826,6 +865,8 @@ def plan_record(
         "activation_bytes": problem.activation_bytes,
         "reserve_bytes": problem.reserve_bytes,
         "compute": options.compute,
+        # per linear_wq: "triton" (streamed in the kernels' layout, run on them) or why not
+        "linear_wq": dict(problem.linear_wq),
         "step_seconds": {"prefill": problem.prefill_step, "decode": problem.decode_step},
         "predicted": {
             **cost.tokens_per_second(problem),

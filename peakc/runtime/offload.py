@@ -17,6 +17,11 @@ layer's KV-cache tier (`graph.info["offload"]`, stored in the artifact's manifes
 - The KV cache is one tensor per layer (the decoder's `k_cache[i]` reads become per-layer
   weights, `executor_graph`), resident on the GPU or in pinned host memory and streamed with
   its layer's weights; `OffloadStep` writes each step's new keys and values back.
+- A `peakc::linear_wq` weight the Triton kernels take is repacked once, when the executor graph
+  is made (`repack_linears`), into their layout: the tiers hold, and the buffers receive, the
+  repacked tensors, and the node runs the kernels on the streamed tensors directly (on a GPU,
+  or the CPU under TRITON_INTERPRET=1; elsewhere the backend op's reference). A layout they
+  decline keeps peakc's and the op's reference; `linear_wq_report()` names those layers.
 - GPU memory: the executor holds what the plan counts (`plan["predicted"]["held_bytes"]`):
   the resident tensors, the GPU-tier caches, and two buffers sized once, for the largest unit
   with its host-tier caches at the plan's size; the activations and the plan's reserve take
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import mmap
 import os
 import shutil
@@ -47,13 +53,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from peakc.errors import PeakcError
-from peakc.ir.graph import Block, Graph
+from peakc.ir.graph import MODULE_KEY, Block, Graph
+from peakc.ir.ops import PackedWeight, find_op, lowering_for, peakc_op_name
 from peakc.runtime.blocks import BlockRunner
 from peakc.runtime.generate import write_cache
 
@@ -66,16 +74,27 @@ READ_CHUNK = 16 << 20  # bytes per read call: large sequential reads
 READ_THREADS = 4  # read calls in flight at once (a disk serves several faster than one)
 GB = 1e9
 GPU_CHIPS = ("h100", "h200", "a100", "l40", "b200")  # targets that name the GPU they are for
+# The Triton backend's linear_wq kernels, imported by name where a graph has a linear_wq (the
+# runtime sits below the backends; artifact.BACKEND_MODULES reaches them the same way):
+# KERNEL_OPS registers the backend's linear_wq_repacked op and its launcher.
+KERNEL_OPS = "peakc.backends.triton.kernels.compressed_linear"
+KERNEL_LAYOUT = "peakc.backends.triton.kernels.linear_wq"  # repack_linear_wq, choose_config
+KERNEL_KEY = "offload_kernel_layout"  # node meta: a linear_wq whose weight is in that layout
+# graph.info key (the plan's is "linear_wq"): per linear_wq layer, "triton" or why not
+LINEAR_KEY = "offload_linear_wq"
 
 
 # --- the graph the executor runs ----------------------------------------------------------------
 
 
-def executor_graph(graph: Graph) -> Graph:
+def executor_graph(graph: Graph, kernels: bool = True) -> Graph:
     """A copy of `graph` whose KV-cache reads (`select(k_cache, 0, i)`) are per-layer weights
     `offload_kv.k{i}` / `offload_kv.v{i}` and whose cache inputs are gone, so each layer's
-    cache can be placed like a weight. A graph without a generation cache is copied as is."""
+    cache can be placed like a weight; with `kernels`, its linear_wq weights in the Triton
+    kernels' layout where they take them (`repack_linears`; `info[LINEAR_KEY]` says which)."""
     out = graph.copy()
+    if kernels:
+        out.info[LINEAR_KEY] = repack_linears(out)
     if "generation" not in out.info:
         return out
     inputs = out.input_nodes()
@@ -99,6 +118,120 @@ def executor_graph(graph: Graph) -> Graph:
         out.graph.erase_node(cache)
     out.example_inputs = out.example_inputs[:2]
     return out
+
+
+# --- linear_wq in the Triton kernels' layout ----------------------------------------------------
+
+
+def triton_kernels() -> tuple[Any, Any] | str:
+    """The Triton backend's linear_wq modules (KERNEL_OPS, KERNEL_LAYOUT), or why they are not
+    available."""
+    try:
+        return importlib.import_module(KERNEL_OPS), importlib.import_module(KERNEL_LAYOUT)
+    except ImportError as exc:
+        return f"the Triton kernels do not import ({exc})"
+
+
+def repack_linears(graph: Graph) -> dict[str, str]:
+    """Rewrite in place each peakc::linear_wq whose layout the Triton kernels take: its weight
+    repacked once into their layout (new weights `<module>.triton_qweight`, `_scales`,
+    `_zeros`, `_perm`, so the tiers hold and stream that layout; repacked on the GPU when there
+    is one), the node, keeping its name, calling the backend's linear_wq_repacked
+    (`use_kernels` points it at the kernels). Returns per linear_wq (by module path) "triton",
+    or why the kernels decline it: that one keeps peakc's layout and the op's reference."""
+    nodes = [n for n in graph.call_nodes() if peakc_op_name(n.target) == "linear_wq"]
+    if not nodes:
+        return {}
+    loaded = triton_kernels()
+    paths = {}
+    for node in nodes:
+        layer = node.meta.get(MODULE_KEY, node.name)
+        if isinstance(loaded, str):
+            paths[layer] = loaded
+            continue
+        reason = lowering_for("linear_wq", "triton").why_not(node, graph)
+        if reason is None:
+            reason = repack_node(graph, node, layer, loaded[1])
+        paths[layer] = reason or "triton"
+    graph.recompile()
+    return paths
+
+
+def repack_node(graph: Graph, node: fx.Node, layer: str, layout: Any) -> str | None:
+    """Point one linear_wq node at its weight in the kernels' layout; None when done, else why
+    the repacking refused the layout (act-order groups of unequal sizes, say)."""
+    x, packed, bias = PackedWeight.of(node.args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    stored = {k: graph.get_weight(n.target).to(device) for k, n in packed.tensors().items()}
+    try:
+        repacked = layout.repack_linear_wq(
+            stored["qweight"], stored["scales"], stored["qzeros"], stored.get("g_idx"),
+            *packed.layout(), name=layer,
+        )  # fmt: skip
+    except PeakcError as exc:
+        return str(exc)
+    fields = {"qweight": repacked.qweight, "scales": repacked.scales, "zeros": repacked.zeros}
+    if repacked.perm is not None:
+        fields["perm"] = repacked.perm
+    prefix = packed.qweight.target.rsplit(".", 1)[0]
+    attrs = {}
+    for key, tensor in fields.items():
+        attr = graph.add_weight(f"{prefix}.triton_{key}", tensor.cpu().contiguous(), before=node)
+        attr.meta = {**node.meta, "val": attr.meta["val"]}
+        attrs[key] = attr
+    node.target = find_op("linear_wq_repacked", "triton").overload
+    node.args = (x, attrs["qweight"], attrs["scales"], attrs["zeros"], attrs.get("perm"), bias,
+                 *packed.layout())  # fmt: skip
+    node.meta[KERNEL_KEY] = True
+    for old in packed.tensors().values():
+        if not old.users:
+            graph.graph.erase_node(old)
+    return None
+
+
+def runs_kernels(device: torch.device) -> bool:
+    """Whether Triton kernels run on `device`: a GPU, or the CPU under TRITON_INTERPRET=1."""
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or interpreted
+
+
+def use_kernels(graph: Graph, device: torch.device) -> tuple[list[int], str | None]:
+    """Point the repacked linear_wq nodes (`repack_linears`) at the Triton kernels' launcher
+    when `device` runs them, else at the backend op's reference (it dequantizes the repacked
+    weight). Returns a one-element counter of the launches, and why the reference runs (None:
+    the kernels do)."""
+    nodes = [n for n in graph.call_nodes() if n.meta.get(KERNEL_KEY)]
+    launches = [0]
+    if not nodes:
+        return launches, None
+    if not runs_kernels(device):
+        for node in nodes:
+            node.target = find_op("linear_wq_repacked", "triton").overload
+        return launches, f"{device} runs no Triton kernels (set TRITON_INTERPRET=1 on a CPU)"
+    launch = lowering_for("linear_wq_repacked", "triton").fn
+
+    def linear_wq_triton(*args: Any) -> torch.Tensor:
+        launches[0] += 1
+        return launch(*args)
+
+    for node in nodes:
+        node.target = linear_wq_triton
+    return launches, None
+
+
+def kernel_scratch(rows: int, out_features: int, in_features: int, bits: int, size: int) -> int:
+    """Bytes the Triton linear_wq kernels allocate besides their output for `rows` rows of x
+    (`size` bytes an element): the float weight and the permuted x of the dequantize + GEMM
+    path that large batches take, else at most one fp32 partial output per K block (split-K)."""
+    loaded = triton_kernels()
+    if isinstance(loaded, str):
+        raise PeakcError(f"offload: {loaded}")
+    layout = loaded[1]
+    shape = SimpleNamespace(bits=bits, out_features=out_features, in_features=in_features)
+    if layout.choose_config(rows, shape).kernel == "dequant":
+        return (out_features + rows) * in_features * size
+    blocks = -(-in_features * bits // (16 * layout.MIN_GROUP))  # slots of 16 columns at least
+    return 4 * rows * out_features * blocks
 
 
 def kv_layer(name: str) -> int | None:
@@ -177,6 +310,13 @@ def check_plan(plan: dict[str, Any], graph: Graph) -> None:
     extra = sorted(set(weights) - set(ours))
     if extra:
         raise PeakcError(f"offload plan places weight '{extra[0]}', which this model lacks")
+    planned = plan.get("linear_wq", {})
+    for layer, path in graph.info.get(LINEAR_KEY, {}).items():
+        if planned.get(layer, path) == "triton" and path != "triton":
+            raise PeakcError(
+                f"offload plan streams linear_wq '{layer}' in the Triton kernels' layout, but "
+                f"here they decline it: {path}"
+            )
     layers = {kv_layer(n) for n in graph.weights() if kv_layer(n) is not None}
     missing = sorted(layers - {int(k) for k in plan.get("kv_cache", {})})
     if missing:
@@ -704,7 +844,17 @@ class OffloadExecutor:
         self.slot_free: list[list] = [[], []]  # compute events of the last unit using a slot
         self.staging_free: list[list] = [[], []]  # copy events of the last copy from a staging
         self.peak_gpu_bytes: int | None = None
+        self.kernel_launches, unrun = use_kernels(graph, self.device)
+        self.linear_paths = {
+            layer: path if path != "triton" or unrun is None else f"reference: {unrun}"
+            for layer, path in graph.info.get(LINEAR_KEY, {}).items()
+        }
         self.set_kv({})
+
+    def linear_wq_report(self) -> dict[str, Any]:
+        """How the linear_wq layers run: per layer "triton" or why the reference runs; the
+        Triton launches so far."""
+        return {"layers": self.linear_paths, "kernel_launches": self.kernel_launches[0]}
 
     # --- placement ------------------------------------------------------------------------
 
@@ -1004,6 +1154,7 @@ def measure_compute(
     device = torch.device(device)
     caches = caches or {}
     units = offload_units(graph)
+    use_kernels(graph, device)  # the linear_wq layers run as the executor runs them
 
     def tensor(name: str) -> torch.Tensor:
         return caches[name] if name in caches else graph.get_weight(name)
@@ -1074,9 +1225,12 @@ def offload_step(artifact: Any, transfers: Transfers | torch.device | str) -> Of
     plan = artifact.manifest.get(PLAN_KEY)
     if plan is None:
         raise PeakcError(f"artifact {artifact.directory} has no offload plan")
-    if not isinstance(transfers, Transfers):
-        transfers = CudaTransfers(transfers)
     graph = artifact.to_graph()
     graph.info["generation"] = artifact.manifest["generation"]
-    executor = OffloadExecutor(executor_graph(graph), plan, transfers)
+    # repacked before the device's peak memory counts from zero (it may repack on the GPU)
+    kernels = "triton" in plan.get("linear_wq", {}).values()
+    runnable = executor_graph(graph, kernels=kernels)
+    if not isinstance(transfers, Transfers):
+        transfers = CudaTransfers(transfers)
+    executor = OffloadExecutor(runnable, plan, transfers)
     return OffloadStep(executor, artifact.manifest["generation"])

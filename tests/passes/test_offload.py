@@ -342,3 +342,48 @@ def test_linear_wq_scratch_is_what_its_reference_allocates():
         nodes[-1].meta["val"] = value
     node = graph.call_function(LINEAR_WQ.overload, (*nodes, None, None, 4, group, columns))
     assert hidden_scratch(node) == pytest.approx(live.peak, rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def int4_decoder():
+    """demo:llama in bf16 as a 32-slot KV-cache decoder, its layers' linears at 4 bits."""
+    from peakc.ir.capture import capture
+    from peakc.models import load_source_for_task
+
+    source = load_source_for_task(
+        "demo:llama", task="generate", max_seq_len=32, max_batch=1, dtype="bfloat16"
+    )
+    graph = capture(source.module, source.example_inputs, name="demo", dynamic=source.dynamic)
+    graph.info["generation"] = dict(source.generation)
+    spec = "quantize{method=rtn,bits=4,group_size=16}"
+    return Pipeline.parse(spec).run(graph, PassContext(device="cpu"))[0]
+
+
+def test_int4_weights_are_planned_at_their_kernel_layout_size(int4_decoder, tmp_path):
+    """Linears the Triton kernels take are placed as the repacked tensors the executor streams
+    (names and bytes), and their scratch in the activations is the kernels', not the
+    reference's dequantization."""
+    pytest.importorskip("triton")
+    from peakc.passes.offload import build_problem
+    from peakc.runtime.offload import executor_graph, kv_layer
+
+    options = OffloadOptions(prompt_len=8, gen_len=8, disk_path=str(tmp_path), reserve=0.0)
+    result = OffloadPass(options).run(int4_decoder, PassContext())
+    plan = result.graph.info["offload"]
+    assert plan["linear_wq"] and set(plan["linear_wq"].values()) == {"triton"}
+    assert result.stats["linear_wq.triton"] == len(plan["linear_wq"])
+    runnable = executor_graph(int4_decoder)
+    streamed = {
+        n: t.numel() * t.element_size()
+        for n, t in runnable.weights().items()
+        if kv_layer(n) is None
+    }
+    assert {n: e["bytes"] for n, e in plan["weights"].items()} == streamed
+    assert any(".triton_qweight" in n for n in streamed)
+    assert not any(n.endswith(".qzeros") for n in streamed)
+
+    reference = build_problem(
+        int4_decoder, executor_graph(int4_decoder, kernels=False), PassContext(), options
+    )
+    assert not any(".triton_" in n for n in reference.weights) and not reference.linear_wq
+    assert plan["activation_bytes"] < reference.activation_bytes
