@@ -15,18 +15,23 @@ regime); times are medians of CUDA-graph replays (triton.testing.do_bench, L2 cl
 
 e2e (CUDA): a random bf16 transformers Mixtral with 8 experts of 2048 -> 5632 -> 2048, top-2
 (--e2e-layers layers; 22 would make each expert 0.76 B parameters), as a KV-cache decoder:
-routed experts compressed by compress_moe (ternary GPTQ on random tokens, per-expert
-Hessians, cap twice an even share), compiled to an eager artifact storing the experts coded,
-saved, loaded and decoding greedily on the GPU (grouped_mm_compressed: the stream transcoded
-to sliced ELL on first use, the ELL kernel per routed expert); against the same model's bf16
-modules through the same Generator. Bits per parameter, artifact bytes, decode ms per token,
-the kernel's error against the op's reference; the prefill logits error against bf16 is
-recorded too, but random weights do not survive ternary levels (a relative weight error of
-~0.8), so it measures nothing about quality. Each phase runs only while --e2e-budget-s lasts;
-the record is written after every phase.
+routed experts compressed by compress_moe once (ternary GPTQ on random tokens, per-expert
+Hessians, cap twice an even share), and that one graph lowered by each backend of
+--e2e-backend (one peakc.compile, a CompiledSet): eager stores the experts coded and
+transcodes each layer's stream to sliced ELL on first use; triton
+(`triton{cuda_graph=true,tune=true,decode_batches=[1]}`) stores the sliced-ELL layout, runs
+every layer's routed experts in one grouped-kernel launch, replays decode steps as a CUDA graph
+and tunes its kernels at compile time. Each artifact is saved, loaded and decodes greedily on
+the GPU; the same model's bf16 modules decode through the same Generator once. One record per
+backend (`backend`): bits per parameter, artifact bytes, lowering seconds, decode ms per token
+and prefill ms against bf16, the experts' kernel against the op's reference on the pipeline's
+coded stream (triton: its stored layout, also compared with a fresh transcode). The prefill
+logits error against bf16 is recorded too, but random weights do not survive ternary levels (a
+relative weight error of ~0.8), so it measures nothing about quality. Each phase, of the whole
+part, starts only while --e2e-budget-s lasts; the records are written after every phase.
 
     python benchmarks/qmoe.py --part gemv                  # GPU, < 2 min
-    python benchmarks/qmoe.py --part e2e                   # GPU, ~3 min at 4 layers
+    python benchmarks/qmoe.py --part e2e [--e2e-backend eager,triton]   # GPU, see RESULTS.md
     python benchmarks/qmoe.py --part compression [--device cuda]
     python benchmarks/qmoe.py --smoke                      # tiny, CPU, Triton interpreter
     python benchmarks/qmoe.py --table                      # RESULTS.md rows from the JSON
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import sys
@@ -45,6 +51,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 if "--smoke" in sys.argv:  # the interpreter must be chosen before any kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -52,12 +59,6 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before any kernel is
 import torch
 from graph_timing import time_ms
 
-from peakc.backends.triton.kernels.linear_compressed import (
-    ELL_CONFIGS,
-    linear_compressed_ell_triton,
-    linear_compressed_triton,
-    transcode,
-)
 from peakc.ir.dictionary_code import ParseTree, encode, tunstall
 
 ROOT = Path(__file__).resolve().parent
@@ -102,6 +103,8 @@ def gemv_records(
 ) -> None:
     """Per shape and M: the compressed kernel (its default config, and the best of ELL_CONFIGS
     on the GPU) against bf16 and int4, each first checked against float32."""
+    from peakc.backends.triton.kernels.linear_compressed import transcode
+
     gen = torch.Generator().manual_seed(0)
     for n, k in shapes:
         levels = ternary_levels(n, k, zero_fraction, gen)
@@ -138,6 +141,11 @@ def gemv_record(x: torch.Tensor, weight: torch.Tensor, operands: tuple, ell, int
     """Times and errors of one GEMV: the compressed op's kernel on its transcoded layout (the
     default config and, on the GPU, each of ELL_CONFIGS for this M), the dictionary-decoding
     kernel (default config), bf16 and int4."""
+    from peakc.backends.triton.kernels.linear_compressed import (
+        ELL_CONFIGS,
+        linear_compressed_ell_triton,
+        linear_compressed_triton,
+    )
     from peakc.backends.triton.kernels.linear_wq import linear_wq_triton
 
     scales, k = operands[4], operands[6]
@@ -325,7 +333,27 @@ class MixtralShape:
 # 8 experts of 2048 -> 5632 -> 2048 (TinyLlama-1.1B's MLP; its 22 layers make each expert
 # 0.76 B parameters): the 8 x 1B row; --e2e-layers says how many layers are built.
 E2E_SHAPE = MixtralShape(2048, 5632, 16, 8, 8, 2, 32000)
-SMOKE_E2E_SHAPE = MixtralShape(64, 128, 4, 2, 4, 2, 128)
+SMOKE_E2E_SHAPE = MixtralShape(64, 32, 4, 2, 4, 2, 128)  # few kernel programs to interpret
+
+
+E2E_BACKENDS = ("eager", "triton")
+# on CUDA: decode steps replayed as a CUDA graph (batch 1), kernel configs tuned at compile time
+TRITON_CUDA_SPEC = "triton{cuda_graph=true,tune=true,decode_batches=[1]}"
+
+
+def e2e_backend_specs(names: str | None, cuda: bool) -> dict[str, str]:
+    """--e2e-backend as {name: backend spec}, in the order given; by default eager and triton
+    (eager alone when Triton is not installed). The interpreter runs triton without its
+    CUDA-only options."""
+    if names is None:
+        names = "eager,triton" if importlib.util.find_spec("triton") else "eager"
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in E2E_BACKENDS]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise SystemExit(
+            f"--e2e-backend '{names}': give each of {', '.join(E2E_BACKENDS)} at most once"
+        )
+    return {n: TRITON_CUDA_SPEC if n == "triton" and cuda else n for n in chosen}
 
 
 class PhaseClock:
@@ -336,23 +364,46 @@ class PhaseClock:
         self.started = time.perf_counter()
         self.budget_s = budget_s
 
-    def start(self, record: dict, phase: str) -> None:
+    def start(self, records: list[dict], phase: str) -> None:
+        """Mark `phase` as the one `records` are in, or stop when the budget is spent."""
         spent = time.perf_counter() - self.started
         if spent > self.budget_s:
             raise TimeoutError(f"time budget of {self.budget_s:.0f} s spent before {phase}")
-        record["phase"] = phase
+        for record in records:
+            record["phase"] = phase
 
 
-def e2e_record(args, device: str, date: str, name: str, emit: Callable[[dict], None]) -> None:
+@dataclass
+class E2ECompiled:
+    """What every backend's decoding shares: the bf16 decoder and its cache layout, the
+    pipeline's graph (holding the coded streams), one artifact per backend, the prompt."""
+
+    decoder: torch.nn.Module
+    layout: Any
+    graph: Any
+    artifacts: dict
+    prompt: torch.Tensor
+    new_tokens: int
+
+
+def e2e_records(
+    args,
+    backends: dict[str, str],
+    device: str,
+    date: str,
+    name: str,
+    emit: Callable[[dict], None],
+) -> None:
     """Random Mixtral (bfloat16) -> KV-cache decoder captured on the CPU -> compress_moe
-    (ternary GPTQ calibrated on `device`, the dictionary code) -> eager artifact saved and
-    loaded -> greedy decoding on `device`, against the same model's bf16 modules decoding
-    through the same Generator. The record is written after every phase; an error is
-    recorded with the phase it happened in."""
+    (ternary GPTQ calibrated on `device`, the dictionary code), run once and lowered by each
+    of `backends` -> each artifact saved, loaded and decoding greedily on `device` -> the same
+    model's bf16 modules decoding through the same Generator. One record per backend, written
+    after every phase; an error is recorded with the phase it happened in (a shared phase's on
+    every record, a backend's on its own record only)."""
     shape = SMOKE_E2E_SHAPE if args.smoke else E2E_SHAPE
-    layers = 2 if args.smoke else args.e2e_layers
+    layers = 1 if args.smoke else args.e2e_layers
     experts_params = layers * shape.experts * shape.expert_params()
-    record = dict(
+    base = dict(
         date=date,
         device=name,
         what="e2e",
@@ -364,36 +415,65 @@ def e2e_record(args, device: str, date: str, name: str, emit: Callable[[dict], N
         expert_params_b=round(experts_params / 1e9, 3),
         expert_params_per_expert_b=round(layers * shape.expert_params() / 1e9, 3),
     )
+    records = {b: dict(base, backend=b, backend_spec=spec) for b, spec in backends.items()}
+    every = list(records.values())
     clock = PhaseClock(args.e2e_budget_s)
+    shared = attempt(every, compile_e2e, args, shape, layers, backends, every, clock, emit)
+    outputs = {}
+    if shared is not None:
+        for backend, record in records.items():
+            out = attempt([record], decode_artifact, shared, backend, record, clock, device, emit)
+            if out is not None:
+                outputs[backend] = out
+    decoded = [records[b] for b in outputs]
+    if decoded:
+        attempt(decoded, decode_dense, shared, outputs, records, clock, device)
+    for record in every:
+        emit(record)
+        print(json.dumps(record), flush=True)
+
+
+def attempt(records: list[dict], run: Callable[..., Any], *args) -> Any:
+    """`run(*args)`, or None with its error written on `records` (a benchmark records its
+    failure instead of losing the rest)."""
     try:
-        run_e2e(args, shape, layers, device, record, clock, emit)
-    except Exception as exc:  # a benchmark records its failure instead of losing the rest
+        return run(*args)
+    except Exception as exc:
         traceback.print_exc()
         first = (str(exc).strip().splitlines() or [""])[0]
-        record["error"] = f"{type(exc).__name__}: {first[:300]}"
-    emit(record)
-    print(json.dumps(record), flush=True)
+        for record in records:
+            record["error"] = f"{type(exc).__name__}: {first[:300]}"
+        return None
 
 
-def run_e2e(args, shape, layers, device, record, clock, emit) -> None:
+def compile_e2e(args, shape, layers, backends, records, clock, emit) -> E2ECompiled:
+    """Build, capture, and one peakc.compile: compress_moe once, then each backend lowering
+    the compressed graph (a CompiledSet). Shared fields go on every record."""
     import peakc
+    from peakc.api import CompiledSet
     from peakc.ir.capture import capture
     from peakc.models import kv_cache
-    from peakc.runtime.generate import Generator
 
-    clock.start(record, "build")
+    def update(**fields) -> None:
+        for record in records:
+            record.update(fields)
+            emit(record)
+
+    clock.start(records, "build")
     started = time.perf_counter()
     torch.manual_seed(0)
     from transformers import MixtralForCausalLM
 
     model = MixtralForCausalLM(shape.config(layers)).to(torch.bfloat16).eval()
-    record["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
-    record["dense_bf16_bytes"] = sum(p.numel() * 2 for p in model.parameters())
-    max_len = 64 if args.smoke else 512
+    max_len = 32 if args.smoke else 512
     decoder, layout = kv_cache.wrap_for_generation(model, max_len, 1, "random-mixtral")
-    record["build_s"] = round(time.perf_counter() - started, 1)
+    update(
+        params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+        dense_bf16_bytes=sum(p.numel() * 2 for p in model.parameters()),
+        build_s=round(time.perf_counter() - started, 1),
+    )
 
-    clock.start(record, "capture")
+    clock.start(records, "capture")
     started = time.perf_counter()
     graph = capture(
         decoder,
@@ -402,9 +482,9 @@ def run_e2e(args, shape, layers, device, record, clock, emit) -> None:
         dynamic=kv_cache.dynamic_shapes(layout),
     )
     graph.info["generation"] = layout.to_dict()
-    record["capture_s"] = round(time.perf_counter() - started, 1)
+    update(capture_s=round(time.perf_counter() - started, 1))
 
-    clock.start(record, "compile")
+    clock.start(records, "compile")
     nsamples, seq = (4, 16) if args.smoke else (args.e2e_nsamples, 256)
     calib = torch.randint(
         0, shape.vocab, (nsamples, seq), generator=torch.Generator().manual_seed(1)
@@ -414,13 +494,24 @@ def run_e2e(args, shape, layers, device, record, clock, emit) -> None:
         f"compress_moe{{levels=ternary,nsamples={nsamples},seq_len={seq},"
         f"max_tokens_per_expert={cap},dictionary_size={256 if args.smoke else 65536}}}"
     )
-    record["pipeline"] = pipeline
     started = time.perf_counter()
-    compiled = peakc.compile(graph, pipeline=pipeline, parity=False, calibration_data=calib)
-    record["compile_s"] = round(time.perf_counter() - started, 1)
-    (pass_record,) = compiled.records
+    compiled = peakc.compile(
+        graph,
+        pipeline=pipeline,
+        backend=list(backends.values()),
+        parity=False,
+        calibration_data=calib,
+    )
+    compile_s = round(time.perf_counter() - started, 1)
+    only = next(iter(backends))
+    artifacts = compiled.artifacts if isinstance(compiled, CompiledSet) else {only: compiled}
+    (pass_record,) = artifacts[only].records
     s = pass_record["stats"]
-    record.update(
+    for backend, record in zip(backends, records):
+        record.update(lowering_fields(backend, artifacts[backend].contents.report))
+    update(
+        pipeline=pipeline,
+        compile_s=compile_s,
         compress_s=round(pass_record.get("seconds", 0.0), 1),
         bits_per_param=s["bits_per_param"],
         code_bits_per_param=s["code_bits_per_param"],
@@ -435,50 +526,81 @@ def run_e2e(args, shape, layers, device, record, clock, emit) -> None:
         tokens_per_expert=[s["tokens_per_expert.min"], s["tokens_per_expert.max"]],
         calibration=f"{nsamples}x{seq} random tokens, cap {cap}",
     )
-    emit(record)
+    prompt_len, new_tokens = (4, 2) if args.smoke else (16, args.e2e_tokens)
+    prompt = torch.randint(
+        0, shape.vocab, (prompt_len,), generator=torch.Generator().manual_seed(2)
+    )
+    graph = artifacts[only].graph  # the pipeline's graph, before any backend's rewrites
+    return E2ECompiled(decoder, layout, graph, artifacts, prompt, new_tokens)
 
-    clock.start(record, "save and load")
-    with tempfile.TemporaryDirectory(prefix="qmoe-e2e-") as folder:
+
+def lowering_fields(backend: str, report: dict) -> dict:
+    """From one artifact's report: its lowering seconds and, for triton, how it runs the
+    routed experts (its kernel's label, or "reference" where the rewrite declined them) and
+    the compile-time parity of its programs against the graph."""
+    lower_s = sum(r["seconds"] for r in report["timing"] if r["phase"] == f"lower ({backend})")
+    fields: dict[str, Any] = dict(lower_s=round(lower_s, 1))
+    if "triton" in report:
+        programs = report["triton"]["programs"].values()
+        fields["experts_lowering"] = report["ops"].get("grouped_mm_compressed")
+        fields["parity_rel_err"] = max(p["parity_rel_error"] for p in programs)
+    return fields
+
+
+def decode_artifact(shared: E2ECompiled, backend: str, record, clock, device, emit) -> dict:
+    """One backend's artifact saved, loaded, its experts' kernel checked, and decoding
+    greedily: the tokens and prefill logits for the comparison with bf16."""
+    import peakc
+    from peakc.runtime.generate import Generator
+
+    clock.start([record], "save and load")
+    with tempfile.TemporaryDirectory(prefix=f"qmoe-e2e-{backend}-") as folder:
         started = time.perf_counter()
-        path = compiled.save(Path(folder) / "artifact")
+        path = shared.artifacts[backend].save(Path(folder) / backend)
         record["save_s"] = round(time.perf_counter() - started, 1)
         record["artifact_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         started = time.perf_counter()
         artifact = peakc.load(path)
         generator = Generator.from_artifact(artifact, device)
         record["load_s"] = round(time.perf_counter() - started, 1)
-        record["kernel_rel_err"] = kernel_check(compiled.graph, artifact, device)
+        record.update(kernel_check(shared.graph, artifact, device))
         emit(record)
 
-        clock.start(record, "decode")
-        prompt = torch.randint(0, shape.vocab, (16,), generator=torch.Generator().manual_seed(2))
-        new_tokens = 4 if args.smoke else args.e2e_tokens
-        compressed = timed_generation(generator, prompt.tolist(), new_tokens)
-        logits = generator.prefill_logits(prompt[None])
+        clock.start([record], "decode")
+        decoded = timed_generation(generator, shared.prompt.tolist(), shared.new_tokens)
+        logits = generator.prefill_logits(shared.prompt[None])
     record.update(
-        decode_ms_per_token=compressed["ms_per_token"],
-        prefill_ms=compressed["prefill_ms"],
-        new_tokens=new_tokens,
+        decode_ms_per_token=decoded["ms_per_token"],
+        prefill_ms=decoded["prefill_ms"],
+        new_tokens=shared.new_tokens,
     )
     emit(record)
+    return dict(tokens=decoded["tokens"], logits=logits.float().cpu())
 
-    clock.start(record, "dense decode")
-    decoder = decoder.to(device)
+
+def decode_dense(shared: E2ECompiled, outputs: dict, records: dict, clock, device) -> None:
+    """The bf16 modules decoding through the same Generator, once; each decoded backend's
+    record gains their times, its prefill logits error and its tokens equal to theirs."""
+    from peakc.runtime.generate import Generator
+
+    clock.start([records[b] for b in outputs], "dense decode")
+    decoder = shared.decoder.to(device)
 
     def dense_step(ids, positions, k_cache, v_cache):
         with torch.no_grad():
             return decoder(ids, positions, k_cache, v_cache)
 
-    dense_generator = Generator(dense_step, layout.to_dict(), device)
-    dense = timed_generation(dense_generator, prompt.tolist(), new_tokens)
-    dense_logits = dense_generator.prefill_logits(prompt[None])
-    record.update(
-        dense_decode_ms_per_token=dense["ms_per_token"],
-        dense_prefill_ms=dense["prefill_ms"],
-        prefill_logits_rel_err=rel_err(logits.float(), dense_logits.float()),
-        tokens_equal_dense=sum(a == b for a, b in zip(compressed["tokens"], dense["tokens"])),
-    )
-    record["phase"] = "done"
+    dense_generator = Generator(dense_step, shared.layout.to_dict(), device)
+    dense = timed_generation(dense_generator, shared.prompt.tolist(), shared.new_tokens)
+    dense_logits = dense_generator.prefill_logits(shared.prompt[None]).float().cpu()
+    for backend, out in outputs.items():
+        records[backend].update(
+            dense_decode_ms_per_token=dense["ms_per_token"],
+            dense_prefill_ms=dense["prefill_ms"],
+            prefill_logits_rel_err=rel_err(out["logits"], dense_logits),
+            tokens_equal_dense=sum(a == b for a, b in zip(out["tokens"], dense["tokens"])),
+            phase="done",
+        )
 
 
 def timed_generation(generator, prompt: list[int], new_tokens: int) -> dict:
@@ -495,28 +617,49 @@ def timed_generation(generator, prompt: list[int], new_tokens: int) -> dict:
     )
 
 
-def kernel_check(graph, artifact, device: str) -> float | None:
-    """The first grouped_mm_compressed of the artifact run as eager programs run it on CUDA
-    (the sliced-ELL kernel per expert) against the op's reference on random routed tokens
-    (relative error); None without triton."""
+def kernel_check(graph, artifact, device: str) -> dict:
+    """The first routed-experts layer as the artifact runs it on the GPU, against
+    grouped_mm_compressed's reference on the pipeline's coded stream, on random routed tokens
+    (relative error). Eager: the artifact's coded stream through grouped_mm_compressed_cuda
+    (transcoded on first use). Triton: the artifact's stored sliced-ELL layout through the
+    grouped kernel, and that layout compared with a fresh transcode of the stream. Nothing
+    checked without triton."""
     try:
-        from peakc.backends.triton.kernels.grouped_mm_compressed import (
-            grouped_mm_compressed_cuda,
-        )
+        from peakc.backends.triton.kernels import grouped_mm_compressed as gmc
     except ImportError:
-        return None
+        return dict(kernel_check="none (no triton)", kernel_rel_err=None)
     from peakc.ir.ops import GROUPED_MM_COMPRESSED
 
     node = next(n for n in graph.call_nodes() if n.target is GROUPED_MM_COMPRESSED.overload)
-    stored = [artifact.weights[a.target].to(device) for a in node.args[1:6]]  # words..scales
-    k = node.args[7]
+    stream = [graph.get_weight(a.target).to(device) for a in node.args[1:6]]  # words..scales
+    k, segment, max_words = node.args[7:10]
+    experts = node.meta["peakc_compress_moe"]["experts"]
     gen = torch.Generator().manual_seed(3)
-    counts = torch.randint(0, 5, (node.meta["peakc_compress_moe"]["experts"],), generator=gen)
+    counts = torch.randint(0, 5, (experts,), generator=gen)
     offsets = torch.cumsum(counts, 0).to(torch.int32).to(device)
     x = torch.randn(int(counts.sum()), k, generator=gen).to(torch.bfloat16).to(device)
-    args = (x, *stored, offsets, k, node.args[8], node.args[9])
-    ref = GROUPED_MM_COMPRESSED.reference(*args)
-    return rel_err(grouped_mm_compressed_cuda(*args).float(), ref.float())
+    ref = GROUPED_MM_COMPRESSED.reference(x, *stream, offsets, k, segment, max_words).float()
+    scales = artifact.weights[node.args[5].target].to(device)
+    layer = node.meta.get("peakc_module", node.name)
+    if artifact.backend == "triton":
+        prefix = node.args[1].target.rsplit(".", 1)[0]  # the rewrite's `<prefix>.ell_<field>`
+        entries, blocks = (
+            artifact.weights[f"{prefix}.ell_{f}"].to(device) for f in ("entries", "blocks")
+        )
+        fresh = gmc.transcode_experts(*stream[:4], experts, scales.shape[0], k, segment, max_words)
+        out = gmc.grouped_mm_ell_triton(x, entries, blocks, scales, offsets, k, fresh.part)
+        same = torch.equal(entries, fresh.entries) and torch.equal(blocks, fresh.blocks)
+        return dict(
+            kernel_check=f"{layer}: stored sliced ELL, grouped kernel",
+            kernel_rel_err=rel_err(out.float(), ref),
+            stored_layout_equal=same,
+        )
+    coded = [artifact.weights[a.target].to(device) for a in node.args[1:5]]
+    out = gmc.grouped_mm_compressed_cuda(x, *coded, scales, offsets, k, segment, max_words)
+    return dict(
+        kernel_check=f"{layer}: coded stream, transcoded on first use, grouped kernel",
+        kernel_rel_err=rel_err(out.float(), ref),
+    )
 
 
 # --- table -----------------------------------------------------------------------------------
@@ -547,22 +690,28 @@ def markdown_table(records: list[dict]) -> str:
         if lines:
             lines.append("")
         lines += [
-            "| model | bits/param (code) | zeros | artifact MB (bf16 MB) | "
-            "decode ms/token (bf16) | kernel err | compile s | device | date |",
-            "|---|---:|---:|---|---|---:|---:|---|---|",
+            "| model | backend | bits/param (code) | zeros | artifact MB (bf16 MB) | "
+            "decode ms/token (bf16) | prefill ms (bf16) | kernel err | compile s (lower s) | "
+            "device | date |",
+            "|---|---|---:|---:|---|---|---|---:|---|---|---|",
         ]
         for r in e2e:
-            if "dense_decode_ms_per_token" not in r:
+            backend = r.get("backend", "eager")
+            if "decode_ms_per_token" not in r:
                 where = r.get("error", f"stopped at {r.get('phase')}")
-                lines.append(f"| {r['model']} | {where} | | | | | | {r['device']} | {r['date']} |")
+                lines.append(
+                    f"| {r['model']} | {backend} | {where} | | | | | | | {r['device']} | "
+                    f"{r['date']} |"
+                )
                 continue
             kernel = "-" if r["kernel_rel_err"] is None else f"{r['kernel_rel_err']:.1e}"
             lines.append(
-                f"| {r['model']} | {r['bits_per_param']:.3f} ({r['code_bits_per_param']:.3f}) | "
-                f"{r['zero_fraction']:.3f} | "
+                f"| {r['model']} | {backend} | {r['bits_per_param']:.3f} "
+                f"({r['code_bits_per_param']:.3f}) | {r['zero_fraction']:.3f} | "
                 f"{r['artifact_bytes'] / 1e6:.0f} ({r['dense_bf16_bytes'] / 1e6:.0f}) | "
-                f"{r['decode_ms_per_token']:.2f} ({r['dense_decode_ms_per_token']:.2f}) | "
-                f"{kernel} | {r['compile_s']:.0f} | {r['device']} | {r['date']} |"
+                f"{r['decode_ms_per_token']:.2f} ({dense_cell(r, 'dense_decode_ms_per_token')}) | "
+                f"{r['prefill_ms']:.1f} ({dense_cell(r, 'dense_prefill_ms', 1)}) | {kernel} | "
+                f"{r['compile_s']:.0f} ({r['lower_s']:.0f}) | {r['device']} | {r['date']} |"
             )
     gemv = [r for r in records if r["what"] == "gemv"]
     if gemv:
@@ -584,6 +733,11 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def dense_cell(record: dict, key: str, digits: int = 2) -> str:
+    """A bf16 number of an e2e row, or "-" when the run stopped before the dense decode."""
+    return f"{record[key]:.{digits}f}" if key in record else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["all", "compression", "gemv", "e2e"], default="all")
@@ -599,6 +753,9 @@ def main() -> None:
     parser.add_argument("--e2e-tokens", type=int, default=32, help="tokens the e2e part decodes")
     parser.add_argument("--e2e-nsamples", type=int, default=32, help="e2e calibration windows")
     parser.add_argument("--e2e-budget-s", type=float, default=480, help="e2e phases start within")
+    parser.add_argument(
+        "--e2e-backend", help="backends the e2e artifact is lowered by (default eager,triton)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU, interpreter")
     parser.add_argument("--table", action="store_true", help="print --out as markdown and exit")
     args = parser.parse_args()
@@ -615,6 +772,7 @@ def main() -> None:
     parts = ["compression", "gemv", "e2e"] if args.part == "all" else [args.part]
     if ("gemv" in parts or "e2e" in parts) and not (cuda or args.smoke):
         raise SystemExit("the gemv and e2e parts need a CUDA device (or --smoke)")
+    backends = e2e_backend_specs(args.e2e_backend, cuda)  # a bad list stops before any work
     if "compression" in parts:
         device = "cpu" if args.smoke else args.device
         cname = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
@@ -625,14 +783,15 @@ def main() -> None:
         where = "cuda" if cuda else "cpu"
         gemv_records(shapes, args.zero_fraction, rows, where, date, name, args.smoke, results.emit)
     if "e2e" in parts:
-        e2e_record(args, "cuda" if cuda else "cpu", date, name, results.emit)
+        e2e_records(args, backends, "cuda" if cuda else "cpu", date, name, results.emit)
     print(f"\nwrote {args.out}\n")
     print(markdown_table(results.records()))
 
 
 class ResultsFile:
     """The JSON results, rewritten after every record (a run cut short keeps what it
-    measured): this run's records replace earlier ones of the same part and device."""
+    measured): this run's records replace earlier ones of the same part, device and backend
+    (e2e records from before the backend key were eager)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -650,8 +809,13 @@ class ResultsFile:
         self.path.write_text(json.dumps(self.records(), indent=1) + "\n")
 
     def records(self) -> list[dict]:
-        replaced = {(r["what"], r["device"]) for r in self.new}
-        return [r for r in self.earlier if (r["what"], r["device"]) not in replaced] + self.new
+        replaced = {self.key(r) for r in self.new}
+        return [r for r in self.earlier if self.key(r) not in replaced] + self.new
+
+    @staticmethod
+    def key(record: dict) -> tuple:
+        backend = record.get("backend", "eager" if record["what"] == "e2e" else None)
+        return record["what"], record["device"], backend
 
 
 if __name__ == "__main__":
