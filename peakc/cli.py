@@ -613,5 +613,20 @@ COMMANDS = {
 
 COMMANDS.update(ESTIMATE_COMMANDS)
 
+
+def console() -> None:
+    """The `peakc` command (and `python -m peakc.cli`): main's status as the exit code."""
+    status = main()
+    if status == 130:
+        # Interrupted, and main has cleaned up. A Ctrl-C that landed while an extension module
+        # ran Python code during its import leaves CPython's "unhandled KeyboardInterrupt"
+        # flag set even though main caught it, and the interpreter would then kill itself with
+        # SIGINT at exit instead of returning 130.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
