@@ -31,7 +31,9 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from peakc.backends.triton.kernels import linear_compressed as lc
-from peakc.backends.triton.kernels.linear_compressed import _ell_level, _ell_tile
+from peakc.backends.triton.kernels.linear_compressed import (
+    _ell_slice_products,
+)
 from peakc.backends.triton.kernels.operands import as_rows
 from peakc.ir.dictionary_code import decode
 from peakc.ir.ops import GROUPED_MM_COMPRESSED
@@ -114,31 +116,9 @@ def _grouped_ell_kernel(
     block0 = (expert * slices + slice_id) * n_parts
     for m_block in range(tl.cdiv(count, BM)):
         x_base = x_ptr + (base + m_block) * x_block_stride
-        if BM == 1:
-            acc = tl.zeros([BJ, G], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BJ, G, BM], dtype=tl.float32)
-        for p in range(n_parts):
-            b0 = tl.load(blocks_ptr + block0 + p)
-            width = tl.load(blocks_ptr + block0 + p + 1) - b0
-            block = entries_ptr + tl.multiple_of(b0 * G, G)
-            tiles = tl.cdiv(width, BJ)
-            if PREFETCH:
-                upcoming = _ell_tile(block, 0, width, BJ, G)
-            for t in range(tiles):
-                if PREFETCH:
-                    e = upcoming
-                    upcoming = _ell_tile(block, t + 1, width, BJ, G)
-                else:
-                    e = _ell_tile(block, t, width, BJ, G)
-                col = tl.minimum(p * part + (e >> 2), K - 1)  # damaged entries stay inside x
-                level = _ell_level(e)
-                if BM == 1:
-                    xv = tl.load(x_base + col)
-                    acc += xv.to(tl.float32) * level
-                else:
-                    xv = tl.load(x_base + col[:, :, None] * BM + tl.arange(0, BM)[None, None, :])
-                    acc += xv.to(tl.float32) * level[:, :, None]
+        acc = _ell_slice_products(
+            entries_ptr, blocks_ptr, block0, n_parts, part, K, x_base, G, BJ, BM, PREFETCH
+        )
         if BM == 1:
             out = tl.sum(acc, axis=0) * scale
             y_at = y_ptr + (first + m_block) * stride_ym + rows

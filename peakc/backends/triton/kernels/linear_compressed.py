@@ -280,6 +280,42 @@ def _ell_level(e):
 
 
 @triton.jit
+def _ell_slice_products(
+    entries_ptr, blocks_ptr, block0, n_parts, part, K, x_base,
+    G: tl.constexpr, BJ: tl.constexpr, BM: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+    """One slice's non-zeros times the x values they point at, over every part of K (blocks
+    block0 .. block0 + n_parts): [BJ, G] (BM == 1, x a row) or [BJ, G, BM] (x an xᵀ block),
+    summed over BJ by the caller."""
+    if BM == 1:
+        acc = tl.zeros([BJ, G], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BJ, G, BM], dtype=tl.float32)
+    for p in range(n_parts):
+        b0 = tl.load(blocks_ptr + block0 + p)
+        width = tl.load(blocks_ptr + block0 + p + 1) - b0
+        base = entries_ptr + tl.multiple_of(b0 * G, G)
+        tiles = tl.cdiv(width, BJ)
+        if PREFETCH:
+            upcoming = _ell_tile(base, 0, width, BJ, G)
+        for t in range(tiles):
+            if PREFETCH:
+                e = upcoming
+                upcoming = _ell_tile(base, t + 1, width, BJ, G)
+            else:
+                e = _ell_tile(base, t, width, BJ, G)
+            col = tl.minimum(p * part + (e >> 2), K - 1)  # damaged entries stay inside x
+            level = _ell_level(e)
+            if BM == 1:
+                xv = tl.load(x_base + col)
+                acc += xv.to(tl.float32) * level
+            else:
+                xv = tl.load(x_base + col[:, :, None] * BM + tl.arange(0, BM)[None, None, :])
+                acc += xv.to(tl.float32) * level[:, :, None]
+    return acc
+
+
+@triton.jit
 def _linear_ell_kernel(
     x_ptr,
     entries_ptr,
@@ -307,31 +343,9 @@ def _linear_ell_kernel(
     rows = slice_id * G + tl.arange(0, G)
     ms = m_block * BM + tl.arange(0, BM)
     x_base = x_ptr + m_block * x_block_stride
-    if BM == 1:
-        acc = tl.zeros([BJ, G], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BJ, G, BM], dtype=tl.float32)
-    for p in range(n_parts):
-        b0 = tl.load(blocks_ptr + slice_id * n_parts + p)
-        width = tl.load(blocks_ptr + slice_id * n_parts + p + 1) - b0
-        base = entries_ptr + tl.multiple_of(b0 * G, G)
-        tiles = tl.cdiv(width, BJ)
-        if PREFETCH:
-            upcoming = _ell_tile(base, 0, width, BJ, G)
-        for t in range(tiles):
-            if PREFETCH:
-                e = upcoming
-                upcoming = _ell_tile(base, t + 1, width, BJ, G)
-            else:
-                e = _ell_tile(base, t, width, BJ, G)
-            col = tl.minimum(p * part + (e >> 2), K - 1)  # damaged entries stay inside x
-            level = _ell_level(e)
-            if BM == 1:
-                xv = tl.load(x_base + col)
-                acc += xv.to(tl.float32) * level
-            else:
-                xv = tl.load(x_base + col[:, :, None] * BM + tl.arange(0, BM)[None, None, :])
-                acc += xv.to(tl.float32) * level[:, :, None]
+    acc = _ell_slice_products(
+        entries_ptr, blocks_ptr, slice_id * n_parts, n_parts, part, K, x_base, G, BJ, BM, PREFETCH
+    )
     row_ok = rows < N
     scale = tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     if BM == 1:
