@@ -17,6 +17,7 @@ captured, runs eagerly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,7 +112,6 @@ class GraphedDecoder:
         device = self.prefill.device
         static_ids = torch.zeros(self.batch, 1, dtype=torch.long, device=device)
         static_positions = torch.zeros(self.batch, 1, dtype=torch.long, device=device)
-        saved = (k.clone(), v.clone())  # warm-up steps write slot 0; the cache is put back
 
         def step() -> torch.Tensor:
             weights = self.decode_weights
@@ -119,18 +119,30 @@ class GraphedDecoder:
             write_cache(k, v, new_k, new_v, static_positions)
             return logits
 
+        graph, logits = self.graph_of(step, k, v, warmups=2)
+        return graph, static_ids, static_positions, logits
+
+    def graph_of(
+        self, step: Callable[[], torch.Tensor], k: torch.Tensor, v: torch.Tensor, warmups: int
+    ) -> tuple:
+        """(graph, its output) of `step`, after `warmups` runs on a side stream (Triton compiles
+        and autotunes outside the capture); the cache the runs write is put back."""
+        device = self.prefill.device
+        saved = (k.clone(), v.clone())
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):  # Triton compiles and autotunes outside the capture
-                step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            logits = step()
-        k.copy_(saved[0])
-        v.copy_(saved[1])
-        return graph, static_ids, static_positions, logits
+        try:
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(warmups):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                logits = step()
+        finally:
+            k.copy_(saved[0])
+            v.copy_(saved[1])
+        return graph, logits
 
     def replay_prefill(
         self, ids: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -161,26 +173,15 @@ class GraphedDecoder:
         device = self.prefill.device
         static_ids = torch.zeros(self.batch, bucket, dtype=torch.long, device=device)
         static_pos = torch.arange(bucket, device=device).expand(self.batch, bucket).contiguous()
-        saved = (k.clone(), v.clone())  # the warm-up and capture write the cache; put back
 
         def step() -> torch.Tensor:
             logits, new_k, new_v = self.prefill(*self.weights, static_ids, static_pos, k, v)
             write_cache(k, v, new_k, new_v, static_pos)
             return logits
 
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
         try:
-            with torch.cuda.stream(stream), torch.no_grad():
-                step()  # Triton compiles these shapes outside the capture
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.no_grad():
-                logits = step()
+            graph, logits = self.graph_of(step, k, v, warmups=1)
         except RuntimeError:  # an op that synchronizes with the host: run eagerly
             torch.cuda.synchronize(device)
             return None
-        finally:
-            k.copy_(saved[0])
-            v.copy_(saved[1])
         return graph, static_ids, static_pos, logits
