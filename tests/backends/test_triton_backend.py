@@ -8,10 +8,6 @@ The no-GPU error runs here, without the interpreter.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +16,6 @@ from peakc.cli import main
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
 
 CHECKS = r"""
 import json, shutil, sys, warnings
@@ -331,20 +326,9 @@ print("RESULT " + json.dumps(found))
 
 
 @pytest.fixture(scope="module")
-def found(tmp_path_factory):
+def found(tmp_path_factory, interpreted):
     tmp = tmp_path_factory.mktemp("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PEAKC_TRITON_CACHE": str(tmp / "cache")}
-    run = subprocess.run(
-        [sys.executable, "-c", CHECKS, str(tmp)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stderr[-4000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return interpreted(CHECKS, tmp, env={"PEAKC_TRITON_CACHE": str(tmp / "cache")})
 
 
 def test_fusion_groups_equal_their_aten_subgraphs(found):

@@ -9,16 +9,11 @@ interpreter (a subprocess) that prints its findings as JSON; this process assert
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
 
 CHECKS = r"""
 import json, sys
@@ -140,20 +135,9 @@ print("RESULT " + json.dumps(found))
 
 
 @pytest.fixture(scope="module")
-def found(tmp_path_factory):
+def found(tmp_path_factory, interpreted):
     tmp = tmp_path_factory.mktemp("gemv")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PEAKC_TRITON_CACHE": str(tmp / "cache")}
-    run = subprocess.run(
-        [sys.executable, "-c", CHECKS, str(tmp)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stderr[-4000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return interpreted(CHECKS, tmp, timeout=300, env={"PEAKC_TRITON_CACHE": str(tmp / "cache")})
 
 
 TOL = {"torch.float32": 1e-5, "torch.float16": 2e-3, "torch.bfloat16": 1e-2}

@@ -3,20 +3,12 @@ buckets, the padding, and the property the padding relies on, that a right-padde
 its real tokens the logits and cache slots of the unpadded one (the demo llama's triton decoder
 program under TRITON_INTERPRET=1, in a subprocess, as the other triton tests run)."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from peakc.backends.triton.cuda_graphs import PREFILL_MIN, pad_prompt, prefill_bucket  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bucket_is_the_next_power_of_two_inside_the_cache():
@@ -68,19 +60,8 @@ print("RESULT " + json.dumps({
 """
 
 
-def test_padded_prompt_leaves_the_real_tokens_unchanged(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PEAKC_TRITON_CACHE": str(tmp_path / "cache")}
-    run = subprocess.run(
-        [sys.executable, "-c", CHECK, str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stderr[-4000:]
-    found = json.loads(lines[-1].removeprefix("RESULT "))
+def test_padded_prompt_leaves_the_real_tokens_unchanged(tmp_path, interpreted):
+    found = interpreted(CHECK, tmp_path, env={"PEAKC_TRITON_CACHE": str(tmp_path / "cache")})
     assert found["scale"] > 0
     assert found["logits"] <= 1e-4 * found["scale"]
     assert found["k"] <= 1e-5 and found["v"] <= 1e-5

@@ -25,7 +25,6 @@ from peakc.runtime.manifest import read_manifest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["1 2 3 4", "9 8"]
 NEW_TOKENS = 4
 MAX_SEQ_LEN, MAX_BATCH = 24, 2
@@ -70,16 +69,11 @@ print("RESULT " + json.dumps(found))
 
 
 @pytest.fixture(scope="module")
-def triton_stages(tmp_path_factory):
+def triton_stages(tmp_path_factory, interpreted):
     """A 2-stage triton artifact of the demo Llama for generation, and what the compiling
     interpreter found when it loaded stage 1 alone."""
     folder = tmp_path_factory.mktemp("pipeline_triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-c", COMPILE, str(folder), SPEC, str(MAX_SEQ_LEN), str(MAX_BATCH)]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")][-1]
-    return json.loads(line.removeprefix("RESULT "))
+    return interpreted(COMPILE, folder, SPEC, MAX_SEQ_LEN, MAX_BATCH, timeout=300)
 
 
 @pytest.fixture(scope="module")
