@@ -23,6 +23,7 @@ their load errors before running), a peer that never answers (the group's timeou
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -549,6 +550,7 @@ def _input_index(item: tuple[str, torch.Tensor]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = worker_parser().parse_args(argv)
     rank = os.environ.get("RANK", "?")
+    faulthandler.enable()  # a rank killed by a signal shows where it was
     try:
         run_worker(args)
     except PeakcError as exc:
@@ -564,5 +566,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def exit_worker(code: int) -> None:
+    """Leave the stage process without the interpreter's finalization. The group is gone and
+    every output file closed by now, but gloo's threads may still hold the last references
+    to tensors, which finalization then frees after the interpreter's state is torn down:
+    'terminate called without an active exception' and SIGABRT (pytorch/pytorch#179291;
+    seen once in CI's full suite, never in 60 launches alone)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())

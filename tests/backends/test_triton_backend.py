@@ -261,7 +261,13 @@ shutil.copytree(tmp / "generate", graphs)
 manifest = json.loads((graphs / "manifest.json").read_text())
 manifest["programs"]["decoder"]["runtime"]["decode_batches"] = [1]
 (graphs / "manifest.json").write_text(json.dumps(manifest))
+changed_report = tmp / "changed_report"  # the launches priced come from it: checked first
+shutil.copytree(tmp / "generate", changed_report)
+report_path = changed_report / "report.json"
+report_path.chmod(0o644)
+report_path.write_text(report_path.read_text().replace('"flops"', '"flops" ', 1))
 found["reshaped"] = {
+    "changed_report": estimate(changed_report),
     "worst": worst,
     "asked": estimate(tmp / "generate", "--batch", "3", "--seq", "10", "--context", "20"),
     "example_batch": estimate(tmp / "generate", "--batch", "2"),
@@ -434,6 +440,7 @@ def test_estimate_reprices_a_triton_artifact_at_other_shapes(found):
     assert same["decode"]["predicted_ms"] == pytest.approx(priced["decode_step"], rel=1e-6)
     short = reshaped["short"]["phases"]["decode"]["predicted_ms"]
     assert 0 < short < same["decode"]["predicted_ms"]  # fewer cache slots read
+    assert "report.json was changed (checksum mismatch)" in reshaped["changed_report"]
     big, long, zero = reshaped["errors"]
     assert "batch 4 exceeds its max_batch 3" in big
     assert "--context 49 exceeds its KV cache of 48 slots" in long

@@ -12,6 +12,7 @@ from peakc.cost_model.estimate import node_device_time
 from peakc.cost_model.op_costs import OpCost
 from peakc.cost_model.predict import concrete
 from peakc.errors import PeakcError
+from peakc.runtime.manifest import read_manifest, verify_file
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -225,7 +226,9 @@ def predict_artifact(
     at the example shapes it was compiled for; with `batch`, `seq` (prefill tokens) or
     `context` (a decode step's attended tokens, default `seq`), a generation artifact's
     launches interpolated from its sample points (`launches_at`)."""
-    manifest, report = _read_json(directory, "manifest.json"), _read_json(directory, "report.json")
+    manifest = read_manifest(directory)
+    verify_file(directory, manifest, "report.json")  # the launches priced below come from it
+    report = _read_json(directory, "report.json")
     if manifest.get("backend") != "triton":
         raise PeakcError(f"artifact {directory} was compiled for '{manifest.get('backend')}'")
     programs = (report.get("triton") or {}).get("programs") or {}
