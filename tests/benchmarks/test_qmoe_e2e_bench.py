@@ -53,11 +53,15 @@ def test_smoke_e2e_decodes_from_an_eager_and_a_triton_artifact(tmp_path):
 
 
 def test_backend_list_defaults_orders_and_refuses_unknown_names():
-    assert list(bench.e2e_backend_specs("triton,eager", cuda=False)) == ["triton", "eager"]
+    interpreted = bench.e2e_backend_specs("triton,eager", cuda=False, interpreted=True)
+    assert interpreted == {"triton": "triton", "eager": "eager"}
     cuda = bench.e2e_backend_specs("eager,triton", cuda=True)
     assert cuda == {"eager": "eager", "triton": bench.TRITON_CUDA_SPEC}
     assert "cuda_graph=true" in cuda["triton"] and "tune=true" in cuda["triton"]
-    assert list(bench.e2e_backend_specs(None, cuda=False))[0] == "eager"
+    # on the CPU outside the interpreter: eager alone by default, triton refused by name
+    assert list(bench.e2e_backend_specs(None, cuda=False)) == ["eager"]
+    with pytest.raises(SystemExit, match="triton needs a CUDA device"):
+        bench.e2e_backend_specs("eager,triton", cuda=False)
     for bad in ("ort", "eager,eager", ","):
         with pytest.raises(SystemExit, match="--e2e-backend"):
             bench.e2e_backend_specs(bad, cuda=False)
