@@ -29,6 +29,7 @@ COMPARE = r"""
 import json, torch
 from peakc.ir import ops
 from peakc.backends.triton.kernels import attention as A, glu as G, norms as N, rotary as R
+from peakc.backends.triton.kernels.linear_act import linear_act
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CHUNKED = {"max_block": 32, "num_warps": 2}  # rows of 101 walked in chunks of 32
@@ -99,6 +100,15 @@ for i, (approximate, with_bias) in enumerate([("none", True), ("tanh", True), ("
     record(f"gelu {approximate} bias={with_bias}", dtype, G.gelu(x, bias, approximate),
            ops._gelu_reference(x, bias, approximate))
 
+# linear_act: cuBLAS GEMM then the activation in place; odd K and N, 3-D x, with and without bias
+for i, activation in enumerate(ops.ACTIVATIONS):
+    dtype = (F32, F16, BF16)[i % 3]
+    x, w = randn(2, 3, 37, dtype=dtype), randn(53, 37, dtype=dtype) / 6
+    bias = randn(53, dtype=dtype) if i % 2 == 0 else None
+    record(f"linear_act {activation} bias={bias is not None}", dtype,
+           linear_act(x, w, bias, activation, config=G.ELEMENTWISE_CONFIGS[i % 4]),
+           ops._linear_act_reference(x, w, bias, activation))
+
 # attention: causal, padding and additive masks, GQA, cross lengths, head dims 16/32/64
 def attention_case(name, dtype, b, h, hkv, s, sk, d, mask, causal, cfg):
     q = randn(b, s, h, d, dtype=dtype).transpose(1, 2)
@@ -160,7 +170,7 @@ def test_kernels_match_their_references(results):
     """Every launcher equals its reference within the dtype's tolerance (bf16 looser: the
     interpreter truncates fp32 to bf16 where the GPU rounds), returns the reference's shape,
     dtype and strides, and leaves or writes the caches as asked."""
-    assert len(results) == 53
+    assert len(results) == 58
     bad = [r for r in results if not (r["err"] < LIMITS[r["dtype"]] and r["layout"] and r["ok"])]
     assert not bad, bad
 
@@ -169,7 +179,8 @@ def test_every_dtype_and_variant_ran(results):
     names = {r["name"] for r in results}
     for expected in ("rms_norm chunked", "rotary interleaved=True D=64", "glu silu",
                      "gelu tanh bias=True", "attention padding mask", "cache decode split gqa",
-                     "cache prefill after context split"):  # fmt: skip
+                     "cache prefill after context split",
+                     "linear_act gelu_tanh bias=True"):  # fmt: skip
         assert expected in names
     for op in ("rms_norm", "skip_layer_norm", "rotary", "attention", "cache"):
         dtypes = {r["dtype"] for r in results if r["name"].startswith(op)}
@@ -184,6 +195,7 @@ TEMPLATES = {
     "rotary_embedding": "triton/rotary_embedding",
     "glu": "triton/glu",
     "gelu": "triton/gelu",
+    "linear_act": "triton/linear_act",
     "attention": "triton/attention",
     "attention_cache": "triton/attention_cache",
 }
@@ -230,6 +242,7 @@ def test_nodes_the_kernels_cover_are_accepted():
     )
     assert why_not("glu", empty(3, 8), empty(3, 8), "gelu_tanh") is None
     assert why_not("gelu", empty(3, 8), None, "tanh") is None
+    assert why_not("linear_act", empty(3, 8), empty(5, 8), empty(5), "gelu") is None
     mask = empty(1, 1, 1, 5, dtype=torch.bool)
     assert why_not("attention", empty(1, 4, 3, 16), empty(1, 2, 5, 16), empty(1, 2, 5, 16), mask,
                    False, 0.25) is None  # fmt: skip
@@ -255,6 +268,13 @@ def test_nodes_outside_the_kernels_are_declined_with_a_reason():
         "activation 'swish' has no kernel form"
     )
     assert why_not("gelu", empty(3, 8), empty(4), "none") == "bias is not [8]"
+    assert why_not("linear_act", empty(3, 8), empty(5, 8), empty(4), "gelu") == "bias is not [5]"
+    assert why_not("linear_act", empty(3, 8), empty(5, 7), None, "relu") == (
+        "weight [5, 7] is not [N, 8]"
+    )
+    assert why_not("linear_act", empty(3, 8), empty(5, 8, dtype=torch.float32), None, "gelu") == (
+        "x, weight and bias differ in dtype"
+    )
     q, kv = empty(1, 3, 4, 16), empty(1, 2, 4, 16)
     assert why_not("attention", q, kv, kv, None, True, 0.25) == (
         "3 query heads do not group over 2 KV heads"

@@ -7,6 +7,7 @@ from peakc.backends.triton.kernels import (  # noqa: F401  (importing registers 
     gemv,
     glu,
     grouped_mm_compressed,
+    linear_act,
     linear_compressed,
     norms,
     rotary,
