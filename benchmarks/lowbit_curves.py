@@ -47,7 +47,7 @@ def samples(
         for kernel in CLASSES:
             rows = [
                 r for r in records
-                if r["kernel"] == kernel and isinstance(r["K"], int) and r["M"] <= DECODE_ROWS
+                if r["kernel"] == kernel and isinstance(r.get("K"), int) and r["M"] <= DECODE_ROWS
             ]  # fmt: skip
             if rows:
                 chosen[kernel] = (path, rows)

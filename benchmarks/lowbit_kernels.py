@@ -462,7 +462,7 @@ def layout_checks(device: str, gen: torch.Generator) -> list[str]:
 def markdown_table(records: list[dict]) -> str:
     """The four linears of a layer summed, per M: ms and speedup over cuBLAS bf16, per kernel,
     and the int4 and 2:4 + int4 floors (RESULTS.md rows come from this, never typed by hand)."""
-    layer = [r for r in records if r["K"] == "layer"]
+    layer = [r for r in records if r.get("K") == "layer"]
     kernels = [k for k in KERNELS if any(r["kernel"] == k for r in layer)]
     by = {(r["kernel"], r["M"]): r for r in layer}
     floors = ["peakc-int4", "peakc-2:4-int4"]
@@ -524,6 +524,9 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     common = dict(date=date, device=device, copy_TBps=round(bandwidth / 1e12, 3))
+    # benchmarks/lowbit_e2e.py's end-to-end rows (they name a model) stay in the file
+    old = json.loads(args.out.read_text()) if args.out.is_file() else []
+    end_to_end = [r for r in old if "model" in r]
     records = []
     for layer in layers:
         for m in rows:
@@ -555,7 +558,7 @@ def main() -> None:
                     packed = layer.sparse if name == "peakc-2:4" else layer.sparse_int4
                     record["config"] = dataclasses.asdict(choose_sparse24_config(m, packed))
                 records.append(record)
-                args.out.write_text(json.dumps(records, indent=1) + "\n")
+                args.out.write_text(json.dumps(end_to_end + records, indent=1) + "\n")
                 print(f"{name} K={layer.k} N={layer.n} M={m}: {ms:.4f} ms, rel err {rel:.1e}")
     for name in KERNELS:
         for m in rows:
@@ -566,7 +569,7 @@ def main() -> None:
                                     floor_ms=sum(r["floor_ms"] for r in parts),
                                     max_err=max(r["max_err"] for r in parts),
                                     layout=LAYOUTS.get(name, "bf16")))  # fmt: skip
-    args.out.write_text(json.dumps(records, indent=1) + "\n")
+    args.out.write_text(json.dumps(end_to_end + records, indent=1) + "\n")
 
     if args.sweep_out is not None:
         sweep_rows = [int(m) for m in args.sweep_rows.split(",") if m]

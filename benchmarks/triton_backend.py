@@ -280,10 +280,12 @@ def run_peer_process(name: str, args, seconds: float) -> list[dict]:
 # --- peakc ----------------------------------------------------------------------------------
 
 
-def compile_peakc(model, args, folder: Path, device: str) -> dict:
+def compile_peakc(
+    model, args, folder: Path, device: str, pipeline: str = "default", calibration_data=None
+) -> dict:
     """The model's KV-cache decoder compiled to the triton backend (captured from a host copy
-    of the model, as a user compiles ahead of deployment) and saved: its compile time and
-    report, and the transformed graph."""
+    of the model, as a user compiles ahead of deployment) through `pipeline` and saved: its
+    compile time and report, and the transformed graph."""
     import copy
 
     import peakc
@@ -309,6 +311,8 @@ def compile_peakc(model, args, folder: Path, device: str) -> dict:
         generation=layout.to_dict(),
         source=args.model,
         parity=False,
+        pipeline=pipeline,
+        calibration_data=calibration_data,
     )
     compiled.save(folder, force=True)
     info = {"compile_s": round(time.perf_counter() - start, 2)}
