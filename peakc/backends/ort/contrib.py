@@ -410,3 +410,31 @@ def _activation(x, activation: str):
 
 def _ones_like_last(x):
     return op.Expand(op.CastLike(op.Constant(value_float=1.0), x), op.Shape(x, start=-1))
+
+
+@register_lowering("grouped_mm", "ort", label=LABEL)
+def grouped_mm(x, weight, offsets):
+    """peakc::grouped_mm (routed experts: x [T, K] sorted by expert, weight [E, K, N], offsets
+    [E] cumulative token counts) with standard ops: every expert's product of every token
+    ([E, T, N], one batched MatMul), then each token's row of its own expert (GatherElements);
+    rows past the last offset are zeros, as in the reference. E/top_k times the FLOPs of a
+    grouped GEMM, with no data-dependent shapes."""
+    experts = static_dim(weight, 0, "grouped_mm")
+    tokens = op.Range(
+        op.Constant(value_int=0), op.Squeeze(op.Shape(x, start=0, end=1)), op.Constant(value_int=1)
+    )
+    starts = op.Unsqueeze(op.Cast(offsets, to=onnx.TensorProto.INT64), op.Constant(value_ints=[0]))
+    after = op.GreaterOrEqual(op.Unsqueeze(tokens, op.Constant(value_ints=[1])), starts)  # [T, E]
+    expert = op.ReduceSum(
+        op.Cast(after, to=onnx.TensorProto.INT64), op.Constant(value_ints=[1]), keepdims=0
+    )
+    routed = op.Less(expert, op.Constant(value_int=experts))
+    expert = op.Min(expert, op.Constant(value_int=experts - 1))
+    every = op.MatMul(op.Unsqueeze(x, op.Constant(value_ints=[0])), weight)  # [E, T, N]
+    index = op.Expand(
+        op.Unsqueeze(expert, op.Constant(value_ints=[0, 2])),
+        op.Concat(op.Constant(value_ints=[1]), op.Shape(every, start=1), axis=0),
+    )
+    chosen = op.Squeeze(op.GatherElements(every, index, axis=0), op.Constant(value_ints=[0]))
+    zero = op.CastLike(op.Constant(value_float=0.0), chosen)
+    return op.Where(op.Unsqueeze(routed, op.Constant(value_ints=[1])), chosen, zero)

@@ -226,6 +226,8 @@ def graph_for_export(graph: Graph, context: MatMulNBitsContext) -> tuple[fx.Grap
     copy = graph.copy()
     reference_ops = set()
     for node in list(copy.call_nodes()):
+        if node.target is torch.ops.aten.empty_permuted.default:
+            _as_plain_empty(node)
         name = peakc_op_name(node.target)
         if name is None:
             continue
@@ -237,6 +239,16 @@ def graph_for_export(graph: Graph, context: MatMulNBitsContext) -> tuple[fx.Grap
             lowering.fn(copy, node, context)
     copy.recompile()
     return copy.gm, sorted(reference_ops)
+
+
+def _as_plain_empty(node: fx.Node) -> None:
+    """aten.empty_permuted (an uninitialized buffer in a given stride order; MoE routing makes
+    one for its inverse permutation) has no ONNX translation; values do not depend on the
+    order, so it becomes aten.empty with the same size and dtype."""
+    size, _order = node.args[:2]
+    kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "device")}
+    node.target = torch.ops.aten.empty.memory_format
+    node.args, node.kwargs = (size,), kwargs
 
 
 def export_error(exc: BaseException, reference_ops: list[str]) -> PeakcError:
