@@ -560,6 +560,19 @@ def linear_compressed(node: fx.Node, ctx: CostContext) -> OpCost:
     return _compressed_linear(node, "lowbit")
 
 
+@register_cost_rule("peakc.grouped_mm")
+def grouped_mm(node: fx.Node, ctx: CostContext) -> OpCost:
+    """A MoE layer's routed experts on one stacked weight [E, K, N], one grouped GEMM: 2*T*N*K
+    FLOPs for T routed token rows; moves x, y, the offsets and the share of the experts that
+    can receive tokens, min(T, E) / E of the weight."""
+    x, weight, offsets = (val(a) for a in node.args[:3])
+    t, k = x.shape
+    experts, n = weight.shape[0], weight.shape[2]
+    share = min(t, experts) / experts if experts else 0.0
+    moved = nbytes(x) + nbytes(offsets) + nbytes(weight) * share + _out_bytes(node)
+    return OpCost(2.0 * t * n * k, moved, "gemm", dtype_name(x), op_class="gemm")
+
+
 # where each grouped op keeps its group offsets (the experts' cumulative token counts)
 _GROUP_OFFSETS_ARG = {"peakc.grouped_mm_compressed": 6, "peakc_triton.grouped_mm_compressed_ell": 4}
 

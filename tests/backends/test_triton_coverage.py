@@ -1,7 +1,8 @@
 """The fusion coverage table on the triton backend: every architecture (tiny random Llama,
-Mistral, Qwen2, Phi-3, Gemma, GPT-2, GPT-NeoX, OPT, GPT-J, BERT, and the real all-MiniLM-L6-v2)
-compiles once into a triton and an eager artifact, each saved and loaded, and the two agree;
-no op is left on its reference (the report's fallback list is empty).
+Mistral, Qwen2, Phi-3, Gemma, GPT-2, GPT-NeoX, OPT, GPT-J, BERT, the real all-MiniLM-L6-v2, and
+the routed MoE models Mixtral, Qwen2-MoE and OLMoE) compiles once into a triton and an eager
+artifact, each saved and loaded, and the two agree; no op is left on its reference (the
+report's fallback list is empty).
 
 TRITON_INTERPRET must be set before a kernel is decorated, so the work runs in one fresh
 interpreter (a subprocess) that prints its findings as JSON; this process asserts on them.
@@ -25,6 +26,7 @@ from test_fuse_hf import ATTN_IMPL, CONFIGS, T, Encoder, encoder_inputs
 
 warnings.simplefilter("ignore")
 tmp = Path(tempfile.mkdtemp())
+MOE = ("mixtral", "qwen2_moe", "olmoe")
 
 
 def decoder(name):
@@ -52,8 +54,17 @@ def minilm():
     return Encoder(model), encoder_inputs(model.config.vocab_size)
 
 
+def routed(kind):
+    sys.path.insert(0, "tests/models")
+    from test_moe import _routed_moe
+
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(1))
+    return _routed_moe(kind), (ids,)
+
+
 builders = {name: (lambda name=name: decoder(name)) for name in sorted(CONFIGS)}
 builders.update(bert=bert, all_minilm_l6_v2=minilm)
+builders.update({kind: (lambda kind=kind: routed(kind)) for kind in MOE})
 found = {}
 for name, build in builders.items():
     torch.manual_seed(0)
@@ -77,6 +88,7 @@ print("RESULT " + json.dumps(found))
 """
 
 DECODERS = ["gemma", "gpt2", "gpt_neox", "gptj", "llama", "mistral", "opt", "phi3", "qwen2"]
+MOE = ["mixtral", "qwen2_moe", "olmoe"]  # routed experts: the grouped GEMM kernel
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +97,7 @@ def coverage(interpreted):
 
 
 def test_every_architecture_runs_on_triton_kernels_and_equals_eager(coverage):
-    assert set(coverage) == {*DECODERS, "bert", "all_minilm_l6_v2"}
+    assert set(coverage) == {*DECODERS, *MOE, "bert", "all_minilm_l6_v2"}
     for name, found in coverage.items():
         if found == "not installed":
             assert name == "all_minilm_l6_v2"
@@ -101,3 +113,5 @@ def test_activation_epilogues_lower_to_kernels(coverage):
         assert "triton/linear_act" in coverage[name]["kernels"], name
     for name in ("llama", "mistral", "qwen2", "phi3", "gemma"):
         assert "triton/glu" in coverage[name]["kernels"], name
+    for name in MOE:
+        assert "triton/grouped_mm" in coverage[name]["kernels"], name

@@ -29,6 +29,7 @@ COMPARE = r"""
 import json, torch
 from peakc.ir import ops
 from peakc.backends.triton.kernels import attention as A, glu as G, norms as N, rotary as R
+from peakc.backends.triton.kernels.grouped_mm import GROUPED_MM_CONFIGS, grouped_mm
 from peakc.backends.triton.kernels.linear_act import linear_act
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -109,6 +110,15 @@ for i, activation in enumerate(ops.ACTIVATIONS):
            linear_act(x, w, bias, activation, config=G.ELEMENTWISE_CONFIGS[i % 4]),
            ops._linear_act_reference(x, w, bias, activation))
 
+# grouped_mm: 3 experts (one without tokens), odd K and N, 2 rows past the last offset, the
+# stacked weight as a transposed view (transformers' [E, N, K] parameter), every config
+for i, dtype in enumerate((F32, F16, BF16, BF16)):
+    x, w = randn(23, 37, dtype=dtype), randn(3, 53, 37, dtype=dtype).transpose(1, 2) / 6
+    offsets = torch.tensor([2, 2, 21], dtype=(torch.int32, torch.int64)[i % 2])
+    record(f"grouped_mm config {i}", dtype,
+           grouped_mm(x, w, offsets, config=GROUPED_MM_CONFIGS[i]),
+           ops._grouped_mm_reference(x, w, offsets))
+
 # attention: causal, padding and additive masks, GQA, cross lengths, head dims 16/32/64
 def attention_case(name, dtype, b, h, hkv, s, sk, d, mask, causal, cfg):
     q = randn(b, s, h, d, dtype=dtype).transpose(1, 2)
@@ -170,7 +180,7 @@ def test_kernels_match_their_references(results):
     """Every launcher equals its reference within the dtype's tolerance (bf16 looser: the
     interpreter truncates fp32 to bf16 where the GPU rounds), returns the reference's shape,
     dtype and strides, and leaves or writes the caches as asked."""
-    assert len(results) == 58
+    assert len(results) == 62
     bad = [r for r in results if not (r["err"] < LIMITS[r["dtype"]] and r["layout"] and r["ok"])]
     assert not bad, bad
 
@@ -196,6 +206,7 @@ TEMPLATES = {
     "glu": "triton/glu",
     "gelu": "triton/gelu",
     "linear_act": "triton/linear_act",
+    "grouped_mm": "triton/grouped_mm",
     "attention": "triton/attention",
     "attention_cache": "triton/attention_cache",
 }
@@ -243,6 +254,8 @@ def test_nodes_the_kernels_cover_are_accepted():
     assert why_not("glu", empty(3, 8), empty(3, 8), "gelu_tanh") is None
     assert why_not("gelu", empty(3, 8), None, "tanh") is None
     assert why_not("linear_act", empty(3, 8), empty(5, 8), empty(5), "gelu") is None
+    counts = torch.empty(3, dtype=torch.int32)
+    assert why_not("grouped_mm", empty(6, 8), empty(3, 8, 5), counts) is None
     mask = empty(1, 1, 1, 5, dtype=torch.bool)
     assert why_not("attention", empty(1, 4, 3, 16), empty(1, 2, 5, 16), empty(1, 2, 5, 16), mask,
                    False, 0.25) is None  # fmt: skip
@@ -269,6 +282,14 @@ def test_nodes_outside_the_kernels_are_declined_with_a_reason():
     )
     assert why_not("gelu", empty(3, 8), empty(4), "none") == "bias is not [8]"
     assert why_not("linear_act", empty(3, 8), empty(5, 8), empty(4), "gelu") == "bias is not [5]"
+    counts = torch.empty(3, dtype=torch.int32)
+    assert why_not("grouped_mm", empty(6, 8), empty(3, 7, 5), counts) == (
+        "x [6, 8] and weight [3, 7, 5] are not [T, K], [E, K, N]"
+    )
+    assert why_not("grouped_mm", empty(6, 8), empty(2, 8, 5), counts) == "3 offsets for 2 experts"
+    assert why_not("grouped_mm", empty(6, 8), empty(3, 8, 5), counts.float()) == (
+        "offsets are not a vector of int32/int64"
+    )
     assert why_not("linear_act", empty(3, 8), empty(5, 7), None, "relu") == (
         "weight [5, 7] is not [N, 8]"
     )

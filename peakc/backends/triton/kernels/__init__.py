@@ -6,6 +6,7 @@ from peakc.backends.triton.kernels import (  # noqa: F401  (importing registers 
     compressed_linear,
     gemv,
     glu,
+    grouped_mm,
     grouped_mm_compressed,
     linear_act,
     linear_compressed,
