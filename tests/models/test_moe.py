@@ -148,3 +148,33 @@ def test_routed_moe_models_run_on_ort(kind, tmp_path):
     loaded = peakc.load(compiled.save(tmp_path / "art"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(other)[0], model(other), rtol=1e-5, atol=1e-5)
+
+
+def test_mixtral_generates_on_ort_as_its_decoder_does(tmp_path):
+    """Mixtral wrapped as a KV-cache decoder compiles to ort with dynamic batch and length
+    (the grouped matmul's token count varies per step) and decodes greedily from its artifact
+    the tokens its own decoder module gives."""
+    pytest.importorskip("onnxruntime")
+    import peakc
+    from peakc.models import kv_cache
+    from peakc.runtime.generate import Generator, SamplingConfig
+
+    model = _routed_moe("mixtral").hf_model
+    decoder, layout = kv_cache.wrap_for_generation(model, 32, 2, "mixtral")
+    compiled = peakc.compile(
+        decoder,
+        kv_cache.example_inputs(layout),
+        backend="ort",
+        dynamic=kv_cache.dynamic_shapes(layout),
+        generation=layout.to_dict(),
+        parity=False,
+    )
+    artifact = peakc.load(compiled.save(tmp_path / "mixtral"))
+    prompts, config = [[5, 6, 7, 8, 9], [11, 12]], SamplingConfig(max_new_tokens=6)
+
+    def step(ids, positions, k_cache, v_cache):
+        with torch.no_grad():
+            return decoder(ids, positions, k_cache, v_cache)
+
+    reference = Generator(step, layout.to_dict(), "cpu").generate(prompts, config).tokens
+    assert Generator.from_artifact(artifact, "cpu").generate(prompts, config).tokens == reference
