@@ -484,9 +484,15 @@ def norm(node: fx.Node, ctx: CostContext) -> OpCost:
 
 @register_cost_rule("peakc.linear_act")
 def linear_act(node: fx.Node, ctx: CostContext) -> OpCost:
-    """A linear with its activation fused into the epilogue: one GEMM kernel."""
+    """A linear with its activation: the GEMM (its bias in the epilogue), then one elementwise
+    kernel that reads and writes its output (the eager reference and the triton lowering both
+    run two kernels; "none" is the GEMM alone)."""
     cost = linear(node, ctx)
-    cost.flops += 4.0 * _out_numel(node)
+    activation = node.args[3] if len(node.args) > 3 else node.kwargs.get("activation")
+    if activation != "none":
+        cost.flops += 4.0 * _out_numel(node)
+        cost.bytes += 2 * _out_bytes(node)
+        cost.kernels = 2
     return cost
 
 
