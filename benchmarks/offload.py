@@ -340,6 +340,15 @@ class RunClock:
             )
         return None
 
+    def skipped(self, record: dict, estimate: float, records: list) -> bool:
+        """Whether the row is skipped for the budget; if so, its record says why and is kept."""
+        refusal = self.refusal(estimate)
+        if refusal:
+            record["skipped"] = refusal
+            records.append(record)
+            print(summary(record))
+        return refusal is not None
+
 
 def run_peakc(
     planned: Planning,
@@ -388,11 +397,7 @@ def run_peakc(
         estimated_seconds=round(estimate, 1),
     )
     print(f"peakc {precision} {row.text()}: estimated {estimate:.0f} s")
-    refusal = clock.refusal(estimate)
-    if refusal:
-        record["skipped"] = refusal
-        records.append(record)
-        print(summary(record))
+    if clock.skipped(record, estimate, records):
         return
     transfers = SimulatedTransfers(memory=10**13) if args.smoke else CudaTransfers("cuda")
     # already allocated when the row began (cuBLAS workspaces of earlier rows): in
@@ -592,11 +597,7 @@ def run_accelerate(
     record = base_record(args, "accelerate", "bf16", row)
     record["estimated_seconds"] = round(estimate, 1)
     print(f"accelerate bf16 {row.text()}: estimated {estimate:.0f} s")
-    refusal = clock.refusal(estimate)
-    if refusal:
-        record["skipped"] = refusal
-        records.append(record)
-        print(summary(record))
+    if clock.skipped(record, estimate, records):
         return
     device = "cpu" if args.smoke else "cuda"
     max_memory = {"cpu": f"{row.cpu_gb:.6g}GB"}  # the budgets peakc planned for
