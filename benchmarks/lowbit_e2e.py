@@ -71,8 +71,7 @@ def floor_bytes(graph, model, batch: int, context: int) -> int:
     embedding = model.get_input_embeddings().weight
     if not model.config.tie_word_embeddings:
         weights -= embedding.numel() * embedding.element_size()
-    kv_only = tb.step_bytes(model, batch, context) - tb.step_bytes(model, batch, 0)
-    return weights + kv_only
+    return weights + tb.kv_cache_bytes(model, batch, context)
 
 
 def lowered_linears(report: dict) -> dict:
@@ -96,12 +95,11 @@ def measured(base: dict, batch: int, ms: float | None, floor_ms: float | None, e
     return record
 
 
-def bench_variant(variant, pipeline, model, args, calibration, bandwidth, common, emit) -> dict:
+def bench_variant(variant, pipeline, model, args, calibration, bandwidth, common, emit) -> None:
     """Compile, load and decode one variant; its records emitted as they are measured."""
     import peakc
     from peakc.runtime.generate import Generator
 
-    decoded = {}
     with tempfile.TemporaryDirectory(prefix=f"peakc-lowbit-{variant.replace(':', '')}-") as work:
         folder = Path(work) / "artifact"
         row = dict(common, kernel=f"peakc-{variant}", pipeline=pipeline)
@@ -112,16 +110,14 @@ def bench_variant(variant, pipeline, model, args, calibration, bandwidth, common
         if "error" in built:
             for batch in args.batches:
                 emit(measured(row, batch, None, None, built["error"]))
-            return decoded
+            return
         row.update(compile_s=built["info"]["compile_s"], **lowered_linears(built["info"]["report"]))
         generator = Generator.from_artifact(peakc.load(folder), args.device)
         for batch in args.batches:
             floor = floor_bytes(built["graph"], model, batch, args.context) / bandwidth * 1e3
             got = tb.run_step(f"decode {variant}", tb.peakc_peer, args, batch, generator)
-            decoded[batch] = got.get("decode_ms")
             emit(measured(row, batch, got.get("decode_ms"), floor, got.get("error")))
         del generator
-    return decoded
 
 
 class Results:

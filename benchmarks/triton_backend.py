@@ -66,10 +66,15 @@ def step_bytes(model, batch: int, context: int) -> int:
     embedding = model.get_input_embeddings().weight
     if not model.config.tie_word_embeddings:
         weights.pop(embedding.data_ptr(), None)
+    return sum(weights.values()) + kv_cache_bytes(model, batch, context)
+
+
+def kv_cache_bytes(model, batch: int, context: int) -> int:
+    """Bytes of the keys and values of `context` tokens, every layer, in the model's dtype."""
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     kv = 2 * config.num_hidden_layers * batch * config.num_key_value_heads * context * head_dim
-    return sum(weights.values()) + kv * embedding.element_size()
+    return kv * model.get_input_embeddings().weight.element_size()
 
 
 # --- peers ----------------------------------------------------------------------------------

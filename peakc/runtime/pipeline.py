@@ -571,7 +571,7 @@ def exit_worker(code: int) -> None:
     every output file closed by now, but gloo's threads may still hold the last references
     to tensors, which finalization then frees after the interpreter's state is torn down:
     'terminate called without an active exception' and SIGABRT (pytorch/pytorch#179291;
-    seen once in CI's full suite, never in 60 launches alone)."""
+    seen once in CI's full suite, not reproduced in 52 launches here)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
