@@ -4,10 +4,6 @@ layout, one kernel launch per layer), saved, loaded and run under TRITON_INTERPR
 subprocess: the interpreter is chosen before kernels are decorated) equals its graph; the
 rewrite alone equals the op's reference, and refuses a damaged stream naming the layer."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,7 +36,7 @@ path = compiled.save(Path(tempfile.mkdtemp()) / "art")
 stored = load_file(str(path / "weights.safetensors"))
 other = torch.randint(0, 96, (1, SEQ), generator=torch.Generator().manual_seed(2))
 want, got = compiled(other)[0], peakc.load(path)(other)[0]
-print(json.dumps(dict(
+print("RESULT " + json.dumps(dict(
     ops=compiled.contents.report["ops"],
     stored=sorted(stored),
     err=float((got - want).norm() / want.norm()),
@@ -49,17 +45,8 @@ print(json.dumps(dict(
 """
 
 
-def test_compressed_mixtral_runs_on_the_triton_backend_from_its_artifact():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-c", COMPILE, str(ROOT / "tests")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_compressed_mixtral_runs_on_the_triton_backend_from_its_artifact(interpreted):
+    result = interpreted(COMPILE, ROOT / "tests", timeout=300)
     assert result["ops"]["grouped_mm_compressed"] == "triton/grouped_mm_compressed"
     stored = result["stored"]
     for proj in ("gate_up_proj", "down_proj"):

@@ -5,9 +5,6 @@ interpreter (a subprocess) and reports per option set; this process only asserts
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -59,23 +56,14 @@ for rows, cols, bits, gs, sym, act_order, static, block, pruned in json.loads(sy
         g_idx_equal=(a.g_idx is None and b.g_idx is None) or bool(torch.equal(a.g_idx, b.g_idx)),
         pruned_stay_zero=bool((b.dequantized[w == 0] == 0).all()),
     ))
-print(json.dumps(out))
+print("RESULT " + json.dumps(out))
 """
 
 
-def test_triton_kernel_matches_the_torch_solver():
+def test_triton_kernel_matches_the_torch_solver(interpreted):
     """One subprocess for every case (the interpreter is slow; xdist would start one per worker
     for a parametrized fixture)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-c", COMPARE, json.dumps(CASES)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = interpreted(COMPARE, json.dumps(CASES), timeout=300)
     assert len(results) == len(CASES)
     for case, r in zip(CASES, results):
         assert r["kernel"] == "triton", case
