@@ -524,13 +524,7 @@ def replace_expert_linear(
     x = node.args[0]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     prefix = site.weight.rsplit(".", 1)[0]
-    tensors = {
-        "words": coded.words,
-        "offsets": coded.offsets,
-        "checksum": coded.checksum,
-        "scales": scales,
-    }
-    attrs = {k: graph.add_weight(f"{prefix}.{k}", v, before=node) for k, v in tensors.items()}
+    attrs = add_coded_weights(graph, node, prefix, coded, scales)
     args = (
         x,
         attrs["words"],
@@ -546,6 +540,20 @@ def replace_expert_linear(
     return graph.replace_call(node, LINEAR_COMPRESSED.overload, args, [node.args[1]])
 
 
+def add_coded_weights(
+    graph: Graph, node: fx.Node, prefix: str, coded: CompressedRows, scales: torch.Tensor
+) -> dict[str, fx.Node]:
+    """The coded stream and its row scales as weights `<prefix>.words`, `.offsets`,
+    `.checksum`, `.scales` placed before `node`: their get_attr nodes by field."""
+    tensors = {
+        "words": coded.words,
+        "offsets": coded.offsets,
+        "checksum": coded.checksum,
+        "scales": scales,
+    }
+    return {k: graph.add_weight(f"{prefix}.{k}", v, before=node) for k, v in tensors.items()}
+
+
 def replace_routed_experts(
     graph: Graph,
     site: RoutedSite,
@@ -558,13 +566,7 @@ def replace_routed_experts(
     table; the stacked float weight and its permute go."""
     node = site.node
     prefix = f"{site.weight}_coded"
-    tensors = {
-        "words": coded.words,
-        "offsets": coded.offsets,
-        "checksum": coded.checksum,
-        "scales": scales,
-    }
-    attrs = {k: graph.add_weight(f"{prefix}.{k}", v, before=node) for k, v in tensors.items()}
+    attrs = add_coded_weights(graph, node, prefix, coded, scales)
     args = (
         site.input,
         attrs["words"],
